@@ -1,0 +1,319 @@
+# SPDX-License-Identifier: MIT
+"""Admission semantics, run against both stores with the time passed in explicitly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import redis
+
+from tests.conftest import T0
+from throttle import (
+    ConfigurationError,
+    CostError,
+    IdentityError,
+    Keyspace,
+    Limit,
+    MemoryStore,
+    Outcome,
+    RedisStore,
+)
+from throttle.store.base import BaseStore
+from throttle.testing import ManualClock
+
+US = 1_000_000
+KEY = {"api_key": "tenant-1"}
+
+
+def test_burst_then_exact_retry_after(store: BaseStore) -> None:
+    """A full bucket admits its burst at once, then says exactly when the next unit fits."""
+    limit = Limit("req", "10/s", burst=10)
+    assert all(store.admit([limit], KEY, now_us=T0).allowed for _ in range(10))
+    denied = store.admit([limit], KEY, now_us=T0)
+    assert denied.outcome is Outcome.DENIED
+    assert denied.bound_by == "req"
+    assert denied.retry_after == pytest.approx(0.1, abs=1e-9)
+    assert not store.admit([limit], KEY, now_us=T0 + 99_999).allowed
+    assert store.admit([limit], KEY, now_us=T0 + 100_000).allowed
+
+
+def test_rate_below_one_per_second_is_exact(store: BaseStore) -> None:
+    """0.7/s with burst 1, tried every 10 ms for 60 s, admits 42 or 43 (not 30)."""
+    limit = Limit("slow", "0.7/s", burst=1)
+    admitted = sum(store.admit([limit], KEY, now_us=T0 + i * 10_000).allowed for i in range(6000))
+    assert admitted in (42, 43)
+
+
+def test_all_or_nothing(store: BaseStore) -> None:
+    """When one limit denies, no limit of the admission is charged."""
+    wide = Limit("wide", "100/s", burst=100)
+    narrow = Limit("narrow", "1/s", burst=1, per=["api_key", "agent_id"])
+    who = {**KEY, "agent_id": "a"}
+    assert store.admit([wide, narrow], who, now_us=T0).allowed
+    denied = store.admit([wide, narrow], who, now_us=T0)
+    assert denied.bound_by == "narrow"
+    states = {s.name: s for s in denied.limits}
+    assert states["wide"].remaining == 99
+    assert states["narrow"].remaining == 0
+    assert states["narrow"].retry_after == pytest.approx(1.0)
+    assert states["wide"].retry_after == 0
+
+
+def test_the_latest_free_limit_binds(store: BaseStore) -> None:
+    """Among several denying limits, the one whose next free moment is latest is named."""
+    a = Limit("a", "10/s", burst=1)
+    b = Limit("b", "1/s", burst=1)
+    assert store.admit([a, b], KEY, now_us=T0).allowed
+    denied = store.admit([a, b], KEY, now_us=T0)
+    assert denied.bound_by == "b"
+    assert denied.retry_after == pytest.approx(1.0)
+
+
+def test_reservations_are_spaced_in_arrival_order(store: BaseStore) -> None:
+    """100 denied reservations against 10/s get slots 0.1 s apart, in order, each redeemable."""
+    limit = Limit("req", "10/s", burst=10)
+    for _ in range(10):
+        assert store.admit([limit], KEY, reserve=True, now_us=T0).allowed
+    bookings = [store.admit([limit], KEY, reserve=True, now_us=T0) for _ in range(100)]
+    assert all(d.outcome is Outcome.BOOKED for d in bookings)
+    slots = [d.retry_after for d in bookings]
+    for i, slot in enumerate(slots, 1):
+        assert slot == pytest.approx(0.1 * i, abs=0.001)
+    assert slots == sorted(slots)
+    for d in bookings:
+        at = T0 + math.ceil(d.retry_after * US)
+        back = store.admit([limit], KEY, booking=d.booking, reserve=True, now_us=at)
+        assert back.outcome is Outcome.REDEEMED, d
+
+
+def test_agent_bookings_leave_the_key_free(store: BaseStore) -> None:
+    """A runaway agent's bookings sit in its own bucket; its sibling is admitted at once."""
+    key_limit = Limit("key", "10/s", burst=10)
+    agent_limit = Limit("agent", "2/s", burst=2, per=["api_key", "agent_id"])
+    limits = [key_limit, agent_limit]
+    a = {**KEY, "agent_id": "runaway"}
+    b = {**KEY, "agent_id": "polite"}
+    outcomes = [store.admit(limits, a, reserve=True, now_us=T0).outcome for _ in range(100)]
+    assert outcomes.count(Outcome.ADMITTED) == 2
+    assert outcomes.count(Outcome.BOOKED) == 98
+    sibling = store.admit(limits, b, reserve=True, now_us=T0)
+    assert sibling.allowed
+    assert {s.name: s.remaining for s in sibling.limits}["key"] == 7
+
+
+def test_early_return_keeps_the_booking(store: BaseStore) -> None:
+    """Coming back before the slot changes nothing and repeats the remaining wait."""
+    limit = Limit("req", "1/s", burst=1)
+    store.admit([limit], KEY, now_us=T0)
+    booked = store.admit([limit], KEY, reserve=True, now_us=T0)
+    assert booked.retry_after == pytest.approx(1.0)
+    early = store.admit([limit], KEY, booking=booked.booking, reserve=True, now_us=T0 + 400_000)
+    assert early.outcome is Outcome.EARLY
+    assert early.booking == booked.booking
+    assert early.retry_after == pytest.approx(0.6)
+    assert store.admit([limit], KEY, booking=booked.booking, now_us=T0 + US).allowed
+
+
+def test_forged_and_replayed_bookings_admit_nothing(store: BaseStore) -> None:
+    """A booking id that was never issued, or was already redeemed, buys no capacity."""
+    limit = Limit("req", "1/s", burst=1)
+    store.admit([limit], KEY, now_us=T0)
+    forged = store.admit([limit], KEY, booking="AAAAAAAAAAAAAAAA", now_us=T0)
+    assert forged.outcome is Outcome.DENIED
+    booked = store.admit([limit], KEY, reserve=True, now_us=T0)
+    assert store.admit([limit], KEY, booking=booked.booking, now_us=T0 + US).allowed
+    replay = store.admit([limit], KEY, booking=booked.booking, now_us=T0 + US)
+    assert replay.outcome is Outcome.DENIED
+    other_tenant = store.admit([limit], {"api_key": "other"}, now_us=T0)
+    assert other_tenant.outcome is Outcome.ADMITTED  # its own bucket was full
+    stolen = store.admit([limit], {"api_key": "other"}, booking=booked.booking, now_us=T0 + US)
+    assert stolen.outcome is Outcome.ADMITTED  # charged as fresh: its bucket had refilled
+    assert stolen.outcome is not Outcome.REDEEMED
+    with pytest.raises(IdentityError, match="booking"):
+        store.admit([limit], KEY, booking="{bad}", now_us=T0)
+
+
+def test_booking_beyond_the_horizon_is_not_made(store: BaseStore) -> None:
+    """A slot further away than the horizon is not booked; the horizon is the retry_after."""
+    limit = Limit("req", "1/m", burst=1)
+    store.admit([limit], KEY, now_us=T0)
+    far = store.admit([limit], KEY, reserve=True, horizon=30, now_us=T0)
+    assert far.outcome is Outcome.HORIZON
+    assert far.retry_after == 30
+    assert far.booking is None
+    near = store.admit([limit], KEY, reserve=True, horizon=60, now_us=T0)
+    assert near.outcome is Outcome.BOOKED  # nothing was held by the refused booking
+    assert near.retry_after == pytest.approx(60)
+
+
+def test_an_abandoned_booking_costs_one_slot(store: BaseStore) -> None:
+    """A booking whose owner never returns delays later work by exactly one slot."""
+    limit = Limit("req", "10/s", burst=1)
+    store.admit([limit], KEY, now_us=T0)
+    store.admit([limit], KEY, reserve=True, now_us=T0)  # slot at +0.1 s, never redeemed
+    late = store.admit([limit], KEY, now_us=T0 + 150_000)
+    assert late.outcome is Outcome.DENIED
+    assert late.retry_after == pytest.approx(0.05)
+    assert store.admit([limit], KEY, now_us=T0 + 200_000).allowed
+
+
+def test_rebooking_in_a_second_limit_keeps_the_first(store: BaseStore) -> None:
+    """Work that returns at its slot but meets another full limit keeps the first booking."""
+    agent = Limit("agent", "1/s", burst=1, per=["api_key", "agent_id"])
+    key = Limit("key", "1/s", burst=1)
+    who = {**KEY, "agent_id": "a"}
+    assert store.admit([key, agent], who, now_us=T0).allowed
+    first = store.admit([agent], who, reserve=True, now_us=T0)  # agent booked at +1 s
+    assert first.outcome is Outcome.BOOKED
+    # Meanwhile a sibling uses the key's capacity at the moment the slot comes.
+    assert store.admit([key], {**KEY, "agent_id": "b"}, now_us=T0 + US).allowed
+    back = store.admit([key, agent], who, booking=first.booking, reserve=True, now_us=T0 + US)
+    assert back.outcome is Outcome.BOOKED
+    assert back.bound_by == "key"
+    assert back.booking == first.booking
+    final = store.admit([key, agent], who, booking=first.booking, reserve=True, now_us=T0 + 2 * US)
+    assert final.outcome is Outcome.REDEEMED
+    agent_state = {s.name: s for s in final.limits}["agent"]
+    assert agent_state.remaining == pytest.approx(1.0)  # agent was not charged twice
+
+
+def test_settle_refunds_and_charges(store: BaseStore) -> None:
+    """Settling refunds an over-estimate and charges an under-estimate into debt."""
+    tokens = Limit("tokens", "6000/m", burst=1000, unit="tokens")
+    first = store.admit([tokens], KEY, cost=800, now_us=T0)
+    assert first.limits[0].remaining == 200
+    assert first.receipt is not None
+    store.settle(first.receipt, {"tokens": 300}, now_us=T0)
+    second = store.admit([tokens], KEY, cost=700, now_us=T0)
+    assert second.allowed
+    assert second.limits[0].remaining == pytest.approx(0, abs=1e-9)
+    assert second.receipt is not None
+    store.settle(second.receipt, {"tokens": 1500}, now_us=T0)
+    # 300 + 1500 = 1800 used of 1000: 800 in debt; at 100/s, 8 s to zero and 0.01 s more for
+    # the unit asked for.
+    probe = store.admit([tokens], KEY, cost=1, now_us=T0)
+    assert probe.outcome is Outcome.DENIED
+    assert probe.retry_after == pytest.approx(8.01)
+    assert probe.limits[0].remaining == pytest.approx(-800)
+
+
+def test_refunds_never_rise_above_burst(store: BaseStore) -> None:
+    """A refund larger than what the bucket lacks fills it to its burst, no further."""
+    tokens = Limit("tokens", "600/m", burst=100, unit="tokens")
+    d = store.admit([tokens], KEY, cost=50, now_us=T0)
+    assert d.receipt is not None
+    store.admit([tokens], KEY, cost=0, now_us=T0 + 60 * US)
+    store.settle(d.receipt, {"tokens": 0}, now_us=T0 + 60 * US)
+    later = store.admit([tokens], KEY, cost=0, now_us=T0 + 60 * US)
+    assert later.limits[0].remaining == 100
+
+
+def test_settle_rejects_bad_reports(store: BaseStore) -> None:
+    """Usage reports that are not finite numbers >= 0, or name other limits, are refused."""
+    tokens = Limit("tokens", "600/m", burst=100)
+    d = store.admit([tokens], KEY, cost=10, now_us=T0)
+    assert d.receipt is not None
+    for bad in (-1, math.nan, math.inf, "5", None):
+        with pytest.raises(CostError, match="tokens"):
+            store.settle(d.receipt, {"tokens": bad}, now_us=T0)  # type: ignore[dict-item]
+    with pytest.raises(ConfigurationError, match="other"):
+        store.settle(d.receipt, {"other": 1}, now_us=T0)
+    assert store.admit([tokens], KEY, cost=0, now_us=T0).limits[0].remaining == 90
+
+
+def test_zero_cost_checks_without_charging(store: BaseStore) -> None:
+    """A cost of 0 reports the bucket without taking from it."""
+    limit = Limit("req", "10/s", burst=2)
+    for _ in range(3):
+        d = store.admit([limit], KEY, cost=0, now_us=T0)
+        assert d.allowed
+        assert d.limits[0].remaining == 2
+
+
+def test_per_limit_costs(store: BaseStore) -> None:
+    """A cost mapping charges each limit its own units; unnamed limits cost 1."""
+    req = Limit("req", "100/m", burst=100)
+    tok = Limit("tok", "100000/m", burst=10000, unit="tokens")
+    d = store.admit([req, tok], KEY, cost={"tok": 2500}, now_us=T0)
+    assert {s.name: s.remaining for s in d.limits} == {"req": 99, "tok": 7500}
+    with pytest.raises(ConfigurationError, match="nope"):
+        store.admit([req], KEY, cost={"nope": 1}, now_us=T0)
+    with pytest.raises(CostError, match="capacity"):
+        store.admit([tok], KEY, cost=10001, now_us=T0)
+
+
+def test_sliding_window_counts_exactly(store: BaseStore) -> None:
+    """A sliding window admits its count within any rolling period and frees the oldest first."""
+    limit = Limit("win", "3/s", algorithm="sliding_window")
+    times = [0, 200_000, 700_000]
+    for t in times:
+        assert store.admit([limit], KEY, now_us=T0 + t).allowed
+    denied = store.admit([limit], KEY, now_us=T0 + 900_000)
+    assert denied.outcome is Outcome.DENIED
+    assert denied.retry_after == pytest.approx(0.1)  # the entry at 0 leaves the window at 1.0 s
+    assert not store.admit([limit], KEY, now_us=T0 + US - 1).allowed
+    assert store.admit([limit], KEY, now_us=T0 + US).allowed  # the window is (t - 1 s, t]
+
+
+def test_sliding_window_with_costs_and_bookings(store: BaseStore) -> None:
+    """Window bookings wait for enough old cost to expire, and a window settles exactly."""
+    limit = Limit("spend", "100/m", algorithm="sliding_window", unit="cents", max_cost=100)
+    first = store.admit([limit], KEY, cost=60, now_us=T0)
+    assert store.admit([limit], KEY, cost=30, now_us=T0 + 10 * US).allowed
+    booked = store.admit([limit], KEY, cost=50, reserve=True, now_us=T0 + 20 * US)
+    assert booked.outcome is Outcome.BOOKED
+    assert booked.retry_after == pytest.approx(40)  # the 60 leaves at 60 s
+    assert first.receipt is not None
+    store.settle(first.receipt, {"spend": 10}, now_us=T0 + 21 * US)
+    # 10 + 30 + 50 (booked at 60 s) = 90 counted: 10 more fit now.
+    assert store.admit([limit], KEY, cost=10, now_us=T0 + 22 * US).allowed
+    assert not store.admit([limit], KEY, cost=1, now_us=T0 + 22 * US).allowed
+    back = store.admit([limit], KEY, cost=50, booking=booked.booking, now_us=T0 + 60 * US)
+    assert back.outcome is Outcome.REDEEMED
+
+
+def test_admission_arguments_are_checked(store: BaseStore) -> None:
+    """Empty or duplicate limit lists and bad horizons are errors, not silent passes."""
+    limit = Limit("req", "1/s")
+    with pytest.raises(ConfigurationError, match="at least one"):
+        store.admit([], KEY)
+    with pytest.raises(ConfigurationError, match="twice"):
+        store.admit([limit, limit], KEY)
+    with pytest.raises(ConfigurationError, match="horizon"):
+        store.admit([limit], KEY, horizon=-1)
+    with pytest.raises(ConfigurationError, match="identity"):
+        store.admit([limit], "tenant")  # type: ignore[arg-type]
+
+
+def test_redis_keys_expire_when_full_again(redis_client: redis.Redis, keyspace: Keyspace) -> None:
+    """Every key's TTL is the time until its bucket is full again plus a margin."""
+    store = RedisStore(redis_client, keyspace, booking_grace=30)
+    bucket = Limit("req", "10/s", burst=10)
+    window = Limit("win", "5/m", algorithm="sliding_window")
+    for _ in range(4):
+        store.admit([bucket, window], KEY)
+    booked = store.admit([Limit("slow", "1/h", burst=1)], KEY)
+    booked = store.admit([Limit("slow", "1/h", burst=1)], KEY, reserve=True)
+    assert booked.outcome is Outcome.BOOKED
+    ttls = {k.decode(): redis_client.pttl(k) for k in redis_client.keys("*")}
+    by_kind = {
+        ("window" if ":win" in k else "booking" if ":~b:" in k else k.rsplit(":", 1)[1]): v
+        for k, v in ttls.items()
+    }
+    assert 1000 < by_kind["req"] <= 1400  # 0.4 s to full + 1 s margin
+    assert 60_000 < by_kind["window"] <= 61_000  # newest entry leaves in 60 s, + margin
+    assert 7_100_000 < by_kind["slow"] <= 7_201_000  # one hour charged, one hour booked
+    assert 3_630_000 - 5_000 < by_kind["booking"] <= 3_631_000  # slot + grace + margin
+
+
+def test_memory_store_forgets_idle_buckets(keyspace: Keyspace, clock: ManualClock) -> None:
+    """The in-process store drops a bucket once it is full again, as Redis expiry does."""
+    store = MemoryStore(keyspace, clock=clock)
+    limit = Limit("req", "10/s", burst=10)
+    store.admit([limit], KEY)
+    assert len(store.keys()) == 1
+    clock.advance(1.0)
+    assert len(store.keys()) == 1  # full again, but within the margin
+    clock.advance(1.0)
+    assert store.keys() == []

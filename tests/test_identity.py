@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: MIT
+"""Fingerprints and key layout: no raw identity in a key, one hash tag per tenant."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tests.conftest import SECRET, T0
+from throttle import ConfigurationError, IdentityError, Keyspace, Limit, RedisStore
+
+RAW_KEY = "sk-live-THIS-IS-A-SECRET-KEY"
+RAW_AGENT = "agent-007-raw"
+
+
+def test_no_raw_identity_in_any_key(redis_client: redis.Redis) -> None:
+    """After admissions, bookings and windows, KEYS * shows fingerprints only."""
+    store = RedisStore(redis_client, Keyspace(SECRET))
+    limits = [
+        Limit("req", "1/s", burst=1),
+        Limit("agent", "1/s", burst=1, per=["api_key", "agent_id"]),
+        Limit("win", "1/s", algorithm="sliding_window", per=["api_key", "tier"]),
+        Limit("global", "100/s", per=[]),
+    ]
+    identity = {"api_key": RAW_KEY, "agent_id": RAW_AGENT, "tier": "gold"}
+    for _ in range(3):
+        store.admit(limits, identity, reserve=True, now_us=T0)
+    keys = [k.decode() for k in redis_client.keys("*")]
+    assert any(":~b:" in k for k in keys), keys  # a booking was written too
+    for key in keys:
+        for raw in (RAW_KEY, RAW_AGENT, "gold", "sk-live"):
+            assert raw not in key
+    values = [redis_client.dump(k) or b"" for k in keys]
+    assert not any(RAW_KEY.encode() in v or RAW_AGENT.encode() in v for v in values)
+
+
+def test_tenant_keys_share_one_hash_tag(keyspace: Keyspace) -> None:
+    """Every bucket of one API key carries the same hash tag; a global limit has its own."""
+    identity = {"api_key": "k", "agent_id": "a", "tier": "t"}
+    tenant = [
+        keyspace.bucket(Limit("a", "1/s"), identity),
+        keyspace.bucket(Limit("b", "1/s", per=["api_key", "agent_id"]), identity),
+        keyspace.bucket(Limit("c", "1/s", per=["api_key", "tier"]), identity),
+    ]
+    assert len({b.tag for b in tenant}) == 1
+    assert all(b.key.startswith(f"t:{b.tag}:") for b in tenant)
+    glob = keyspace.bucket(Limit("g", "1/s", per=[]), identity)
+    assert glob.tag == "{g}"
+    assert glob.key == "t:{g}"
+
+
+def test_fingerprints_are_keyed_and_distinct() -> None:
+    """The fingerprint depends on the secret, the dimension, the value and its type."""
+    a = Keyspace(SECRET)
+    b = Keyspace(SECRET + "other")
+    assert a.fingerprint("api_key", "k") != b.fingerprint("api_key", "k")
+    assert a.fingerprint("api_key", "k") != a.fingerprint("agent_id", "k")
+    assert a.fingerprint("api_key", "7") != a.fingerprint("api_key", 7)
+    assert a.fingerprint("api_key", "7") != a.fingerprint("api_key", b"7")
+    assert a.fingerprint("api_key", "k") == Keyspace(SECRET).fingerprint("api_key", "k")
+    assert len(a.fingerprint("api_key", "x" * 1_000_000)) == 16
+
+
+def test_anonymous_is_not_a_guessable_api_key(keyspace: Keyspace) -> None:
+    """Work with no API key shares the anonymous bucket, which no real key can name."""
+    limit = Limit("req", "1/s")
+    missing = keyspace.bucket(limit, {})
+    none = keyspace.bucket(limit, {"api_key": None})
+    literal = keyspace.bucket(limit, {"api_key": "anonymous"})
+    assert missing == none
+    assert literal != missing
+
+
+@pytest.mark.parametrize("value", [1.5, [1], {"a": 1}, True, object()])
+def test_unfingerprintable_identity_values(keyspace: Keyspace, value: object) -> None:
+    """Identity values must be strings, bytes or integers; the error does not echo the value."""
+    with pytest.raises(IdentityError, match="api_key") as info:
+        keyspace.bucket(Limit("req", "1/s"), {"api_key": value})
+    assert repr(value) not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"secret": "short"}, "secret"), ({"secret": SECRET, "prefix": "a{b}"}, "prefix")],
+)
+def test_keyspace_validation(kwargs: dict[str, str], field: str) -> None:
+    """A short secret or a prefix with braces is refused, naming the argument."""
+    with pytest.raises(ConfigurationError, match=field):
+        Keyspace(**kwargs)  # type: ignore[arg-type]
+
+
+def test_repr_hides_the_secret() -> None:
+    """The keyspace's repr never shows its secret."""
+    assert SECRET not in repr(Keyspace(SECRET))

@@ -1,0 +1,147 @@
+# SPDX-License-Identifier: MIT
+"""Who a unit of work is charged to, and the Redis keys that follows from it.
+
+An identity maps dimension names (``api_key``, ``agent_id``, ``tier``, custom ones) to values.
+Values never reach Redis, a log or an event: each is replaced by a keyed fingerprint,
+HMAC-SHA256 over the dimension name and the value under a secret, truncated to 96 bits. The
+secret matters: without it, anyone who can read the keys could confirm a guessed API key.
+
+Key layout (``P`` is the prefix, ``K`` the API key's fingerprint, ``A`` another dimension's)::
+
+    P:{K}:<limit>            a tenant limit (per api_key)
+    P:{K}:<limit>:A          a limit per api_key and agent_id (or tier, or a custom dimension)
+    P:{K}:<limit>:~n         the running total beside a sliding_window log
+    P:{K}:~b:<booking id>    a booking (reservation) made for work of that tenant
+    P:{<limit>}              a global limit
+    P:{<limit>:A}            a limit per non-tenant dimension only (per model, say)
+
+Everything of one tenant shares the ``{K}`` hash tag, so one admission is one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from throttle.errors import ConfigurationError, IdentityError
+from throttle.limits import Limit
+
+__all__ = ["Bucket", "Keyspace"]
+
+_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# Values longer than this are fingerprinted every time rather than cached, so a stream of huge
+# identities cannot grow the cache by megabytes.
+_CACHEABLE_LEN: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """Where one limit's state lives for one identity. ``tag`` is the hash tag, braces included."""
+
+    tag: str
+    key: str
+
+
+class Keyspace:
+    """Turns (limit, identity) into bucket keys, under ``prefix``, with fingerprints keyed by
+    ``secret``. Thread-safe; fingerprints of short values are cached."""
+
+    __slots__ = ("_fingerprint", "_secret", "prefix")
+
+    def __init__(self, secret: bytes | str, *, prefix: str = "throttle", cache_size: int = 65536):
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if not isinstance(secret, bytes) or len(secret) < 16:
+            raise ConfigurationError(
+                "secret",
+                "the fingerprint secret must be at least 16 bytes",
+                "a long random string, e.g. from `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`",
+            )
+        if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+            raise ConfigurationError(
+                "prefix",
+                f"invalid key prefix {prefix!r}",
+                "1 to 64 characters of letters, digits, '_', '.', ':', '-' (no braces)",
+            )
+        self.prefix = prefix
+        self._secret = secret
+        self._fingerprint = functools.lru_cache(maxsize=cache_size)(self._compute)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"Keyspace(prefix={self.prefix!r})"
+
+    def fingerprint(self, dimension: str, value: object) -> str:
+        """The 16-character fingerprint standing for ``value`` of ``dimension``.
+
+        Strings, bytes and integers are accepted; ``"7"`` and ``7`` are different identities.
+        """
+        if isinstance(value, str):
+            if len(value) <= _CACHEABLE_LEN:
+                return self._fingerprint(dimension, value)
+        elif isinstance(value, bytes | int) and not isinstance(value, bool):
+            if not isinstance(value, bytes) or len(value) <= _CACHEABLE_LEN:
+                return self._fingerprint(dimension, value)
+        else:
+            raise IdentityError(
+                dimension, f"must be a string, bytes or an integer, got {type(value).__name__}"
+            )
+        return self._compute(dimension, value)
+
+    def _compute(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
+        if isinstance(value, _Anonymous):
+            # Its own type tag: a caller whose API key is literally "anonymous" is not anonymous.
+            raw = b"a" + value.label.encode()
+        elif isinstance(value, str):
+            raw = b"s" + value.encode("utf-8", "surrogatepass")
+        elif isinstance(value, bytes):
+            raw = b"b" + value
+        else:
+            raw = b"i" + str(value).encode()
+        digest = hmac.new(self._secret, dimension.encode() + b"\0" + raw, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:12]).decode()
+
+    def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
+        """The bucket of ``limit`` for ``identity``. A dimension the identity lacks (or maps to
+        None) takes the limit's ``anonymous`` value."""
+        fps = [self._dimension_fp(identity, dim, limit.anonymous) for dim in limit.per]
+        if limit.global_:
+            tag = "{" + ":".join([limit.name, *fps]) + "}"
+            return Bucket(tag, f"{self.prefix}:{tag}")
+        # ``per`` is in canonical order, so api_key comes first.
+        tag = "{" + fps[0] + "}"
+        return Bucket(tag, ":".join([self.prefix, tag, limit.name, *fps[1:]]))
+
+    def _dimension_fp(self, identity: Mapping[str, object], dimension: str, anonymous: str) -> str:
+        value = identity.get(dimension)
+        if value is None:
+            return self._fingerprint(dimension, _Anonymous(anonymous))
+        return self.fingerprint(dimension, value)
+
+    def booking_key(self, tag: str, booking_id: str) -> str:
+        """The key of a booking made in the slot of ``tag``."""
+        return f"{self.prefix}:{tag}:~b:{booking_id}"
+
+    @staticmethod
+    def check_booking_id(booking_id: object) -> str:
+        """Reject a booking id that could not have come from a store (wrong type or charset)."""
+        if not isinstance(booking_id, str) or not _BOOKING_RE.match(booking_id):
+            raise IdentityError("booking", "not a booking id issued by a throttle store")
+        return booking_id
+
+
+def total_key(bucket: Bucket) -> str:
+    """The running-total key beside a sliding_window log."""
+    return bucket.key + ":~n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Anonymous:
+    label: str

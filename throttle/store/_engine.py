@@ -1,0 +1,323 @@
+# SPDX-License-Identifier: MIT
+"""The admission arithmetic in pure Python: the reference model of ``lua/admit.lua`` and
+``lua/settle.lua``, and the engine of the in-process store.
+
+It takes the same KEYS and ARGV as the scripts and returns the same reply, performing the same
+IEEE-754 operations in the same order, so the two agree bit for bit (the model tests check this
+with hypothesis). Read the Lua headers for the argument layout; this module keeps the scripts'
+names so the two can be read side by side. Not thread-safe: the in-process store locks around it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+__all__ = ["Engine"]
+
+MARGIN_MS: Final = 1000
+
+Reply = list[str | int]
+
+
+def fmt(x: float) -> str:
+    """A number as the scripts write it: %.17g reads back bit-exact."""
+    return f"{x:.17g}"
+
+
+def _ttl_ms(until_us: float, now: float) -> int:
+    return math.ceil((until_us - now) / 1000) + MARGIN_MS
+
+
+def _member_cost(member: str) -> float:
+    return float(member.split(":", 1)[0])
+
+
+def _num(arg: str) -> float | None:
+    """Lua's ``tonumber`` for the arguments we pass: None for ''."""
+    return float(arg) if arg != "" else None
+
+
+class _Entry:
+    __slots__ = (
+        "T",
+        "algo",
+        "booked",
+        "cost",
+        "count",
+        "free_at",
+        "key",
+        "new_tat",
+        "period",
+        "tat",
+        "tau",
+        "total",
+        "totalkey",
+    )
+
+    def __init__(self, algo: str, period: float, count: float, cost: float, key: str) -> None:
+        self.algo = algo
+        self.period = period
+        self.count = count
+        self.cost = cost
+        self.key = key
+        self.booked = False
+        self.T = self.tau = self.tat = self.new_tat = self.free_at = self.total = 0.0
+        self.totalkey = ""
+
+
+class Engine:
+    """Redis-like data (strings as floats, sorted sets, hashes) with per-key expiry, and the two
+    scripts over it. ``now`` is always passed in, in microseconds."""
+
+    def __init__(self) -> None:
+        self.strings: dict[str, float] = {}
+        self.zsets: dict[str, dict[str, float]] = {}
+        self.hashes: dict[str, dict[str, float]] = {}
+        self.expires: dict[str, float] = {}
+
+    # -- the Redis commands the scripts use -------------------------------------------------
+
+    def _alive(self, key: str, now: float) -> None:
+        at = self.expires.get(key)
+        if at is not None and at <= now:
+            self.delete(key)
+
+    def delete(self, *keys: str) -> None:
+        for key in keys:
+            self.strings.pop(key, None)
+            self.zsets.pop(key, None)
+            self.hashes.pop(key, None)
+            self.expires.pop(key, None)
+
+    def get(self, key: str, now: float) -> float | None:
+        self._alive(key, now)
+        return self.strings.get(key)
+
+    def set(self, key: str, value: float, ttl_ms: int, now: float) -> None:
+        self.strings[key] = float(fmt(value))
+        self.expires[key] = now + ttl_ms * 1000
+
+    def pexpire(self, key: str, ttl_ms: int, now: float) -> None:
+        if key in self.strings or key in self.zsets or key in self.hashes:
+            self.expires[key] = now + ttl_ms * 1000
+
+    def zset(self, key: str, now: float) -> list[tuple[str, float]]:
+        """Members in Redis order: by score, then by member."""
+        self._alive(key, now)
+        return sorted(self.zsets.get(key, {}).items(), key=lambda ms: (ms[1], ms[0]))
+
+    def zadd(self, key: str, score: float, member: str) -> None:
+        self.zsets.setdefault(key, {})[member] = float(fmt(score))
+
+    def zrem(self, key: str, member: str) -> None:
+        log = self.zsets.get(key)
+        if log is not None:
+            log.pop(member, None)
+            if not log:
+                self.delete(key)
+
+    def live_keys(self, now: float) -> list[str]:
+        for key in list(self.expires):
+            self._alive(key, now)
+        return [*self.strings, *self.zsets, *self.hashes]
+
+    # -- helpers shared by both scripts (lua/common.lua) -------------------------------------
+
+    def _window_total(self, log: str, totalkey: str, now: float, period: float) -> float:
+        cutoff = now - period
+        total = self.get(totalkey, now) or 0.0
+        entries = self.zset(log, now)
+        old = [m for m, score in entries if score <= cutoff]
+        if old:
+            for m in old:
+                total = total - _member_cost(m)
+                self.zrem(log, m)
+        if not self.zset(log, now):
+            total = 0.0
+        return total
+
+    def _window_store(
+        self, log: str, totalkey: str, total: float, now: float, period: float
+    ) -> float:
+        entries = self.zset(log, now)
+        if not entries:
+            self.delete(log, totalkey)
+            return 0.0
+        full_at = entries[-1][1] + period
+        ttl = _ttl_ms(full_at, now)
+        self.set(totalkey, total, ttl, now)
+        self.pexpire(log, ttl, now)
+        return full_at
+
+    # -- admit.lua ---------------------------------------------------------------------------
+
+    def admit(self, keys: Sequence[str], argv: Sequence[str], now: float) -> Reply:
+        reserve = argv[1] == "1"
+        horizon = _num(argv[2])
+        bmode = argv[3]
+        nonce = argv[5]
+        grace = float(argv[6])
+        n = int(argv[7])
+        bkey: str | None = None
+        booked: dict[str, float] = {}
+        if bmode != "":
+            bkey = keys[-1]
+            if bmode == "old":
+                self._alive(bkey, now)
+                booked = dict(self.hashes.get(bkey, {}))
+
+        entries: list[_Entry] = []
+        k = 0
+        for i in range(n):
+            a = 8 + i * 5
+            e = _Entry(argv[a], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
+            if e.algo == "t":
+                e.T = e.period / e.count
+                e.tau = float(argv[a + 3]) * e.T
+                stored = self.get(e.key, now)
+                e.tat = stored if stored is not None else now
+                base = e.tat
+                if base < now:
+                    base = now
+                e.new_tat = base + e.cost * e.T
+                e.free_at = e.new_tat - e.tau
+                k += 1
+            else:
+                e.totalkey = keys[k + 1]
+                e.total = self._window_total(e.key, e.totalkey, now, e.period)
+                if e.total + e.cost <= e.count:
+                    e.free_at = now
+                else:
+                    need = e.total + e.cost - e.count
+                    freed = 0.0
+                    for member, score in self.zset(e.key, now):
+                        freed = freed + _member_cost(member)
+                        e.free_at = score + e.period
+                        if freed >= need:
+                            break
+                k += 2
+            slot = booked.get(e.key)
+            if slot is not None:
+                e.booked = True
+                e.free_at = now if slot <= now else slot
+            entries.append(e)
+
+        binding = 0
+        for i, e in enumerate(entries, 1):
+            if e.free_at > now and (binding == 0 or e.free_at > entries[binding - 1].free_at):
+                binding = i
+
+        def charge(e: _Entry, at: float) -> None:
+            if e.cost == 0:
+                return
+            if e.algo == "t":
+                e.tat = e.new_tat
+                self.set(e.key, e.tat, _ttl_ms(e.tat, now), now)
+            else:
+                self.zadd(e.key, at, fmt(e.cost) + ":" + nonce)
+                e.total = e.total + e.cost
+
+        retry = 0.0
+        if binding == 0:
+            outcome = "admitted"
+            for e in entries:
+                if e.booked:
+                    outcome = "redeemed"
+                else:
+                    charge(e, now)
+            if bkey is not None and bmode == "old" and argv[4] == "1":
+                self.delete(bkey)
+        else:
+            b = entries[binding - 1]
+            retry = b.free_at - now
+            if b.booked:
+                outcome = "early"
+            elif not reserve:
+                outcome = "denied"
+            elif horizon is not None and retry > horizon:
+                outcome = "horizon"
+                retry = horizon
+            else:
+                assert bkey is not None
+                outcome = "booked"
+                charge(b, b.free_at)
+                booked[b.key] = b.free_at
+                self.hashes.setdefault(bkey, {})[b.key] = float(fmt(b.free_at))
+                last = b.free_at
+                for slot in booked.values():
+                    if slot > last:
+                        last = slot
+                self.pexpire(bkey, _ttl_ms(last + grace, now), now)
+
+        out: Reply = [outcome, binding, fmt(retry)]
+        for e in entries:
+            if e.algo == "t":
+                level = e.tat
+                if level < now:
+                    level = now
+                remaining = (e.tau - (level - now)) / e.T
+                full_at = level
+            else:
+                full_at = self._window_store(e.key, e.totalkey, e.total, now, e.period)
+                remaining = e.count - e.total
+            wait = e.free_at - now
+            if wait < 0:
+                wait = 0.0
+            until_full = full_at - now
+            if until_full < 0:
+                until_full = 0.0
+            out += [fmt(remaining), fmt(until_full), fmt(wait), 1 if e.booked else 0]
+        return out
+
+    # -- settle.lua --------------------------------------------------------------------------
+
+    def settle(self, keys: Sequence[str], argv: Sequence[str], now: float) -> int:
+        nonce = argv[1]
+        n = int(argv[2])
+        changed = 0
+        k = 0
+        for i in range(n):
+            a = 3 + i * 5
+            algo, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
+            charged, delta = float(argv[a + 3]), float(argv[a + 4])
+            key = keys[k]
+            if algo == "t":
+                k += 1
+                T = period / count
+                stored = self.get(key, now)
+                if delta != 0 and (stored is not None or delta > 0):
+                    tat = stored if stored is not None else now
+                    if delta > 0:
+                        if tat < now:
+                            tat = now
+                        tat = tat + delta * T
+                    else:
+                        tat = tat + delta * T
+                        if tat < now:
+                            tat = now
+                    self.set(key, tat, _ttl_ms(tat, now), now)
+                    changed += 1
+            else:
+                totalkey = keys[k + 1]
+                k += 2
+                if delta != 0:
+                    total = self._window_total(key, totalkey, now, period)
+                    member = fmt(charged) + ":" + nonce
+                    score = dict(self.zset(key, now)).get(member)
+                    if score is not None:
+                        cost = charged + delta
+                        if cost < 0:
+                            cost = 0.0
+                        self.zrem(key, member)
+                        if cost > 0:
+                            self.zadd(key, score, fmt(cost) + ":" + nonce)
+                        total = total + (cost - charged)
+                        changed += 1
+                    elif delta > 0:
+                        self.zadd(key, now, fmt(delta) + ":" + nonce + ":s")
+                        total = total + delta
+                        changed += 1
+                    self._window_store(key, totalkey, total, now, period)
+        return changed

@@ -1,0 +1,431 @@
+# SPDX-License-Identifier: MIT
+"""What a store promises, the decision it returns, and the half of every store that does not
+depend on where the state lives.
+
+A store admits one unit of work against several limits at once, all or nothing, and settles a
+cost estimate once the actual cost is known. :class:`BaseStore` validates the request, turns
+limits and identity into bucket keys, encodes the arguments of ``lua/admit.lua`` and reads its
+reply; subclasses only run the script (in Redis, or in :mod:`throttle.store._engine`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from throttle.errors import ConfigurationError, CostError, StoreError
+from throttle.identity import Bucket, Keyspace, total_key
+from throttle.limits import Limit, check_cost
+from throttle.store._engine import fmt
+
+__all__ = ["BaseStore", "Charge", "Decision", "LimitState", "Outcome", "Receipt", "Store"]
+
+_US = 1_000_000
+
+
+class Outcome(StrEnum):
+    """How an admission ended."""
+
+    ADMITTED = "admitted"  #: every limit had room; all were charged
+    REDEEMED = "redeemed"  #: admitted, and the booking presented paid for the limits it held
+    DENIED = "denied"  #: some limit had no room; nothing was charged
+    BOOKED = "booked"  #: denied, and the next free slot of the binding limit was booked
+    EARLY = "early"  #: a booking was presented before its slot; nothing changed
+    HORIZON = "horizon"  #: denied, and the free slot was beyond the horizon: nothing booked
+
+
+_ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
+
+
+class LimitState(NamedTuple):
+    """One limit's bucket right after the decision."""
+
+    name: str
+    #: Units that could be admitted now. Negative while the bucket is in debt.
+    remaining: float
+    #: Seconds until the bucket is full again (0 when full).
+    reset_after: float
+    #: Seconds until this limit alone would admit the requested cost (0 when it does now).
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One limit's part of an admission: the bucket and the units it is charged."""
+
+    limit: Limit
+    bucket: Bucket
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof of an admission, for :meth:`Store.settle`. Settle each receipt at most once."""
+
+    charges: tuple[Charge, ...]
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one admission.
+
+    ``retry_after`` is in seconds, exact (not rounded): when denied, the earliest moment the
+    same request could pass if nothing else happens; when booked, the wait until the booked
+    slot. ``bound_by`` names the limit that decided it (None when admitted). ``booking`` is the
+    id to present on return (when booked or early). ``receipt`` is set when admitted.
+    """
+
+    outcome: Outcome
+    retry_after: float
+    bound_by: str | None
+    limits: tuple[LimitState, ...]
+    booking: str | None = None
+    receipt: Receipt | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome in _ALLOWED
+
+    def __bool__(self) -> bool:
+        return self.outcome in _ALLOWED
+
+
+class Store(ABC):
+    """The interface every store offers (see :class:`BaseStore` for the shared behaviour)."""
+
+    keyspace: Keyspace
+
+    @abstractmethod
+    def admit(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        cost: float | Mapping[str, float] = 1,
+        reserve: bool = False,
+        booking: str | None = None,
+        horizon: float | None = None,
+        now_us: int | None = None,
+    ) -> Decision: ...
+
+    @abstractmethod
+    def settle(
+        self, receipt: Receipt, usage: Mapping[str, float], *, now_us: int | None = None
+    ) -> None: ...
+
+
+class _Nonces:
+    """Cheap unique nonces for log members: a random per-process prefix and a counter.
+    The prefix is renewed in a forked child, which would otherwise repeat its parent's."""
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._prefix = secrets.token_urlsafe(6)
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+class BaseStore(Store):
+    """Validation, key layout and the wire format shared by every store.
+
+    ``booking_grace`` is how long (seconds) a booking outlives its slot before it lapses; work
+    that comes back later than that is checked as a fresh arrival, and the lapsed booking has
+    cost its limit one slot.
+    """
+
+    def __init__(self, keyspace: Keyspace, *, booking_grace: float = 600.0) -> None:
+        if not isinstance(keyspace, Keyspace):
+            raise ConfigurationError("keyspace", f"must be a Keyspace, got {keyspace!r}")
+        if not _positive(booking_grace):
+            raise ConfigurationError(
+                "booking_grace", f"must be a positive number of seconds, got {booking_grace!r}"
+            )
+        self.keyspace = keyspace
+        self._grace = str(round(booking_grace * _US))
+        self._nonce = _Nonces()
+
+    # -- subclasses run the scripts ----------------------------------------------------------
+
+    @abstractmethod
+    def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]: ...
+
+    @abstractmethod
+    def _run_settle(self, keys: list[str], argv: list[str]) -> object: ...
+
+    @abstractmethod
+    def _delete(self, keys: list[str]) -> None: ...
+
+    def _slot(self, tag: str) -> Hashable:
+        """Which calls may share one script run: all of them, unless the store is sharded."""
+        return None
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def charges(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        cost: float | Mapping[str, float] = 1,
+    ) -> tuple[Charge, ...]:
+        """Validate an admission request and resolve it to buckets."""
+        if isinstance(limits, Limit):
+            limits = (limits,)
+        if not limits:
+            raise ConfigurationError("limits", "at least one limit is needed")
+        if not isinstance(identity, Mapping):
+            raise ConfigurationError("identity", f"must be a mapping, got {identity!r}")
+        names = set()
+        for limit in limits:
+            if not isinstance(limit, Limit):
+                raise ConfigurationError("limits", f"expected Limit objects, got {limit!r}")
+            if limit.name in names:
+                raise ConfigurationError("limits", f"limit {limit.name!r} is listed twice")
+            names.add(limit.name)
+        if isinstance(cost, Mapping):
+            unknown = set(cost) - names
+            if unknown:
+                raise ConfigurationError(
+                    "cost", f"names limits not in this admission: {sorted(unknown)}"
+                )
+            costs = [check_cost(lim, cost.get(lim.name, 1)) for lim in limits]
+        else:
+            costs = [check_cost(lim, cost) for lim in limits]
+        bucket = self.keyspace.bucket
+        return tuple(
+            Charge(lim, bucket(lim, identity), c) for lim, c in zip(limits, costs, strict=True)
+        )
+
+    def admit(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        cost: float | Mapping[str, float] = 1,
+        reserve: bool = False,
+        booking: str | None = None,
+        horizon: float | None = None,
+        now_us: int | None = None,
+    ) -> Decision:
+        """Admit one unit of work against every limit in ``limits``, all or nothing.
+
+        ``cost`` is one number for every limit or a mapping from limit name to cost (default 1).
+        With ``reserve``, a denial books the binding limit's next free slot and the decision
+        carries the booking id; present it as ``booking`` when the work comes back at or after
+        ``retry_after`` and the booked limit admits it without charging again (other limits are
+        checked then). A slot further than ``horizon`` seconds is not booked. ``now_us`` replaces
+        the store's clock (tests only).
+        """
+        charges = self.charges(limits, identity, cost)
+        if horizon is not None and not _positive(horizon, zero=True):
+            raise ConfigurationError("horizon", f"must be seconds >= 0 or None, got {horizon!r}")
+        if booking is not None:
+            booking = self.keyspace.check_booking_id(booking)
+            bmode = "old"
+        elif reserve:
+            booking = secrets.token_urlsafe(12)
+            bmode = "new"
+        else:
+            bmode = ""
+        nonce = booking or self._nonce()
+        head = [
+            "" if now_us is None else str(int(now_us)),
+            "1" if reserve else "0",
+            "" if horizon is None else str(round(horizon * _US)),
+            bmode,
+            "1",
+            nonce,
+            self._grace,
+        ]
+        groups = self._group(charges)
+        if len(groups) == 1:
+            reply = self._run_admit(*self._admit_args(charges, head, booking))
+            return self._decision(charges, reply, booking, nonce)
+        return self._admit_sharded(groups, head, booking, nonce, now_us)
+
+    def _group(self, charges: tuple[Charge, ...]) -> list[tuple[Charge, ...]]:
+        groups: dict[Hashable, list[Charge]] = {}
+        for charge in charges:
+            groups.setdefault(self._slot(charge.bucket.tag), []).append(charge)
+        # The tenant's own slot goes first: it is the one most likely to deny.
+        ordered = sorted(groups.values(), key=lambda g: g[0].limit.global_)
+        return [tuple(g) for g in ordered]
+
+    def _admit_args(
+        self, charges: Sequence[Charge], head: list[str], booking: str | None
+    ) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        argv = [*head, str(len(charges))]
+        for c in charges:
+            keys.append(c.bucket.key)
+            if c.limit.algorithm == "sliding_window":
+                keys.append(total_key(c.bucket))
+            argv += c.limit.wire
+            argv.append(fmt(c.cost))
+        if head[3]:
+            assert booking is not None
+            keys.append(self.keyspace.booking_key(charges[0].bucket.tag, booking))
+        return keys, argv
+
+    def _admit_sharded(
+        self,
+        groups: list[tuple[Charge, ...]],
+        head: list[str],
+        booking: str | None,
+        nonce: str,
+        now_us: int | None,
+    ) -> Decision:
+        """One script run per slot, in order; a later denial refunds the earlier charges.
+
+        Bookings are kept (redeem flag off) until every slot admitted, then deleted, so a
+        denial in a later slot does not consume a booking held in an earlier one.
+        """
+        head = [*head[:4], "0", *head[5:]]
+        done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
+        for group in groups:
+            reply = self._run_admit(*self._admit_args(group, head, booking))
+            if Outcome(_text(reply[0])) not in _ALLOWED:
+                for earlier, earlier_reply in done:
+                    self._refund(earlier, earlier_reply, nonce, now_us)
+                states = [s for g, r in done for s in self._states(g, r)]
+                decision = self._decision(group, reply, booking, nonce)
+                return Decision(
+                    decision.outcome,
+                    decision.retry_after,
+                    decision.bound_by,
+                    (*states, *decision.limits),
+                    decision.booking,
+                )
+            done.append((group, reply))
+        if head[3] == "old":
+            assert booking is not None
+            for group in groups:
+                self._delete([self.keyspace.booking_key(group[0].bucket.tag, booking)])
+        all_charges = tuple(c for g in groups for c in g)
+        states = [s for g, r in done for s in self._states(g, r)]
+        outcome = Outcome.ADMITTED
+        if any(_text(r[0]) == Outcome.REDEEMED for _, r in done):
+            outcome = Outcome.REDEEMED
+        return Decision(outcome, 0.0, None, tuple(states), None, Receipt(all_charges, nonce))
+
+    def _refund(
+        self, group: tuple[Charge, ...], reply: Sequence[Any], nonce: str, now_us: int | None
+    ) -> None:
+        # Limits a booking paid for were not charged by this call: nothing to give back there.
+        charged = [c for i, c in enumerate(group) if not _booked(reply, i) and c.cost > 0]
+        if charged:
+            self._settle_group(charged, [-c.cost for c in charged], nonce, now_us)
+
+    # -- the reply ---------------------------------------------------------------------------
+
+    def _states(self, charges: Sequence[Charge], reply: Sequence[Any]) -> list[LimitState]:
+        states = []
+        for i, c in enumerate(charges):
+            j = 3 + 4 * i
+            states.append(
+                LimitState(
+                    c.limit.name,
+                    float(reply[j]),
+                    float(reply[j + 1]) / _US,
+                    float(reply[j + 2]) / _US,
+                )
+            )
+        return states
+
+    def _decision(
+        self, charges: Sequence[Charge], reply: Sequence[Any], booking: str | None, nonce: str
+    ) -> Decision:
+        try:
+            outcome = Outcome(_text(reply[0]))
+            binding = int(reply[1])
+            retry = float(reply[2]) / _US
+            states = tuple(self._states(charges, reply))
+        except (IndexError, ValueError, TypeError) as exc:
+            raise StoreError(f"unexpected reply from the admission script: {reply!r}") from exc
+        if outcome in _ALLOWED:
+            return Decision(outcome, 0.0, None, states, None, Receipt(tuple(charges), nonce))
+        keeps_booking = outcome in (Outcome.BOOKED, Outcome.EARLY)
+        return Decision(
+            outcome,
+            retry,
+            charges[binding - 1].limit.name,
+            states,
+            booking if keeps_booking else None,
+        )
+
+    # -- settlement --------------------------------------------------------------------------
+
+    def settle(
+        self, receipt: Receipt, usage: Mapping[str, float], *, now_us: int | None = None
+    ) -> None:
+        """Correct an admission's charges to the actual cost.
+
+        ``usage`` maps limit names of the receipt to the units actually used. The difference to
+        what was charged is refunded (the bucket never rises above its burst) or charged (the
+        bucket may go into debt, and later work waits for it). Limits not named are unchanged.
+        """
+        if not isinstance(receipt, Receipt):
+            raise ConfigurationError("receipt", f"must be a Receipt, got {receipt!r}")
+        by_name = {c.limit.name: c for c in receipt.charges}
+        unknown = set(usage) - set(by_name)
+        if unknown:
+            raise ConfigurationError(
+                "usage", f"names limits that the admission did not charge: {sorted(unknown)}"
+            )
+        changes: dict[Hashable, tuple[list[Charge], list[float]]] = {}
+        for name, actual in usage.items():
+            charge = by_name[name]
+            value = _usage(charge.limit, actual)
+            if value != charge.cost:
+                group = changes.setdefault(self._slot(charge.bucket.tag), ([], []))
+                group[0].append(charge)
+                group[1].append(value - charge.cost)
+        for group_charges, deltas in changes.values():
+            self._settle_group(group_charges, deltas, receipt.nonce, now_us)
+
+    def _settle_group(
+        self, charges: Sequence[Charge], deltas: Sequence[float], nonce: str, now_us: int | None
+    ) -> None:
+        keys: list[str] = []
+        argv = ["" if now_us is None else str(int(now_us)), nonce, str(len(charges))]
+        for c, delta in zip(charges, deltas, strict=True):
+            keys.append(c.bucket.key)
+            if c.limit.algorithm == "sliding_window":
+                keys.append(total_key(c.bucket))
+            argv += [*c.limit.wire[:3], fmt(c.cost), fmt(delta)]
+        self._run_settle(keys, argv)
+
+
+def _usage(limit: Limit, actual: object) -> float:
+    if not isinstance(actual, int | float) or isinstance(actual, bool):
+        raise CostError(limit.name, actual, "usage must be a number")
+    value = float(actual)
+    if not math.isfinite(value) or value < 0:
+        raise CostError(limit.name, actual, "usage must be a finite number >= 0")
+    return value
+
+
+def _booked(reply: Sequence[Any], index: int) -> bool:
+    return int(reply[3 + 4 * index + 3]) == 1
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _positive(value: object, *, zero: bool = False) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return value >= 0 if zero else value > 0

@@ -1,0 +1,156 @@
+-- SPDX-License-Identifier: MIT
+-- admit.lua: all-or-nothing admission of one unit of work against several limits, with an
+-- optional booking (reservation) of the next free slot in the limit that binds.
+--
+-- KEYS  for each limit, in ARGV order: token bucket "t": its state key (a string holding the
+--       theoretical arrival time, TAT, in us); sliding window "w": its log (a sorted set of
+--       "<cost>:<nonce>" scored by time in us) and its running total (a string);
+--       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us).
+--       All keys must share one hash tag (one Redis Cluster slot).
+-- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
+--       [2] reserve: '1' to book the binding limit's next free slot when denied, else '0'
+--       [3] horizon_us: '' for none; a booking further away than this is not made
+--       [4] booking: '' none, 'new' a fresh id (nothing to read), 'old' a booking to redeem
+--       [5] redeem: '1' to delete the booking when admitted, '0' to keep it (the caller
+--           deletes it once its other slots admitted too)
+--       [6] nonce: suffix of the log members this call writes (the booking id when booking)
+--       [7] grace_us: how long a booking outlives its slot
+--       [8] n: number of limits
+--       then 5 per limit: algorithm ('t' or 'w'), period_us, count (units per period),
+--       burst (units; ignored by 'w'), cost (units, 0 <= cost <= capacity)
+-- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
+--          then 4 per limit: remaining units, us until full, us until it admits the cost,
+--          1 if the booking presented paid for this limit (it was not charged now) else 0}
+--   outcome: 'admitted', 'redeemed' (admitted by a booking), 'denied', 'booked', 'early'
+--   (a booking presented before its slot), 'horizon' (the slot was beyond the horizon).
+-- Numbers are returned as %.17g strings (Lua numbers would be truncated to integers).
+
+local now = clock(ARGV[1])
+local reserve = ARGV[2] == '1'
+local horizon = tonumber(ARGV[3])
+local bmode = ARGV[4]
+local nonce = ARGV[6]
+local grace = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
+local bkey = nil
+local booked = {}
+if bmode ~= '' then
+  bkey = KEYS[#KEYS]
+  if bmode == 'old' then
+    local flat = redis.call('HGETALL', bkey)
+    for j = 1, #flat, 2 do booked[flat[j]] = tonumber(flat[j + 1]) end
+  end
+end
+
+-- Evaluate every limit without writing anything but window expiry.
+local L = {}
+local k = 1
+for i = 1, n do
+  local a = 8 + (i - 1) * 5
+  local e = {algo = ARGV[a + 1], period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
+             cost = tonumber(ARGV[a + 5]), key = KEYS[k]}
+  if e.algo == 't' then
+    e.T = e.period / e.count
+    e.tau = tonumber(ARGV[a + 4]) * e.T
+    e.tat = tonumber(redis.call('GET', e.key)) or now
+    local base = e.tat
+    if base < now then base = now end
+    e.new_tat = base + e.cost * e.T
+    e.free_at = e.new_tat - e.tau
+    k = k + 1
+  else
+    e.totalkey = KEYS[k + 1]
+    e.total = window_total(e.key, e.totalkey, now, e.period)
+    if e.total + e.cost <= e.count then
+      e.free_at = now
+    else
+      local need = e.total + e.cost - e.count
+      local freed = 0
+      local entries = redis.call('ZRANGE', e.key, 0, -1, 'WITHSCORES')
+      for j = 1, #entries, 2 do
+        freed = freed + member_cost(entries[j])
+        e.free_at = tonumber(entries[j + 1]) + e.period
+        if freed >= need then break end
+      end
+    end
+    k = k + 2
+  end
+  local slot = booked[e.key]
+  if slot ~= nil then
+    e.booked = true
+    if slot <= now then e.free_at = now else e.free_at = slot end
+  end
+  L[i] = e
+end
+
+local binding = 0
+for i = 1, n do
+  if L[i].free_at > now and (binding == 0 or L[i].free_at > L[binding].free_at) then
+    binding = i
+  end
+end
+
+-- Charge one limit at time `at` (now, or the booked slot).
+local function charge(e, at)
+  if e.cost == 0 then return end
+  if e.algo == 't' then
+    e.tat = e.new_tat
+    redis.call('SET', e.key, fmt(e.tat), 'PX', ttl_ms(e.tat, now))
+  else
+    redis.call('ZADD', e.key, fmt(at), fmt(e.cost) .. ':' .. nonce)
+    e.total = e.total + e.cost
+  end
+end
+
+local outcome
+local retry = 0
+if binding == 0 then
+  outcome = 'admitted'
+  for i = 1, n do
+    if L[i].booked then outcome = 'redeemed' else charge(L[i], now) end
+  end
+  if bkey and bmode == 'old' and ARGV[5] == '1' then redis.call('DEL', bkey) end
+else
+  local b = L[binding]
+  retry = b.free_at - now
+  if b.booked then
+    outcome = 'early'
+  elseif not reserve then
+    outcome = 'denied'
+  elseif horizon ~= nil and retry > horizon then
+    outcome = 'horizon'
+    retry = horizon
+  else
+    outcome = 'booked'
+    charge(b, b.free_at)
+    booked[b.key] = b.free_at
+    redis.call('HSET', bkey, b.key, fmt(b.free_at))
+    local last = b.free_at
+    for _, slot in pairs(booked) do if slot > last then last = slot end end
+    redis.call('PEXPIRE', bkey, ttl_ms(last + grace, now))
+  end
+end
+
+local out = {outcome, binding, fmt(retry)}
+for i = 1, n do
+  local e = L[i]
+  local remaining, full_at
+  if e.algo == 't' then
+    local level = e.tat
+    if level < now then level = now end
+    remaining = (e.tau - (level - now)) / e.T
+    full_at = level
+  else
+    full_at = window_store(e.key, e.totalkey, e.total, now, e.period)
+    remaining = e.count - e.total
+  end
+  local wait = e.free_at - now
+  if wait < 0 then wait = 0 end
+  local until_full = full_at - now
+  if until_full < 0 then until_full = 0 end
+  out[#out + 1] = fmt(remaining)
+  out[#out + 1] = fmt(until_full)
+  out[#out + 1] = fmt(wait)
+  out[#out + 1] = e.booked and 1 or 0
+end
+return out

@@ -1,0 +1,58 @@
+-- SPDX-License-Identifier: MIT
+-- Helpers shared by admit.lua and settle.lua; the store prepends this file to each script.
+--
+-- Units: times are microseconds on the Redis server's clock (or the test-only ARGV override),
+-- periods are microseconds, counts and costs are units (fractional allowed). Numbers are IEEE
+-- doubles and are written with %.17g so that they read back bit-exact: throttle/store/_engine.py
+-- performs the same operations in the same order and must agree with these scripts exactly.
+
+-- Effects replication: needed for TIME before writes on Redis < 7, a no-op on 7.
+if redis.replicate_commands then redis.replicate_commands() end
+
+local MARGIN_MS = 1000   -- keys outlive the moment their bucket is full again by this much
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function ttl_ms(until_us, now)
+  return math.ceil((until_us - now) / 1000) + MARGIN_MS
+end
+
+-- A log member is "<cost>:<nonce>[...]": the cost travels with the entry.
+local function member_cost(member)
+  return tonumber(string.match(member, '^([^:]+)'))
+end
+
+-- Drop log entries older than the window and return the running total that is left.
+local function window_total(log, totalkey, now, period)
+  local cutoff = now - period
+  local total = tonumber(redis.call('GET', totalkey)) or 0
+  local old = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(cutoff))
+  if #old > 0 then
+    for _, m in ipairs(old) do total = total - member_cost(m) end
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', fmt(cutoff))
+  end
+  if redis.call('ZCARD', log) == 0 then total = 0 end
+  return total
+end
+
+-- Persist a window's total and give both keys the lifetime of their newest entry.
+local function window_store(log, totalkey, total, now, period)
+  local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
+  if #newest == 0 then
+    redis.call('DEL', log, totalkey)
+    return 0
+  end
+  local full_at = tonumber(newest[2]) + period
+  local ttl = ttl_ms(full_at, now)
+  redis.call('SET', totalkey, fmt(total), 'PX', ttl)
+  redis.call('PEXPIRE', log, ttl)
+  return full_at
+end

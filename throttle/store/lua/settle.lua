@@ -1,0 +1,65 @@
+-- SPDX-License-Identifier: MIT
+-- settle.lua: correct the charge of an admission once its actual cost is known.
+--
+-- KEYS  for each limit, as in admit.lua: 't' its state key; 'w' its log and its running total.
+-- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
+--       [2] nonce: the nonce the admission wrote its log members with
+--       [3] n: number of limits
+--       then 5 per limit: algorithm ('t' or 'w'), period_us, count, charged (units the
+--       admission took), delta (actual - charged; negative refunds)
+-- Effect: token bucket: a refund moves the TAT back, never before now (never above burst); a
+--   charge moves it forward from max(TAT, now), into debt if need be, so later work waits.
+--   Sliding window: the admission's entry keeps its time and takes the new cost; if it has
+--   already left the window a refund has nothing to return and a charge is logged now.
+-- Returns the number of limits changed.
+
+local now = clock(ARGV[1])
+local nonce = ARGV[2]
+local n = tonumber(ARGV[3])
+local changed = 0
+local k = 1
+for i = 1, n do
+  local a = 3 + (i - 1) * 5
+  local algo, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local charged, delta = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local key = KEYS[k]
+  if algo == 't' then
+    k = k + 1
+    local T = period / count
+    local stored = tonumber(redis.call('GET', key))
+    if delta ~= 0 and (stored ~= nil or delta > 0) then
+      local tat = stored or now
+      if delta > 0 then
+        if tat < now then tat = now end
+        tat = tat + delta * T
+      else
+        tat = tat + delta * T
+        if tat < now then tat = now end
+      end
+      redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat, now))
+      changed = changed + 1
+    end
+  else
+    local totalkey = KEYS[k + 1]
+    k = k + 2
+    if delta ~= 0 then
+      local total = window_total(key, totalkey, now, period)
+      local member = fmt(charged) .. ':' .. nonce
+      local score = redis.call('ZSCORE', key, member)
+      if score then
+        local cost = charged + delta
+        if cost < 0 then cost = 0 end
+        redis.call('ZREM', key, member)
+        if cost > 0 then redis.call('ZADD', key, score, fmt(cost) .. ':' .. nonce) end
+        total = total + (cost - charged)
+        changed = changed + 1
+      elseif delta > 0 then
+        redis.call('ZADD', key, fmt(now), fmt(delta) .. ':' .. nonce .. ':s')
+        total = total + delta
+        changed = changed + 1
+      end
+      window_store(key, totalkey, total, now, period)
+    end
+  end
+end
+return changed

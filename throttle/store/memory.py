@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: MIT
+"""An in-process store with the Redis store's semantics and API.
+
+For eager mode, single-process tools and users' own unit tests. State lives in this process
+only: two processes with two MemoryStores do not share limits. Thread-safe (one lock around each
+admission, as Redis runs one script at a time). Time comes from an injectable monotonic clock, so
+tests can drive it with :class:`throttle.testing.ManualClock`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from throttle.clock import Clock, SystemClock
+from throttle.identity import Keyspace
+from throttle.store._engine import Engine
+from throttle.store.base import BaseStore
+
+__all__ = ["MemoryStore"]
+
+# Sweep expired keys after this many writes, so idle buckets do not pile up.
+_SWEEP_EVERY = 4096
+
+
+class MemoryStore(BaseStore):
+    """Admissions against in-process state; see :class:`throttle.store.base.BaseStore`."""
+
+    def __init__(
+        self,
+        keyspace: Keyspace,
+        *,
+        clock: Clock | None = None,
+        booking_grace: float = 600.0,
+    ) -> None:
+        super().__init__(keyspace, booking_grace=booking_grace)
+        self.clock: Clock = clock or SystemClock()
+        self._engine = Engine()
+        self._lock = threading.Lock()
+        self._writes = 0
+
+    def _now(self, arg: str) -> float:
+        return float(arg) if arg else float(self.clock.now_us())
+
+    def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        with self._lock:
+            now = self._now(argv[0])
+            self._maybe_sweep(now)
+            return self._engine.admit(keys, argv, now)
+
+    def _run_settle(self, keys: list[str], argv: list[str]) -> object:
+        with self._lock:
+            now = self._now(argv[0])
+            self._maybe_sweep(now)
+            return self._engine.settle(keys, argv, now)
+
+    def _delete(self, keys: list[str]) -> None:
+        with self._lock:
+            self._engine.delete(*keys)
+
+    def _maybe_sweep(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            self._engine.live_keys(now)
+
+    def keys(self) -> list[str]:
+        """Every live key, as ``KEYS *`` would list them in Redis (for tests and inspection)."""
+        with self._lock:
+            return self._engine.live_keys(float(self.clock.now_us()))

@@ -1,0 +1,137 @@
+# SPDX-License-Identifier: MIT
+"""The Redis store: every admission is one ``EVALSHA`` of ``lua/admit.lua`` on the server's clock.
+
+On a single Redis server all limits of an admission go into one script run, one round trip.
+On Redis Cluster the keys of one tenant share a hash tag and so one slot; a global limit lives in
+its own slot and is admitted by a second run, which refunds the first when it denies.
+
+The hot path avoids redis-py's per-command machinery: each thread keeps its own connection
+(built from the client's pool settings, so TLS, ACL users and timeouts apply), the command frame
+is packed here, and the reply is read straight off the parser. When the server does not know the
+script (after ``SCRIPT FLUSH`` or a restart) the call falls back to redis-py's ``Script``, which
+loads it and runs it again. Give the client a short ``socket_timeout`` where a decision must
+never block for long (a worker's event loop): a timeout raises :class:`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from throttle.errors import StoreError, StoreUnavailable
+from throttle.identity import Keyspace
+from throttle.store.base import BaseStore
+
+__all__ = ["RedisStore", "script_source"]
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def script_source(name: str) -> str:
+    """The source of one of the shipped scripts, with the shared helpers prepended."""
+    lua = resources.files("throttle.store") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class RedisStore(BaseStore):
+    """Admissions against Redis (a server or a cluster); see :class:`BaseStore` for the API.
+
+    ``client`` is a ``redis.Redis`` or ``redis.cluster.RedisCluster``. Its pool settings are
+    reused; its ``decode_responses`` setting does not matter.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        keyspace: Keyspace,
+        *,
+        booking_grace: float = 600.0,
+    ) -> None:
+        super().__init__(keyspace, booking_grace=booking_grace)
+        self.client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._admit_script: Script = client.register_script(script_source("admit"))
+        self._settle_script: Script = client.register_script(script_source("settle"))
+        self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.keyspace!r}, cluster={self._cluster})"
+
+    def _slot(self, tag: str) -> Hashable:
+        return key_slot(tag.encode()) if self._cluster else None
+
+    def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        reply = self._run(self._admit_script, keys, argv)
+        if not isinstance(reply, list):
+            raise StoreError(f"unexpected reply from the admission script: {reply!r}")
+        return reply
+
+    def _run_settle(self, keys: list[str], argv: list[str]) -> object:
+        return self._run(self._settle_script, keys, argv)
+
+    def _delete(self, keys: list[str]) -> None:
+        try:
+            self.client.delete(*keys)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
+    def _run(self, script: Script, keys: list[str], argv: list[str]) -> Any:
+        try:
+            if self._fast is not None:
+                try:
+                    return self._fast.evalsha(script.sha, keys, argv)
+                except NoScriptError:
+                    pass  # Script below loads it and runs it again.
+            return script(keys=keys, args=argv)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        except RedisError as exc:
+            raise StoreError(f"Redis refused the throttle script: {exc}") from exc
+
+
+class _FastPath:
+    """One connection per thread (and per process: a forked child opens its own), and a
+    hand-packed ``EVALSHA`` frame."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        pool = client.connection_pool
+        self._factory: Callable[[], Any] = lambda: pool.connection_class(**pool.connection_kwargs)
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._frames: dict[str, bytes] = {}
+
+    def _connection(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = local.conn = self._factory()
+            local.pid = os.getpid()
+        return conn
+
+    def evalsha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
+        head = self._frames.get(sha)
+        if head is None:
+            head = self._frames[sha] = b"$7\r\nEVALSHA\r\n$40\r\n" + sha.encode() + b"\r\n"
+        nkeys = str(len(keys))
+        parts = [f"*{3 + len(keys) + len(argv)}\r\n".encode(), head]
+        for arg in (nkeys, *keys, *argv):
+            raw = arg.encode()
+            parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+        conn = self._connection()
+        try:
+            conn.send_packed_command((b"".join(parts),), check_health=False)
+            return conn.read_response()
+        except _UNAVAILABLE:
+            conn.disconnect()
+            raise
