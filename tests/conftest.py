@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import redis.cluster
 
 from tests.redis_servers import RedisCluster, RedisServer
 from throttle import Keyspace, MemoryStore, RedisStore
@@ -56,10 +57,21 @@ def clock() -> ManualClock:
     return ManualClock(T0)
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture
+def cluster_client(redis_cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
+    """A client of the private cluster, every master emptied before each test."""
+    client = redis_cluster.client()
+    client.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["redis", "cluster", "memory"])
 def store(request: pytest.FixtureRequest, keyspace: Keyspace, clock: ManualClock) -> BaseStore:
-    """Each core test runs once against Redis and once against the in-process store."""
+    """Each core test runs against one Redis, a 3-master Redis Cluster and the in-process
+    store."""
     if request.param == "redis":
-        client = request.getfixturevalue("redis_client")
-        return RedisStore(client, keyspace)
+        return RedisStore(request.getfixturevalue("redis_client"), keyspace)
+    if request.param == "cluster":
+        return RedisStore(request.getfixturevalue("cluster_client"), keyspace)
     return MemoryStore(keyspace, clock=clock)

@@ -297,9 +297,10 @@ class BaseStore(Store):
         for group in groups:
             reply = self._run_admit(*self._admit_args(group, head, booking))
             if Outcome(_text(reply[0])) not in _ALLOWED:
+                states = []
                 for earlier, earlier_reply in done:
                     self._refund(earlier, earlier_reply, nonce, now_us)
-                states = [s for g, r in done for s in self._states(g, r)]
+                    states += self._probe(earlier, head)
                 decision = self._decision(group, reply, booking, nonce)
                 return Decision(
                     decision.outcome,
@@ -319,6 +320,12 @@ class BaseStore(Store):
         if any(_text(r[0]) == Outcome.REDEEMED for _, r in done):
             outcome = Outcome.REDEEMED
         return Decision(outcome, 0.0, None, tuple(states), None, Receipt(all_charges, nonce))
+
+    def _probe(self, group: tuple[Charge, ...], head: list[str]) -> list[LimitState]:
+        """The states of ``group`` as they are now, read by a zero-cost admission."""
+        free = tuple(Charge(c.limit, c.bucket, 0.0) for c in group)
+        plain = [head[0], "0", "", "", "0", head[5], head[6]]
+        return self._states(free, self._run_admit(*self._admit_args(free, plain, None)))
 
     def _refund(
         self, group: tuple[Charge, ...], reply: Sequence[Any], nonce: str, now_us: int | None

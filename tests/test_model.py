@@ -1,0 +1,205 @@
+# SPDX-License-Identifier: MIT
+"""Model tests: the Lua scripts, the in-process store and the pure-Python reference engine
+agree exactly on random sequences of (advance time, admit, reserve, return, settle); and the
+token bucket matches an independent exact-arithmetic model where the float arithmetic is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import SECRET, T0
+from throttle import Keyspace, Limit, MemoryStore, RedisStore
+from throttle.store._engine import Engine
+from throttle.store.base import BaseStore, Decision, Receipt
+
+_prefixes = itertools.count()
+
+
+class ReferenceStore(BaseStore):
+    """The bare reference: the engine, no lock, no clock, no sweeping."""
+
+    def __init__(self, keyspace: Keyspace, **kwargs: Any) -> None:
+        super().__init__(keyspace, **kwargs)
+        self.engine = Engine()
+
+    def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        return self.engine.admit(keys, argv, float(argv[0]))
+
+    def _run_settle(self, keys: list[str], argv: list[str]) -> object:
+        return self.engine.settle(keys, argv, float(argv[0]))
+
+    def _delete(self, keys: list[str]) -> None:
+        self.engine.delete(*keys)
+
+
+@st.composite
+def limits(draw: st.DrawFn) -> list[Limit]:
+    count = draw(st.integers(1, 3))
+    out = []
+    for i in range(count):
+        algorithm = draw(st.sampled_from(["token_bucket", "token_bucket", "sliding_window"]))
+        rate_count = draw(st.sampled_from([0.7, 1, 2, 3, 10, 33.3, 100, 1000]))
+        period = draw(st.sampled_from(["s", "m", "10s", "h"]))
+        per = draw(st.sampled_from([["api_key"], ["api_key", "agent_id"], [], ["api_key", "tier"]]))
+        if algorithm == "sliding_window":
+            capacity, burst = rate_count, None
+        else:
+            capacity = burst = draw(st.sampled_from([1, 2, 5, 10, 50, rate_count]))
+        out.append(
+            Limit(
+                f"l{i}",
+                f"{rate_count}/{period}",
+                burst=burst,
+                per=per,
+                algorithm=algorithm,
+                max_cost=capacity,
+            )
+        )
+    return out
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("advance"),
+            # Round steps land exactly on window edges and refill moments; odd ones anywhere.
+            st.one_of(
+                st.sampled_from([0, 1, 100_000, 500_000, 1_000_000, 10_000_000, 60_000_000]),
+                st.integers(0, 5_000_000),
+            ),
+        ),
+        st.tuples(
+            st.just("admit"),
+            st.integers(0, 1),  # api key
+            st.integers(0, 1),  # agent
+            st.sampled_from([0, 0.5, 1, 1, 1, 2, 3]),  # cost, clipped to each limit's capacity
+            st.booleans(),  # reserve
+            st.one_of(st.none(), st.integers(0, 30)),  # return with booking number n
+            st.one_of(st.none(), st.sampled_from([0.5, 5, 3600])),  # horizon
+        ),
+        st.tuples(st.just("settle"), st.integers(0, 30), st.sampled_from([0, 0.5, 2, 7])),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+def _observable(d: Decision) -> tuple[object, ...]:
+    """What must agree: everything but the random ids."""
+    return (d.outcome, d.retry_after, d.bound_by, d.limits, d.booking is None)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(limit_set=limits(), program=ops)
+def test_lua_memory_and_reference_agree(
+    redis_client: redis.Redis, limit_set: list[Limit], program: list[tuple[Any, ...]]
+) -> None:
+    """Random programs give bit-identical decisions in Redis, in memory and in the reference."""
+    keyspace = Keyspace(SECRET, prefix=f"m{next(_prefixes)}")
+    grace = 10**6  # bookings must not lapse: Redis expires them on its real clock
+    stores: list[BaseStore] = [
+        ReferenceStore(keyspace, booking_grace=grace),
+        RedisStore(redis_client, keyspace, booking_grace=grace),
+        MemoryStore(keyspace, booking_grace=grace),
+    ]
+    bookings: list[list[str]] = [[] for _ in stores]
+    receipts: list[list[Receipt]] = [[] for _ in stores]
+    now = T0
+    for op in program:
+        if op[0] == "advance":
+            now += op[1]
+            continue
+        if op[0] == "settle":
+            _, n, factor = op
+            if n >= len(receipts[0]):
+                continue
+            for receipt_list, store in zip(receipts, stores, strict=True):
+                receipt = receipt_list[n]
+                usage = {c.limit.name: c.cost * factor for c in receipt.charges}
+                store.settle(receipt, usage, now_us=now)
+            continue
+        _, key, agent, cost, reserve, booking_no, horizon = op
+        identity = {"api_key": f"k{key}", "agent_id": f"a{agent}", "tier": "gold"}
+        costs = {lim.name: min(cost, lim.max_cost) for lim in limit_set}
+        decisions = []
+        for i, store in enumerate(stores):
+            booking = None
+            if booking_no is not None and booking_no < len(bookings[i]):
+                booking = bookings[i][booking_no]
+            decisions.append(
+                store.admit(
+                    limit_set,
+                    identity,
+                    cost=costs,
+                    reserve=reserve,
+                    booking=booking,
+                    horizon=horizon,
+                    now_us=now,
+                )
+            )
+        reference = _observable(decisions[0])
+        for d in decisions[1:]:
+            assert _observable(d) == reference
+        for i, d in enumerate(decisions):
+            if d.booking is not None and booking_no is None:
+                bookings[i].append(d.booking)
+            if d.receipt is not None:
+                receipts[i].append(d.receipt)
+
+
+class ExactBucket:
+    """An independent token bucket in exact rational arithmetic: tokens and a timestamp."""
+
+    def __init__(self, rate_per_us: Fraction, burst: Fraction) -> None:
+        self.rate = rate_per_us
+        self.burst = burst
+        self.tokens = burst
+        self.at: int | None = None
+
+    def admit(self, now: int, cost: Fraction) -> tuple[bool, Fraction]:
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True, Fraction(0)
+        return False, (cost - self.tokens) / self.rate
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    emission_us=st.sampled_from([1, 7, 1000, 100_000, 250_000, 1_000_000]),
+    burst=st.integers(1, 20),
+    steps=st.lists(
+        st.tuples(st.integers(0, 3_000_000), st.integers(0, 3)), min_size=1, max_size=80
+    ),
+)
+def test_token_bucket_matches_exact_arithmetic(
+    emission_us: int, burst: int, steps: list[tuple[int, int]]
+) -> None:
+    """Where every quantity is a whole number of microseconds, the GCRA engine admits exactly
+    what a rational-arithmetic tokens-and-timestamp bucket admits, with the same wait."""
+    keyspace = Keyspace(SECRET)
+    store = ReferenceStore(keyspace)
+    limit = Limit("x", f"1000000/{emission_us}s", burst=burst, max_cost=burst)
+    model = ExactBucket(Fraction(1, emission_us), Fraction(burst))
+    now = T0
+    for dt, cost in steps:
+        now += dt
+        c = min(cost, burst)
+        decision = store.admit([limit], {"api_key": "k"}, cost=c, now_us=now)
+        allowed, wait_us = model.admit(now, Fraction(c))
+        assert decision.allowed == allowed
+        assert decision.retry_after == float(wait_us) / 1_000_000

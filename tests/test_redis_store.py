@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: MIT
+"""What only the Redis store does: script reloading, outages, timeouts, and admissions that span
+Redis Cluster slots."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.cluster
+from redis.crc import key_slot
+
+from tests.conftest import SECRET, T0
+from tests.redis_servers import RedisServer
+from throttle import Keyspace, Limit, Outcome, RedisStore, StoreUnavailable
+
+KEY = {"api_key": "tenant"}
+
+
+def test_script_flush_is_recovered(redis_client: redis.Redis, keyspace: Keyspace) -> None:
+    """After SCRIPT FLUSH the next admission and settlement reload their scripts and succeed."""
+    store = RedisStore(redis_client, keyspace)
+    tokens = Limit("tokens", "1000/m", burst=1000)
+    first = store.admit([tokens], KEY, cost=100, now_us=T0)
+    redis_client.script_flush()
+    assert redis_client.script_exists(store._admit_script.sha) == [False]
+    second = store.admit([tokens], KEY, cost=100, now_us=T0)
+    assert second.limits[0].remaining == 800
+    redis_client.script_flush()
+    assert first.receipt is not None
+    store.settle(first.receipt, {"tokens": 0}, now_us=T0)
+    assert store.admit([tokens], KEY, cost=0, now_us=T0).limits[0].remaining == 900
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A private server this test may kill and restart."""
+    with RedisServer() as server:
+        yield server
+
+
+def test_outage_raises_store_unavailable_then_recovers(own_server: RedisServer) -> None:
+    """A dead server gives StoreUnavailable (not a hang); once it is back, admissions resume."""
+    store = RedisStore(own_server.client(socket_timeout=1), Keyspace(SECRET))
+    limit = Limit("req", "10/s")
+    assert store.admit([limit], KEY).allowed
+    own_server.kill()
+    with pytest.raises(StoreUnavailable):
+        store.admit([limit], KEY)
+    own_server.restart()
+    assert store.admit([limit], KEY).allowed
+
+
+def test_a_stalled_server_times_out(own_server: RedisServer) -> None:
+    """With a short socket timeout, a paused server raises StoreUnavailable within it."""
+    store = RedisStore(own_server.client(socket_timeout=0.05), Keyspace(SECRET))
+    limit = Limit("req", "10/s")
+    assert store.admit([limit], KEY).allowed
+    own_server.client().client_pause(2000)
+    with pytest.raises(StoreUnavailable, match="Timeout"):
+        store.admit([limit], KEY)
+    own_server.client().client_unpause()
+    assert store.admit([limit], KEY).allowed
+
+
+def test_errors_do_not_show_credentials(own_server: RedisServer) -> None:
+    """A password in the URL does not reach the StoreUnavailable message."""
+    url = f"redis://user:hunter2-secret@127.0.0.1:{own_server.port}/0"
+    store = RedisStore(redis.Redis.from_url(url, socket_timeout=1), Keyspace(SECRET))
+    own_server.kill()
+    with pytest.raises(StoreUnavailable) as info:
+        store.admit([Limit("req", "1/s")], KEY)
+    assert "hunter2" not in str(info.value)
+
+
+def test_cluster_admission_spanning_two_slots(cluster_client: redis.cluster.RedisCluster) -> None:
+    """A tenant limit and a global limit live in different slots: the admission runs once per
+    slot, without CROSSSLOT, and a denial in the second slot refunds the first."""
+    keyspace = Keyspace(SECRET)
+    store = RedisStore(cluster_client, keyspace)
+    tenant = Limit("tenant", "10/s", burst=10)
+    glob = Limit("global", "1/s", burst=2, per=[])
+    slots = {key_slot(keyspace.bucket(lim, KEY).tag.encode()) for lim in (tenant, glob)}
+    assert len(slots) == 2
+    assert store.admit([tenant, glob], KEY, now_us=T0).allowed
+    assert store.admit([tenant, glob], KEY, now_us=T0).allowed
+    denied = store.admit([tenant, glob], KEY, now_us=T0)
+    assert denied.outcome is Outcome.DENIED
+    assert denied.bound_by == "global"
+    states = {s.name: s for s in denied.limits}
+    assert states["tenant"].remaining == 8  # the first slot's charge was refunded
+
+
+def test_cluster_booking_in_the_global_slot(cluster_client: redis.cluster.RedisCluster) -> None:
+    """A booking made in the second slot is redeemed there, and the first slot is charged only
+    once, when the work comes back."""
+    store = RedisStore(cluster_client, Keyspace(SECRET))
+    tenant = Limit("tenant", "10/s", burst=10)
+    glob = Limit("global", "1/s", burst=1, per=[])
+    assert store.admit([tenant, glob], KEY, now_us=T0).allowed
+    booked = store.admit([tenant, glob], KEY, reserve=True, now_us=T0)
+    assert booked.outcome is Outcome.BOOKED
+    assert booked.bound_by == "global"
+    assert {s.name: s.remaining for s in booked.limits}["tenant"] == 9
+    back = store.admit([tenant, glob], KEY, booking=booked.booking, now_us=T0 + 1_000_000)
+    assert back.outcome is Outcome.REDEEMED
+    assert {s.name: s.remaining for s in back.limits}["tenant"] == pytest.approx(9)
+    replay = store.admit([tenant, glob], KEY, booking=booked.booking, now_us=T0 + 1_000_000)
+    assert replay.outcome is Outcome.DENIED  # the booking was deleted in every slot
+    assert not cluster_client.keys("*~b:*", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
