@@ -61,8 +61,11 @@ class RedisStore(BaseStore):
         super().__init__(keyspace, booking_grace=booking_grace)
         self.client = client
         self._cluster = isinstance(client, RedisCluster)
-        self._admit_script: Script = client.register_script(script_source("admit"))
-        self._settle_script: Script = client.register_script(script_source("settle"))
+        # Script objects handle NOSCRIPT by loading and retrying (on every node of a cluster).
+        # redis-py before 8 annotates Script for Redis only, though it runs on RedisCluster too.
+        registrar: Any = client
+        self._admit_script = Script(registrar, script_source("admit"))
+        self._settle_script = Script(registrar, script_source("settle"))
         self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
 
     def __repr__(self) -> str:
