@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check throttle tests benchmarks
-	$(BIN)/ruff format --check throttle tests benchmarks
+	$(BIN)/ruff check throttle tests benchmarks examples
+	$(BIN)/ruff format --check throttle tests benchmarks examples
 	$(BIN)/mypy throttle
 
 pytest: $(STAMP)

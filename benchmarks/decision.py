@@ -13,6 +13,8 @@ What is measured
     round; within a round the contenders take turns in small chunks, starting with a different
     one each time, so drift in the machine's load hits them all alike. A contender's result is
     the median over rounds of its per-round p50.
+    ``in Redis`` is the server's own time per call (``INFO commandstats``, one extra pass
+    after the rounds); the rest of the latency is the client library and the network stack.
 
     - floor: ``EVALSHA`` of a script that only does ``return 1``, through plain redis-py. No
       limiter that decides in a Redis script can beat one round trip plus one script call.
@@ -102,6 +104,7 @@ class Contender:
     keys: int
     call: Callable[[], object]
     p50s: list[float] = field(default_factory=list)  # per round, in microseconds
+    server_us: float = 0.0  # Redis's own time per call (INFO commandstats)
     samples: list[int] = field(default_factory=list)  # the current round, in nanoseconds
 
     @property
@@ -225,6 +228,23 @@ def measure_latency(contenders: Sequence[Contender], settings: Settings) -> None
             c.p50s.append(statistics.median(c.samples) / 1000)
 
 
+def measure_server_time(url: str, contenders: Sequence[Contender], calls: int) -> None:
+    """Redis's own time per call of each contender: ``CONFIG RESETSTAT``, ``calls`` calls, then
+    the time ``INFO commandstats`` reports for every command they issued."""
+    client = redis.Redis.from_url(url)
+    for c in contenders:
+        client.config_resetstat()
+        for _ in range(calls):
+            c.call()
+        stats = client.info("commandstats")
+        usec = sum(
+            int(v["usec"])
+            for k, v in stats.items()
+            if k not in ("cmdstat_config", "cmdstat_info") and isinstance(v, dict)
+        )
+        c.server_us = usec / calls
+
+
 def populate(url: str, keys: int) -> int:
     """Create the buckets of ``keys`` identities with real admissions, and keep them alive for
     the run (with limits that never bind they would expire a second after their last use).
@@ -285,7 +305,7 @@ def measure_throughput(url: str, kind: str, settings: Settings) -> float:
     ]
     for p in procs:
         p.start()
-    spans = [results.get(timeout=300) for _ in procs]
+    spans: list[tuple[float, float]] = [results.get(timeout=300) for _ in procs]
     for p in procs:
         p.join()
         if p.exitcode != 0:
@@ -318,7 +338,7 @@ def measure_memory(url: str) -> tuple[float, int]:
 
 def table(rows: Sequence[Sequence[str]], markdown: bool) -> str:
     head, *body = rows
-    right = [False, False, True, True, True, True]
+    right = [False, False, True, True, True, True, True]
     if markdown:
         lines = ["| " + " | ".join(head) + " |"]
         lines.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
@@ -350,12 +370,21 @@ def report(
 ) -> None:
     base_c, one_c, mid_c, big_c = contenders[:4]  # floor, then throttle by key count
     base = base_c.p50
-    rows = [["contender", "limits per call", "keys", "p50 us", "x floor", "round p50s us"]]
+    rows = [
+        [
+            "contender",
+            "limits per call",
+            "keys",
+            "p50 us",
+            "x floor",
+            "round p50s us",
+            "in Redis us",
+        ]
+    ]
     for c in contenders:
         spread = f"{min(c.p50s):.1f}-{max(c.p50s):.1f}"
-        rows.append(
-            [c.name, c.limits, f"{c.keys:,}", f"{c.p50:.1f}", f"{c.p50 / base:.2f}", spread]
-        )
+        p50, ratio, server = f"{c.p50:.1f}", f"{c.p50 / base:.2f}", f"{c.server_us:.1f}"
+        rows.append([c.name, c.limits, f"{c.keys:,}", p50, ratio, spread, server])
     print()
     print(
         f"Latency of one call: median over {settings.rounds} rounds of the p50 of "
@@ -363,7 +392,10 @@ def report(
         "two, with reserve=True)."
     )
     print(table(rows, markdown))
-    print(f"(the keyspace held {big_dbsize:,} keys during the latency rounds)")
+    print(
+        f"(the keyspace held {big_dbsize:,} keys during the latency rounds; 'in Redis' is the "
+        "server's own time per call from INFO commandstats, the rest is client and network)"
+    )
 
     per_proc = f"{settings.processes} processes x {settings.per_process:,} calls"
     ours_tp, floor_tp = throughput["ours"], throughput["floor"]
@@ -484,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ]
         print(f"latency: {settings.rounds} rounds x {settings.calls:,} calls ...", flush=True)
         measure_latency(contenders, settings)
+        measure_server_time(url, contenders, settings.calls // 2)
 
         print("throughput ...", flush=True)
         samples: dict[str, list[float]] = {"ours": [], "floor": []}

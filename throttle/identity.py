@@ -27,7 +27,7 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from throttle.errors import ConfigurationError, IdentityError
 from throttle.limits import Limit
@@ -41,8 +41,7 @@ _BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _CACHEABLE_LEN: Final = 256
 
 
-@dataclass(frozen=True, slots=True)
-class Bucket:
+class Bucket(NamedTuple):
     """Where one limit's state lives for one identity. ``tag`` is the hash tag, braces included."""
 
     tag: str
@@ -111,19 +110,22 @@ class Keyspace:
     def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
         """The bucket of ``limit`` for ``identity``. A dimension the identity lacks (or maps to
         None) takes the limit's ``anonymous`` value."""
-        fps = [self._dimension_fp(identity, dim, limit.anonymous) for dim in limit.per]
-        if limit.global_:
+        cached = self._fingerprint
+        fps = []
+        for dim in limit.per:  # on every admission: kept lean
+            value = identity.get(dim)
+            if value is None:
+                fps.append(cached(dim, _Anonymous(limit.anonymous)))
+            elif type(value) is str and len(value) <= _CACHEABLE_LEN:
+                fps.append(cached(dim, value))
+            else:
+                fps.append(self.fingerprint(dim, value))
+        if limit.is_global:
             tag = "{" + ":".join([limit.name, *fps]) + "}"
             return Bucket(tag, f"{self.prefix}:{tag}")
         # ``per`` is in canonical order, so api_key comes first.
         tag = "{" + fps[0] + "}"
         return Bucket(tag, ":".join([self.prefix, tag, limit.name, *fps[1:]]))
-
-    def _dimension_fp(self, identity: Mapping[str, object], dimension: str, anonymous: str) -> str:
-        value = identity.get(dimension)
-        if value is None:
-            return self._fingerprint(dimension, _Anonymous(anonymous))
-        return self.fingerprint(dimension, value)
 
     def booking_key(self, tag: str, booking_id: str) -> str:
         """The key of a booking made in the slot of ``tag``."""

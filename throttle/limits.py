@@ -145,6 +145,9 @@ class Limit:
     algorithm: Algorithm = "token_bucket"
     max_cost: float = 1.0
     anonymous: str = "anonymous"
+    #: True when the limit has no tenant (``api_key``) dimension: one bucket shared by all
+    #: tenants, or one per value of a non-tenant dimension such as ``model``.
+    is_global: bool = field(default=False, compare=False)
     #: The parameters as the store scripts take them: algorithm code, period in microseconds,
     #: count, burst. Computed once here so the hot path only formats the cost.
     wire: tuple[str, str, str, str] = field(default=("", "", "", ""), compare=False, repr=False)
@@ -219,6 +222,7 @@ class Limit:
             ("algorithm", algorithm),
             ("max_cost", float(max_cost)),
             ("anonymous", anonymous),
+            ("is_global", "api_key" not in dims),
             (
                 "wire",
                 (
@@ -230,12 +234,6 @@ class Limit:
             ),
         ):
             object.__setattr__(self, attr, value)
-
-    @property
-    def global_(self) -> bool:
-        """True when the limit has no tenant (``api_key``) dimension: one bucket shared by all
-        tenants, or one per value of a non-tenant dimension such as ``model``."""
-        return "api_key" not in self.per
 
     def __str__(self) -> str:
         per = ",".join(self.per) or "global"

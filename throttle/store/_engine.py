@@ -251,7 +251,7 @@ class Engine:
                         last = slot
                 self.pexpire(bkey, _ttl_ms(last + grace, now), now)
 
-        out: Reply = [outcome, binding, fmt(retry)]
+        out: Reply = [outcome, binding, math.ceil(retry)]
         for e in entries:
             if e.algo == "t":
                 level = e.tat
@@ -268,7 +268,12 @@ class Engine:
             until_full = full_at - now
             if until_full < 0:
                 until_full = 0.0
-            out += [fmt(remaining), fmt(until_full), fmt(wait), 1 if e.booked else 0]
+            out += [
+                math.floor(remaining * 1000000 + 0.5),
+                math.ceil(until_full),
+                math.ceil(wait),
+                1 if e.booked else 0,
+            ]
         return out
 
     # -- settle.lua --------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class Outcome(StrEnum):
 
 
 _ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
+# The script's outcome as bytes (Redis) or str (engine), to the member.
+_OUTCOMES: dict[object, Outcome] = {
+    **{o.value: o for o in Outcome},
+    **{o.value.encode(): o for o in Outcome},
+}
 
 
 class LimitState(NamedTuple):
@@ -56,8 +61,7 @@ class LimitState(NamedTuple):
     retry_after: float
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(NamedTuple):
     """One limit's part of an admission: the bucket and the units it is charged."""
 
     limit: Limit
@@ -260,7 +264,7 @@ class BaseStore(Store):
         for charge in charges:
             groups.setdefault(self._slot(charge.bucket.tag), []).append(charge)
         # The tenant's own slot goes first: it is the one most likely to deny.
-        ordered = sorted(groups.values(), key=lambda g: g[0].limit.global_)
+        ordered = sorted(groups.values(), key=lambda g: g[0].limit.is_global)
         return [tuple(g) for g in ordered]
 
     def _admit_args(
@@ -296,7 +300,7 @@ class BaseStore(Store):
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
             reply = self._run_admit(*self._admit_args(group, head, booking))
-            if Outcome(_text(reply[0])) not in _ALLOWED:
+            if _OUTCOMES.get(reply[0]) not in _ALLOWED:
                 states = []
                 for earlier, earlier_reply in done:
                     self._refund(earlier, earlier_reply, nonce, now_us)
@@ -317,7 +321,7 @@ class BaseStore(Store):
         all_charges = tuple(c for g in groups for c in g)
         states = [s for g, r in done for s in self._states(g, r)]
         outcome = Outcome.ADMITTED
-        if any(_text(r[0]) == Outcome.REDEEMED for _, r in done):
+        if any(_OUTCOMES.get(r[0]) is Outcome.REDEEMED for _, r in done):
             outcome = Outcome.REDEEMED
         return Decision(outcome, 0.0, None, tuple(states), None, Receipt(all_charges, nonce))
 
@@ -342,12 +346,7 @@ class BaseStore(Store):
         for i, c in enumerate(charges):
             j = 3 + 4 * i
             states.append(
-                LimitState(
-                    c.limit.name,
-                    float(reply[j]),
-                    float(reply[j + 1]) / _US,
-                    float(reply[j + 2]) / _US,
-                )
+                LimitState(c.limit.name, reply[j] / _US, reply[j + 1] / _US, reply[j + 2] / _US)
             )
         return states
 
@@ -355,11 +354,11 @@ class BaseStore(Store):
         self, charges: Sequence[Charge], reply: Sequence[Any], booking: str | None, nonce: str
     ) -> Decision:
         try:
-            outcome = Outcome(_text(reply[0]))
+            outcome = _OUTCOMES[reply[0]]
             binding = int(reply[1])
-            retry = float(reply[2]) / _US
+            retry = reply[2] / _US
             states = tuple(self._states(charges, reply))
-        except (IndexError, ValueError, TypeError) as exc:
+        except (IndexError, KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"unexpected reply from the admission script: {reply!r}") from exc
         if outcome in _ALLOWED:
             return Decision(outcome, 0.0, None, states, None, Receipt(tuple(charges), nonce))
@@ -426,10 +425,6 @@ def _usage(limit: Limit, actual: object) -> float:
 
 def _booked(reply: Sequence[Any], index: int) -> bool:
     return int(reply[3 + 4 * index + 3]) == 1
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _positive(value: object, *, zero: bool = False) -> bool:

@@ -112,7 +112,7 @@ class _FastPath:
         self._factory: Callable[[], Any] = lambda: pool.connection_class(**pool.connection_kwargs)
         self._local = threading.local()
         self._pid = os.getpid()
-        self._frames: dict[str, bytes] = {}
+        self._frames: dict[str, str] = {}
 
     def _connection(self) -> Any:
         local = self._local
@@ -125,15 +125,14 @@ class _FastPath:
     def evalsha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
         head = self._frames.get(sha)
         if head is None:
-            head = self._frames[sha] = b"$7\r\nEVALSHA\r\n$40\r\n" + sha.encode() + b"\r\n"
-        nkeys = str(len(keys))
-        parts = [f"*{3 + len(keys) + len(argv)}\r\n".encode(), head]
-        for arg in (nkeys, *keys, *argv):
-            raw = arg.encode()
-            parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+            head = self._frames[sha] = f"$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n"
+        args = [str(len(keys)), *keys, *argv]
+        # Every argument is ASCII (fingerprints, validated names, numbers), so a character
+        # count is a byte count and the frame can be built as one string and encoded once.
+        frame = f"*{2 + len(args)}\r\n{head}" + "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
         conn = self._connection()
         try:
-            conn.send_packed_command((b"".join(parts),), check_health=False)
+            conn.send_packed_command((frame.encode("ascii"),), check_health=False)
             return conn.read_response()
         except _UNAVAILABLE:
             conn.disconnect()

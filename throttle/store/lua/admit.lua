@@ -19,11 +19,14 @@
 --       then 5 per limit: algorithm ('t' or 'w'), period_us, count (units per period),
 --       burst (units; ignored by 'w'), cost (units, 0 <= cost <= capacity)
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
---          then 4 per limit: remaining units, us until full, us until it admits the cost,
---          1 if the booking presented paid for this limit (it was not charged now) else 0}
+--          then 4 per limit: remaining in millionths of a unit (rounded), us until full,
+--          us until it admits the cost, 1 if the booking presented paid for this limit (it
+--          was not charged now) else 0}. Durations are rounded up to whole microseconds, so
+--          work that comes back after retry_after_us is never early.
 --   outcome: 'admitted', 'redeemed' (admitted by a booking), 'denied', 'booked', 'early'
 --   (a booking presented before its slot), 'horizon' (the slot was beyond the horizon).
--- Numbers are returned as %.17g strings (Lua numbers would be truncated to integers).
+-- Every number in the reply is an integer: formatting numbers in Lua is slow, and a Lua
+-- number passed to redis.call is stored exactly (as %.17g or shortest round-trip form).
 
 local now = clock(ARGV[1])
 local reserve = ARGV[2] == '1'
@@ -42,9 +45,24 @@ if bmode ~= '' then
   end
 end
 
+-- Read every token bucket in one call.
+local tkeys = {}
+local k = 1
+for i = 1, n do
+  if ARGV[8 + (i - 1) * 5 + 1] == 't' then
+    tkeys[#tkeys + 1] = KEYS[k]
+    k = k + 1
+  else
+    k = k + 2
+  end
+end
+local tvals = {}
+if #tkeys > 0 then tvals = redis.call('MGET', unpack(tkeys)) end
+
 -- Evaluate every limit without writing anything but window expiry.
 local L = {}
-local k = 1
+local t = 0
+k = 1
 for i = 1, n do
   local a = 8 + (i - 1) * 5
   local e = {algo = ARGV[a + 1], period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
@@ -52,7 +70,8 @@ for i = 1, n do
   if e.algo == 't' then
     e.T = e.period / e.count
     e.tau = tonumber(ARGV[a + 4]) * e.T
-    e.tat = tonumber(redis.call('GET', e.key)) or now
+    t = t + 1
+    e.tat = tonumber(tvals[t]) or now
     local base = e.tat
     if base < now then base = now end
     e.new_tat = base + e.cost * e.T
@@ -95,9 +114,9 @@ local function charge(e, at)
   if e.cost == 0 then return end
   if e.algo == 't' then
     e.tat = e.new_tat
-    redis.call('SET', e.key, fmt(e.tat), 'PX', ttl_ms(e.tat, now))
+    redis.call('SET', e.key, e.tat, 'PX', ttl_ms(e.tat, now))
   else
-    redis.call('ZADD', e.key, fmt(at), fmt(e.cost) .. ':' .. nonce)
+    redis.call('ZADD', e.key, at, fmt(e.cost) .. ':' .. nonce)
     e.total = e.total + e.cost
   end
 end
@@ -124,14 +143,14 @@ else
     outcome = 'booked'
     charge(b, b.free_at)
     booked[b.key] = b.free_at
-    redis.call('HSET', bkey, b.key, fmt(b.free_at))
+    redis.call('HSET', bkey, b.key, b.free_at)
     local last = b.free_at
     for _, slot in pairs(booked) do if slot > last then last = slot end end
     redis.call('PEXPIRE', bkey, ttl_ms(last + grace, now))
   end
 end
 
-local out = {outcome, binding, fmt(retry)}
+local out = {outcome, binding, math.ceil(retry)}
 for i = 1, n do
   local e = L[i]
   local remaining, full_at
@@ -148,9 +167,9 @@ for i = 1, n do
   if wait < 0 then wait = 0 end
   local until_full = full_at - now
   if until_full < 0 then until_full = 0 end
-  out[#out + 1] = fmt(remaining)
-  out[#out + 1] = fmt(until_full)
-  out[#out + 1] = fmt(wait)
+  out[#out + 1] = math.floor(remaining * 1000000 + 0.5)
+  out[#out + 1] = math.ceil(until_full)
+  out[#out + 1] = math.ceil(wait)
   out[#out + 1] = e.booked and 1 or 0
 end
 return out

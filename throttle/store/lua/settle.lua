@@ -36,7 +36,7 @@ for i = 1, n do
         tat = tat + delta * T
         if tat < now then tat = now end
       end
-      redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat, now))
+      redis.call('SET', key, tat, 'PX', ttl_ms(tat, now))
       changed = changed + 1
     end
   else
@@ -54,7 +54,7 @@ for i = 1, n do
         total = total + (cost - charged)
         changed = changed + 1
       elseif delta > 0 then
-        redis.call('ZADD', key, fmt(now), fmt(delta) .. ':' .. nonce .. ':s')
+        redis.call('ZADD', key, now, fmt(delta) .. ':' .. nonce .. ':s')
         total = total + delta
         changed = changed + 1
       end
