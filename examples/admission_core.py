@@ -35,9 +35,8 @@ for step in range(4):
             {s.name: round(s.remaining, 1) for s in decision.limits},
         )
         continue
-    print(
-        f"step {step}: {decision.outcome} by {decision.bound_by}, slot in {decision.retry_after:.3f} s"
-    )
+    wait = decision.retry_after
+    print(f"step {step}: {decision.outcome} by {decision.bound_by}, slot in {wait:.3f} s")
     time.sleep(decision.retry_after)  # a real caller re-queues the work instead of sleeping
     back = store.admit(LIMITS, identity, cost={"llm-tokens": 1500}, booking=decision.booking)
     print(f"step {step}: came back at its slot: {back.outcome}")
