@@ -19,7 +19,7 @@ from throttle import (
     Outcome,
     RedisStore,
 )
-from throttle.store.base import BaseStore
+from throttle.store.base import BaseStore, Guard
 from throttle.testing import ManualClock
 
 US = 1_000_000
@@ -317,3 +317,19 @@ def test_memory_store_forgets_idle_buckets(keyspace: Keyspace, clock: ManualCloc
     assert len(store.keys()) == 1  # full again, but within the margin
     clock.advance(1.0)
     assert store.keys() == []
+
+
+def test_guard_drops_stale_twins(store: BaseStore) -> None:
+    """After a guard names the live copy, other copies are STALE and charge nothing."""
+    limit = Limit("req", "10/s", burst=10)
+    assert store.admit([limit], KEY, guard=Guard("task-1", None), now_us=T0).allowed
+    store.set_guard([limit], KEY, Guard("task-1", "t2"), ttl=60)
+    for token in (None, "t1"):
+        stale = store.admit([limit], KEY, guard=Guard("task-1", token), now_us=T0)
+        assert stale.outcome is Outcome.STALE
+        assert not stale.allowed
+    live = store.admit([limit], KEY, guard=Guard("task-1", "t2"), now_us=T0)
+    assert live.allowed
+    assert live.limits[0].remaining == 8  # the stale copies took nothing
+    other = store.admit([limit], KEY, guard=Guard("task-2", "t9"), now_us=T0)
+    assert other.allowed  # no guard stored for that work: not stale

@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 from tests.conftest import SECRET, T0
 from throttle import Keyspace, Limit, MemoryStore, RedisStore
 from throttle.store._engine import Engine
-from throttle.store.base import BaseStore, Decision, Receipt
+from throttle.store.base import BaseStore, Decision, Guard, Receipt
+from throttle.testing import ManualClock
 
 _prefixes = itertools.count()
+TENANT = {"api_key": "k0", "agent_id": "a0", "tier": "gold"}
 
 
 class ReferenceStore(BaseStore):
@@ -29,15 +31,21 @@ class ReferenceStore(BaseStore):
     def __init__(self, keyspace: Keyspace, **kwargs: Any) -> None:
         super().__init__(keyspace, **kwargs)
         self.engine = Engine()
+        self.now = float(T0)  # the latest time a call passed in, for writes that pass none
 
     def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
-        return self.engine.admit(keys, argv, float(argv[0]))
+        self.now = float(argv[0])
+        return self.engine.admit(keys, argv, self.now)
 
     def _run_settle(self, keys: list[str], argv: list[str]) -> object:
-        return self.engine.settle(keys, argv, float(argv[0]))
+        self.now = float(argv[0])
+        return self.engine.settle(keys, argv, self.now)
 
     def _delete(self, keys: list[str]) -> None:
         self.engine.delete(*keys)
+
+    def _set_text(self, key: str, value: str, ttl: float) -> None:
+        self.engine.set_text(key, value, round(ttl * 1000), self.now)
 
 
 @st.composite
@@ -84,7 +92,9 @@ ops = st.lists(
             st.booleans(),  # reserve
             st.one_of(st.none(), st.integers(0, 30)),  # return with booking number n
             st.one_of(st.none(), st.sampled_from([0.5, 5, 3600])),  # horizon
+            st.one_of(st.none(), st.tuples(st.integers(0, 1), st.sampled_from([None, "a", "b"]))),
         ),
+        st.tuples(st.just("guard"), st.integers(0, 1), st.sampled_from(["a", "b"])),
         st.tuples(st.just("settle"), st.integers(0, 30), st.sampled_from([0, 0.5, 2, 7])),
     ),
     min_size=1,
@@ -109,10 +119,11 @@ def test_lua_memory_and_reference_agree(
     """Random programs give bit-identical decisions in Redis, in memory and in the reference."""
     keyspace = Keyspace(SECRET, prefix=f"m{next(_prefixes)}")
     grace = 10**6  # bookings must not lapse: Redis expires them on its real clock
+    clock = ManualClock(T0)
     stores: list[BaseStore] = [
         ReferenceStore(keyspace, booking_grace=grace),
         RedisStore(redis_client, keyspace, booking_grace=grace),
-        MemoryStore(keyspace, booking_grace=grace),
+        MemoryStore(keyspace, booking_grace=grace, clock=clock),
     ]
     bookings: list[list[str]] = [[] for _ in stores]
     receipts: list[list[Receipt]] = [[] for _ in stores]
@@ -120,6 +131,7 @@ def test_lua_memory_and_reference_agree(
     for op in program:
         if op[0] == "advance":
             now += op[1]
+            clock.advance(us=op[1])
             continue
         if op[0] == "settle":
             _, n, factor = op
@@ -130,7 +142,11 @@ def test_lua_memory_and_reference_agree(
                 usage = {c.limit.name: c.cost * factor for c in receipt.charges}
                 store.settle(receipt, usage, now_us=now)
             continue
-        _, key, agent, cost, reserve, booking_no, horizon = op
+        if op[0] == "guard":
+            for store in stores:
+                store.set_guard(limit_set, TENANT, Guard(f"w{op[1]}", op[2]), ttl=10**6)
+            continue
+        _, key, agent, cost, reserve, booking_no, horizon, guard = op
         identity = {"api_key": f"k{key}", "agent_id": f"a{agent}", "tier": "gold"}
         costs = {lim.name: min(cost, lim.max_cost) for lim in limit_set}
         decisions = []
@@ -146,6 +162,7 @@ def test_lua_memory_and_reference_agree(
                     reserve=reserve,
                     booking=booking,
                     horizon=horizon,
+                    guard=None if guard is None else Guard(f"w{guard[0]}", guard[1]),
                     now_us=now,
                 )
             )

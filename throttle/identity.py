@@ -12,6 +12,7 @@ Key layout (``P`` is the prefix, ``K`` the API key's fingerprint, ``A`` another 
     P:{K}:<limit>:A          a limit per api_key and agent_id (or tier, or a custom dimension)
     P:{K}:<limit>:~n         the running total beside a sliding_window log
     P:{K}:~b:<booking id>    a booking (reservation) made for work of that tenant
+    P:{K}:~d:<task id>       the token of the live copy of deferred work (see store.Guard)
     P:{<limit>}              a global limit
     P:{<limit>:A}            a limit per non-tenant dimension only (per model, say)
 
@@ -130,6 +131,10 @@ class Keyspace:
     def booking_key(self, tag: str, booking_id: str) -> str:
         """The key of a booking made in the slot of ``tag``."""
         return f"{self.prefix}:{tag}:~b:{booking_id}"
+
+    def guard_key(self, tag: str, work_id: str) -> str:
+        """The key holding the live deferral token of one unit of work (a task id)."""
+        return f"{self.prefix}:{tag}:~d:{work_id}"
 
     @staticmethod
     def check_booking_id(booking_id: object) -> str:

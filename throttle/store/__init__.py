@@ -5,7 +5,16 @@
 - :class:`MemoryStore`: the same semantics in one process (eager mode, users' unit tests).
 """
 
-from throttle.store.base import BaseStore, Charge, Decision, LimitState, Outcome, Receipt, Store
+from throttle.store.base import (
+    BaseStore,
+    Charge,
+    Decision,
+    Guard,
+    LimitState,
+    Outcome,
+    Receipt,
+    Store,
+)
 from throttle.store.memory import MemoryStore
 from throttle.store.redis import RedisStore
 
@@ -13,6 +22,7 @@ __all__ = [
     "BaseStore",
     "Charge",
     "Decision",
+    "Guard",
     "LimitState",
     "MemoryStore",
     "Outcome",

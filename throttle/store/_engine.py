@@ -75,6 +75,7 @@ class Engine:
         self.strings: dict[str, float] = {}
         self.zsets: dict[str, dict[str, float]] = {}
         self.hashes: dict[str, dict[str, float]] = {}
+        self.texts: dict[str, str] = {}
         self.expires: dict[str, float] = {}
 
     # -- the Redis commands the scripts use -------------------------------------------------
@@ -89,6 +90,7 @@ class Engine:
             self.strings.pop(key, None)
             self.zsets.pop(key, None)
             self.hashes.pop(key, None)
+            self.texts.pop(key, None)
             self.expires.pop(key, None)
 
     def get(self, key: str, now: float) -> float | None:
@@ -97,6 +99,15 @@ class Engine:
 
     def set(self, key: str, value: float, ttl_ms: int, now: float) -> None:
         self.strings[key] = float(fmt(value))
+        self.expires[key] = now + ttl_ms * 1000
+
+    def get_text(self, key: str, now: float) -> str | None:
+        self._alive(key, now)
+        return self.texts.get(key)
+
+    def set_text(self, key: str, value: str, ttl_ms: int, now: float) -> None:
+        self.delete(key)
+        self.texts[key] = value
         self.expires[key] = now + ttl_ms * 1000
 
     def pexpire(self, key: str, ttl_ms: int, now: float) -> None:
@@ -121,7 +132,7 @@ class Engine:
     def live_keys(self, now: float) -> list[str]:
         for key in list(self.expires):
             self._alive(key, now)
-        return [*self.strings, *self.zsets, *self.hashes]
+        return [*self.strings, *self.zsets, *self.hashes, *self.texts]
 
     # -- helpers shared by both scripts (lua/common.lua) -------------------------------------
 
@@ -159,11 +170,18 @@ class Engine:
         bmode = argv[3]
         nonce = argv[5]
         grace = float(argv[6])
-        n = int(argv[7])
+        guard = argv[7]
+        n = int(argv[8])
+        tail = len(keys) - 1
+        if guard != "":
+            live = self.get_text(keys[tail], now)
+            if live is not None and live != guard:
+                return ["stale", 0, 0]
+            tail -= 1
         bkey: str | None = None
         booked: dict[str, float] = {}
         if bmode != "":
-            bkey = keys[-1]
+            bkey = keys[tail]
             if bmode == "old":
                 self._alive(bkey, now)
                 booked = dict(self.hashes.get(bkey, {}))
@@ -171,7 +189,7 @@ class Engine:
         entries: list[_Entry] = []
         k = 0
         for i in range(n):
-            a = 8 + i * 5
+            a = 9 + i * 5
             e = _Entry(argv[a], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
             if e.algo == "t":
                 e.T = e.period / e.count

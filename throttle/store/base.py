@@ -25,7 +25,16 @@ from throttle.identity import Bucket, Keyspace, total_key
 from throttle.limits import Limit, check_cost
 from throttle.store._engine import fmt
 
-__all__ = ["BaseStore", "Charge", "Decision", "LimitState", "Outcome", "Receipt", "Store"]
+__all__ = [
+    "BaseStore",
+    "Charge",
+    "Decision",
+    "Guard",
+    "LimitState",
+    "Outcome",
+    "Receipt",
+    "Store",
+]
 
 _US = 1_000_000
 
@@ -39,6 +48,7 @@ class Outcome(StrEnum):
     BOOKED = "booked"  #: denied, and the next free slot of the binding limit was booked
     EARLY = "early"  #: a booking was presented before its slot; nothing changed
     HORIZON = "horizon"  #: denied, and the free slot was beyond the horizon: nothing booked
+    STALE = "stale"  #: this copy of the work is a stale twin (see :class:`Guard`); dropped
 
 
 _ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
@@ -59,6 +69,19 @@ class LimitState(NamedTuple):
     reset_after: float
     #: Seconds until this limit alone would admit the requested cost (0 when it does now).
     retry_after: float
+
+
+class Guard(NamedTuple):
+    """Which copy of a unit of work is the live one.
+
+    Deferring work publishes a new copy before the old one is acknowledged, so a crash in
+    between leaves two. Each copy carries a token; the store remembers the token of the live
+    copy under ``work_id`` (see :meth:`BaseStore.set_guard`), and an admission presenting any
+    other token is answered :attr:`Outcome.STALE`. ``token`` is None for work never deferred.
+    """
+
+    work_id: str
+    token: str | None
 
 
 class Charge(NamedTuple):
@@ -117,6 +140,7 @@ class Store(ABC):
         reserve: bool = False,
         booking: str | None = None,
         horizon: float | None = None,
+        guard: Guard | None = None,
         now_us: int | None = None,
     ) -> Decision: ...
 
@@ -172,6 +196,9 @@ class BaseStore(Store):
     @abstractmethod
     def _delete(self, keys: list[str]) -> None: ...
 
+    @abstractmethod
+    def _set_text(self, key: str, value: str, ttl: float) -> None: ...
+
     def _slot(self, tag: str) -> Hashable:
         """Which calls may share one script run: all of them, unless the store is sharded."""
         return None
@@ -221,6 +248,7 @@ class BaseStore(Store):
         reserve: bool = False,
         booking: str | None = None,
         horizon: float | None = None,
+        guard: Guard | None = None,
         now_us: int | None = None,
     ) -> Decision:
         """Admit one unit of work against every limit in ``limits``, all or nothing.
@@ -229,8 +257,9 @@ class BaseStore(Store):
         With ``reserve``, a denial books the binding limit's next free slot and the decision
         carries the booking id; present it as ``booking`` when the work comes back at or after
         ``retry_after`` and the booked limit admits it without charging again (other limits are
-        checked then). A slot further than ``horizon`` seconds is not booked. ``now_us`` replaces
-        the store's clock (tests only).
+        checked then). A slot further than ``horizon`` seconds is not booked. With ``guard``, a
+        copy of the work whose token is not the live one is answered :attr:`Outcome.STALE` and
+        nothing changes. ``now_us`` replaces the store's clock (tests only).
         """
         charges = self.charges(limits, identity, cost)
         if horizon is not None and not _positive(horizon, zero=True):
@@ -252,12 +281,32 @@ class BaseStore(Store):
             "1",
             nonce,
             self._grace,
+            "" if guard is None else (guard.token or "-"),
         ]
+        work_id = None if guard is None else guard.work_id
         groups = self._group(charges)
         if len(groups) == 1:
-            reply = self._run_admit(*self._admit_args(charges, head, booking))
+            reply = self._run_admit(*self._admit_args(charges, head, booking, work_id))
             return self._decision(charges, reply, booking, nonce)
-        return self._admit_sharded(groups, head, booking, nonce, now_us)
+        return self._admit_sharded(groups, head, booking, nonce, now_us, work_id)
+
+    def set_guard(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        guard: Guard,
+        ttl: float,
+    ) -> None:
+        """Remember ``guard.token`` as the live copy of ``guard.work_id`` for ``ttl`` seconds.
+
+        Call it after the new copy is published and before the old one is acknowledged: a crash
+        before it leaves the old copy live (the new one is then dropped as stale), a crash after
+        it leaves the new one live.
+        """
+        if not guard.token:
+            raise ConfigurationError("guard", "a token is needed to set a guard")
+        tag = self._group(self.charges(limits, identity, 0))[0][0].bucket.tag
+        self._set_text(self.keyspace.guard_key(tag, guard.work_id), guard.token, ttl)
 
     def _group(self, charges: tuple[Charge, ...]) -> list[tuple[Charge, ...]]:
         groups: dict[Hashable, list[Charge]] = {}
@@ -268,7 +317,11 @@ class BaseStore(Store):
         return [tuple(g) for g in ordered]
 
     def _admit_args(
-        self, charges: Sequence[Charge], head: list[str], booking: str | None
+        self,
+        charges: Sequence[Charge],
+        head: list[str],
+        booking: str | None,
+        work_id: str | None = None,
     ) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         argv = [*head, str(len(charges))]
@@ -281,6 +334,9 @@ class BaseStore(Store):
         if head[3]:
             assert booking is not None
             keys.append(self.keyspace.booking_key(charges[0].bucket.tag, booking))
+        if head[7]:
+            assert work_id is not None
+            keys.append(self.keyspace.guard_key(charges[0].bucket.tag, work_id))
         return keys, argv
 
     def _admit_sharded(
@@ -290,16 +346,19 @@ class BaseStore(Store):
         booking: str | None,
         nonce: str,
         now_us: int | None,
+        work_id: str | None,
     ) -> Decision:
         """One script run per slot, in order; a later denial refunds the earlier charges.
 
         Bookings are kept (redeem flag off) until every slot admitted, then deleted, so a
-        denial in a later slot does not consume a booking held in an earlier one.
+        denial in a later slot does not consume a booking held in an earlier one. The guard is
+        checked in the first slot only.
         """
         head = [*head[:4], "0", *head[5:]]
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
-            reply = self._run_admit(*self._admit_args(group, head, booking))
+            reply = self._run_admit(*self._admit_args(group, head, booking, work_id))
+            head = [*head[:7], ""]
             if _OUTCOMES.get(reply[0]) not in _ALLOWED:
                 states = []
                 for earlier, earlier_reply in done:
@@ -328,7 +387,7 @@ class BaseStore(Store):
     def _probe(self, group: tuple[Charge, ...], head: list[str]) -> list[LimitState]:
         """The states of ``group`` as they are now, read by a zero-cost admission."""
         free = tuple(Charge(c.limit, c.bucket, 0.0) for c in group)
-        plain = [head[0], "0", "", "", "0", head[5], head[6]]
+        plain = [head[0], "0", "", "", "0", head[5], head[6], ""]
         return self._states(free, self._run_admit(*self._admit_args(free, plain, None)))
 
     def _refund(
@@ -355,6 +414,8 @@ class BaseStore(Store):
     ) -> Decision:
         try:
             outcome = _OUTCOMES[reply[0]]
+            if outcome is Outcome.STALE:
+                return Decision(outcome, 0.0, None, ())
             binding = int(reply[1])
             retry = reply[2] / _US
             states = tuple(self._states(charges, reply))

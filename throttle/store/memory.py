@@ -59,6 +59,10 @@ class MemoryStore(BaseStore):
         with self._lock:
             self._engine.delete(*keys)
 
+    def _set_text(self, key: str, value: str, ttl: float) -> None:
+        with self._lock:
+            self._engine.set_text(key, value, max(1, round(ttl * 1000)), float(self.clock.now_us()))
+
     def _maybe_sweep(self, now: float) -> None:
         self._writes += 1
         if self._writes % _SWEEP_EVERY == 0:

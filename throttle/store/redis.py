@@ -89,6 +89,12 @@ class RedisStore(BaseStore):
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
+    def _set_text(self, key: str, value: str, ttl: float) -> None:
+        try:
+            self.client.set(key, value, px=max(1, round(ttl * 1000)))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
     def _run(self, script: Script, keys: list[str], argv: list[str]) -> Any:
         try:
             if self._fast is not None:

@@ -5,7 +5,8 @@
 -- KEYS  for each limit, in ARGV order: token bucket "t": its state key (a string holding the
 --       theoretical arrival time, TAT, in us); sliding window "w": its log (a sorted set of
 --       "<cost>:<nonce>" scored by time in us) and its running total (a string);
---       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us).
+--       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us);
+--       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token).
 --       All keys must share one hash tag (one Redis Cluster slot).
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
 --       [2] reserve: '1' to book the binding limit's next free slot when denied, else '0'
@@ -15,7 +16,10 @@
 --           deletes it once its other slots admitted too)
 --       [6] nonce: suffix of the log members this call writes (the booking id when booking)
 --       [7] grace_us: how long a booking outlives its slot
---       [8] n: number of limits
+--       [8] guard: '' for none, else the token this copy of the work carries ('-' for none):
+--           when the guard key holds another token, this copy is a stale twin of deferred
+--           work and the reply is {'stale', 0, 0} with nothing changed
+--       [9] n: number of limits
 --       then 5 per limit: algorithm ('t' or 'w'), period_us, count (units per period),
 --       burst (units; ignored by 'w'), cost (units, 0 <= cost <= capacity)
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
@@ -24,7 +28,8 @@
 --          was not charged now) else 0}. Durations are rounded up to whole microseconds, so
 --          work that comes back after retry_after_us is never early.
 --   outcome: 'admitted', 'redeemed' (admitted by a booking), 'denied', 'booked', 'early'
---   (a booking presented before its slot), 'horizon' (the slot was beyond the horizon).
+--   (a booking presented before its slot), 'horizon' (the slot was beyond the horizon),
+--   'stale' (see ARGV[8]; the reply then has no per-limit part).
 -- Every number in the reply is an integer: formatting numbers in Lua is slow, and a Lua
 -- number passed to redis.call is stored exactly (as %.17g or shortest round-trip form).
 
@@ -34,11 +39,18 @@ local horizon = tonumber(ARGV[3])
 local bmode = ARGV[4]
 local nonce = ARGV[6]
 local grace = tonumber(ARGV[7])
-local n = tonumber(ARGV[8])
+local guard = ARGV[8]
+local n = tonumber(ARGV[9])
+local tail = #KEYS
+if guard ~= '' then
+  local live = redis.call('GET', KEYS[tail])
+  if live and live ~= guard then return {'stale', 0, 0} end
+  tail = tail - 1
+end
 local bkey = nil
 local booked = {}
 if bmode ~= '' then
-  bkey = KEYS[#KEYS]
+  bkey = KEYS[tail]
   if bmode == 'old' then
     local flat = redis.call('HGETALL', bkey)
     for j = 1, #flat, 2 do booked[flat[j]] = tonumber(flat[j + 1]) end
@@ -49,7 +61,7 @@ end
 local tkeys = {}
 local k = 1
 for i = 1, n do
-  if ARGV[8 + (i - 1) * 5 + 1] == 't' then
+  if ARGV[9 + (i - 1) * 5 + 1] == 't' then
     tkeys[#tkeys + 1] = KEYS[k]
     k = k + 1
   else
@@ -64,7 +76,7 @@ local L = {}
 local t = 0
 k = 1
 for i = 1, n do
-  local a = 8 + (i - 1) * 5
+  local a = 9 + (i - 1) * 5
   local e = {algo = ARGV[a + 1], period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
              cost = tonumber(ARGV[a + 5]), key = KEYS[k]}
   if e.algo == 't' then
