@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: MIT
 """throttle: distributed, multi-dimension rate limiting for Celery tasks that call LLM APIs.
 
-The admission core (limits, identities, stores) is usable without Celery.
+The admission core (limits, identities, stores) is usable without Celery; ``Throttle(app)``
+installs the Celery gate.
 """
 
+from throttle.celeryext import Throttle, ThrottleExhausted, limit, report_usage
 from throttle.clock import Clock, SystemClock
 from throttle.errors import (
     ConfigurationError,
@@ -46,6 +48,10 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "SystemClock",
+    "Throttle",
     "ThrottleError",
+    "ThrottleExhausted",
     "__version__",
+    "limit",
+    "report_usage",
 ]

@@ -33,13 +33,25 @@ from typing import Final, NamedTuple
 from throttle.errors import ConfigurationError, IdentityError
 from throttle.limits import Limit
 
-__all__ = ["Bucket", "Keyspace"]
+__all__ = ["Bucket", "Fingerprint", "Keyspace"]
 
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 # Values longer than this are fingerprinted every time rather than cached, so a stream of huge
 # identities cannot grow the cache by megabytes.
 _CACHEABLE_LEN: Final = 256
+_FINGERPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16}$")
+
+
+class Fingerprint(str):
+    """A value that is already a fingerprint (from a verified message header): used as is."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> Fingerprint:
+        if not isinstance(value, str) or not _FINGERPRINT_RE.match(value):
+            raise ValueError("not a fingerprint")
+        return super().__new__(cls, value)
 
 
 class Bucket(NamedTuple):
@@ -53,7 +65,7 @@ class Keyspace:
     """Turns (limit, identity) into bucket keys, under ``prefix``, with fingerprints keyed by
     ``secret``. Thread-safe; fingerprints of short values are cached."""
 
-    __slots__ = ("_fingerprint", "_secret", "prefix")
+    __slots__ = ("_fingerprint", "_secret", "prefix", "signing_key")
 
     def __init__(self, secret: bytes | str, *, prefix: str = "throttle", cache_size: int = 65536):
         if isinstance(secret, str):
@@ -73,6 +85,8 @@ class Keyspace:
             )
         self.prefix = prefix
         self._secret = secret
+        #: A key derived from the secret for signing message headers (never the secret itself).
+        self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
         self._fingerprint = functools.lru_cache(maxsize=cache_size)(self._compute)
 
     def __repr__(self) -> str:  # never show the secret
@@ -82,7 +96,10 @@ class Keyspace:
         """The 16-character fingerprint standing for ``value`` of ``dimension``.
 
         Strings, bytes and integers are accepted; ``"7"`` and ``7`` are different identities.
+        A :class:`Fingerprint` is returned as it is.
         """
+        if isinstance(value, Fingerprint):
+            return str(value)
         if isinstance(value, str):
             if len(value) <= _CACHEABLE_LEN:
                 return self._fingerprint(dimension, value)

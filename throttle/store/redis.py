@@ -66,6 +66,8 @@ class RedisStore(BaseStore):
         registrar: Any = client
         self._admit_script = Script(registrar, script_source("admit"))
         self._settle_script = Script(registrar, script_source("settle"))
+        lua = resources.files("throttle.store") / "lua"
+        self._heartbeat_script = Script(registrar, (lua / "heartbeat.lua").read_text())
         self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
 
     def __repr__(self) -> str:
@@ -88,6 +90,13 @@ class RedisStore(BaseStore):
             self.client.delete(*keys)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
+    def heartbeat(self, member: str, window: float) -> int:
+        """Record ``member`` (a worker) as alive and return how many members beat within the
+        last ``window`` seconds, on the Redis clock."""
+        key = f"{self.keyspace.prefix}:{{~workers}}"
+        count = self._run(self._heartbeat_script, [key], [member, str(round(window * 1e6))])
+        return int(count)
 
     def _set_text(self, key: str, value: str, ttl: float) -> None:
         try:

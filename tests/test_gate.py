@@ -1,0 +1,196 @@
+# SPDX-License-Identifier: MIT
+"""The Celery gate in one process: a real worker (``start_worker``) on the private Redis as
+broker, result backend and store. Timing never decides a count here: tests wait on results."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, chain, chord, group
+from celery.contrib.testing.worker import start_worker
+
+import throttle
+from tests.conftest import SECRET
+from tests.redis_servers import RedisServer
+from throttle import signals
+from throttle.celeryext import headers as H
+
+_apps = itertools.count()
+TIMEOUT = 60
+
+
+def make_app(server: RedisServer, **conf: Any) -> Celery:
+    """A Celery app on the private server: broker db 1, results db 2, store db 0."""
+    base = server.url.rsplit("/", 1)[0]
+    app = Celery(
+        f"gate{next(_apps)}", broker=f"{base}/1", backend=f"{base}/2", set_as_current=False
+    )
+    app.conf.update(
+        throttle_redis_url=f"{base}/0",
+        throttle_key_secret=SECRET,
+        throttle_max_defer=0.5,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        result_expires=600,
+    )
+    app.conf.update(conf)
+    return app
+
+
+@pytest.fixture
+def worker() -> Iterator[Callable[[Celery], Any]]:
+    """Start an in-process worker for an app (stopped at the end of the test)."""
+    stack: list[Any] = []
+
+    def start(app: Celery, **kwargs: Any) -> Any:
+        kwargs = {"pool": "threads", "concurrency": 2, **kwargs}
+        context = start_worker(app, perform_ping_check=False, **kwargs)
+        stack.append(context)
+        return context.__enter__()
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def record() -> Iterator[Callable[[Any], list[dict[str, Any]]]]:
+    """Collect every sending of a signal during the test."""
+    receivers: list[tuple[Any, Callable[..., None]]] = []
+
+    def listen(signal: Any) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+
+        def receiver(**kw: Any) -> None:
+            seen.append(kw)
+
+        signal.connect(receiver, weak=False)
+        receivers.append((signal, receiver))
+        return seen
+
+    yield listen
+    for signal, receiver in receivers:
+        signal.disconnect(receiver)
+
+
+@pytest.fixture
+def db(redis_client: redis.Redis) -> redis.Redis:
+    """The store database (db 0), emptied with all others before the test."""
+    return redis_client
+
+
+def test_deferred_tasks_run_once_in_order_with_no_retries_used(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """Twenty tasks against 10/s burst 2 all succeed, each body sees retries == 0 even with
+    max_retries=0, and every task id runs exactly once."""
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "10/s", "burst": 2}})
+    throttle.Throttle(app)
+
+    @app.task(bind=True, name=f"{app.main}.step", throttle=["req"], max_retries=0)
+    def step(self: Any, i: int, *, api_key: str) -> int:
+        db.rpush("runs", f"{self.request.id}:{self.request.retries}")
+        return i
+
+    worker(app)
+    results = [step.delay(i, api_key="k") for i in range(20)]
+    assert [r.get(timeout=TIMEOUT) for r in results] == list(range(20))
+    runs = [x.decode() for x in db.lrange("runs", 0, -1)]
+    assert len(runs) == 20
+    assert {r.split(":")[0] for r in runs} == {r.id for r in results}
+    assert all(r.endswith(":0") for r in runs)
+
+
+def test_one_task_deferred_many_times_keeps_its_retry_budget(
+    redis_server: RedisServer,
+    db: redis.Redis,
+    worker: Callable[[Celery], Any],
+    record: Callable[[Any], list[dict[str, Any]]],
+) -> None:
+    """A max_retries=0 task whose slot is 2.5 s away, with deferrals capped at 0.5 s, comes back
+    five times and succeeds; the deferral count travels in its headers."""
+    app = make_app(redis_server, throttle_limits={"slow": {"rate": "24/m", "burst": 1}})
+    throttle.Throttle(app)
+    seen = record(signals.task_throttled)
+
+    @app.task(bind=True, name=f"{app.main}.step", throttle="slow", max_retries=0)
+    def step(self: Any, *, api_key: str) -> int:
+        return int(getattr(self.request, H.DEFERRALS, 0) or 0)
+
+    worker(app)
+    assert step.delay(api_key="k").get(timeout=TIMEOUT) == 0
+    deferrals = step.delay(api_key="k").get(timeout=TIMEOUT)
+    assert deferrals >= 5
+    mine = [kw for kw in seen if kw["sender"].name == step.name]
+    assert [kw["deferrals"] for kw in mine][-deferrals:] == list(range(1, deferrals + 1))
+    assert {kw["reason"] for kw in mine} <= {"booked", "early"}
+    assert all(kw["countdown"] <= 0.5 for kw in mine)
+
+
+def test_canvas_survives_deferrals(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """Chains, chords, groups, link and link_error give the right results through deferrals."""
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "20/s", "burst": 1}})
+    throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.add", throttle="req")
+    def add(x: int, y: int, *, api_key: str = "k") -> int:
+        return x + y
+
+    @app.task(name=f"{app.main}.total", throttle="req")
+    def total(values: list[int], *, api_key: str = "k") -> int:
+        return sum(values)
+
+    @app.task(name=f"{app.main}.boom", throttle="req")
+    def boom(*, api_key: str = "k") -> None:
+        raise ValueError("boom")
+
+    @app.task(name=f"{app.main}.note")
+    def note(*args: Any, **kwargs: Any) -> None:
+        db.rpush("notes", repr(args[:1]))
+
+    worker(app)
+    assert chain(add.s(1, 2), add.s(3), add.s(4)).delay().get(timeout=TIMEOUT) == 10
+    assert chord([add.s(i, i) for i in range(5)], total.s()).delay().get(timeout=TIMEOUT) == 20
+    assert group(add.s(i, 1) for i in range(5)).delay().get(timeout=TIMEOUT) == [1, 2, 3, 4, 5]
+    assert add.apply_async((2, 2), link=note.s()).get(timeout=TIMEOUT) == 4
+    failed = boom.apply_async(link_error=note.si("errback"))
+    with pytest.raises(ValueError, match="boom"):
+        failed.get(timeout=TIMEOUT)
+    notes = set()
+    for _ in range(2):  # the callbacks run asynchronously: wait for both, then check
+        _, value = db.blpop(["notes"], timeout=TIMEOUT) or (None, b"")
+        notes.add(value.decode())
+    assert notes == {"(4,)", "('errback',)"}
+
+
+def test_a_stale_twin_is_dropped(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """A copy of deferred work that is not the live one (as a crash between publishing and
+    acknowledging leaves) is acknowledged and dropped; the task body runs once."""
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "10/s", "burst": 10}})
+    ext = throttle.Throttle(app)
+
+    @app.task(bind=True, name=f"{app.main}.step", throttle="req")
+    def step(self: Any, *, api_key: str) -> None:
+        db.rpush("runs", self.request.id)
+
+    # Record a live token for the work, as if a newer copy had been published: the "older"
+    # message is then a stale twin. The solo pool decides and runs messages in arrival order,
+    # so once the newer copy has run, the older one has been decided.
+    worker(app, pool="solo", concurrency=1)
+    limits = [ext.settings.policy("req").limit]
+    ext.store().set_guard(
+        limits, {"api_key": "k", "tier": "default"}, throttle.store.Guard("twin-1", "newer"), ttl=60
+    )
+    step.apply_async(kwargs={"api_key": "k"}, task_id="twin-1", headers={H.TOKEN: "older"})
+    step.apply_async(kwargs={"api_key": "k"}, task_id="twin-1", headers={H.TOKEN: "newer"})
+    assert app.AsyncResult("twin-1").get(timeout=TIMEOUT) is None
+    runs = [x.decode() for x in db.lrange("runs", 0, -1)]
+    assert runs.count("twin-1") == 1

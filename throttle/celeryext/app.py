@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: MIT
+"""``Throttle(app)``: reads the settings, installs the gate, and wires the signals.
+
+::
+
+    app = Celery("agents", broker="redis://127.0.0.1:6379/0")
+    app.conf.update(throttle_key_secret="...", throttle_limits={...})
+    throttle.Throttle(app)
+
+Everything is checked here or when the app's tasks are registered: a bad setting or an unknown
+limit in a task option raises :class:`~throttle.errors.ConfigurationError` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import before_task_publish, task_postrun
+from redis.cluster import RedisCluster
+
+from throttle.celeryext import headers as H
+from throttle.celeryext.gate import Gate
+from throttle.celeryext.settings import ThrottleSettings, load_settings
+from throttle.celeryext.worker import GateStep, install_pool_fallback
+from throttle.clock import Clock, SystemClock
+from throttle.errors import ThrottleError
+from throttle.identity import Keyspace
+from throttle.store import RedisStore
+from throttle.store.base import BaseStore
+
+__all__ = ["Throttle"]
+
+logger = logging.getLogger("throttle")
+
+
+class Throttle:
+    """The ``throttle`` extension of one Celery app.
+
+    ``store`` replaces the Redis store (a :class:`~throttle.store.MemoryStore` for tests);
+    ``clock`` and ``sleep`` replace the process clock and the wait used in eager mode.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        store: BaseStore | None = None,
+        clock: Clock | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.app = app
+        self.settings: ThrottleSettings = load_settings(app.conf)
+        self.keyspace = Keyspace(self.settings.key_secret, prefix=self.settings.key_prefix)
+        self.clock = clock or SystemClock()
+        self.sleep = sleep
+        self._fixed_store = store
+        self._store: BaseStore | None = None
+        self._store_pid = 0
+        self._lock = threading.Lock()
+        self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
+        app._throttle_extension = self
+        app.steps["consumer"].add(GateStep)
+        before_task_publish.connect(self._seal_identity, weak=False)
+        task_postrun.connect(self._settle, weak=False)
+        app.on_after_finalize.connect(self._register_tasks, weak=False)
+        if app.finalized:
+            self._register_tasks(app)
+
+    def __repr__(self) -> str:
+        return f"Throttle({self.app.main!r}, {self.settings!r})"
+
+    # -- the store -----------------------------------------------------------------------------
+
+    def store(self) -> BaseStore:
+        """This process's store (a forked child builds its own connection)."""
+        if self._fixed_store is not None:
+            return self._fixed_store
+        pid = os.getpid()
+        if self._store is None or self._store_pid != pid:
+            with self._lock:
+                if self._store is None or self._store_pid != pid:
+                    self._store = RedisStore(
+                        self._client(), self.keyspace, booking_grace=self.settings.booking_grace
+                    )
+                    self._store_pid = pid
+        return self._store
+
+    def _client(self) -> redis.Redis | RedisCluster:
+        timeout = self.settings.socket_timeout
+        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if self.settings.redis_cluster:
+            return RedisCluster.from_url(self.settings.redis_url, **kwargs)
+        return redis.Redis.from_url(self.settings.redis_url, **kwargs)
+
+    def heartbeat(self, member: str) -> int:
+        """Record this worker as alive; return how many workers are (1 without Redis)."""
+        store = self.store()
+        if not isinstance(store, RedisStore):
+            return 1
+        return max(1, store.heartbeat(member, self.settings.heartbeat_interval * 3))
+
+    # -- signal receivers ----------------------------------------------------------------------
+
+    def _register_tasks(self, app: Any, **_: Any) -> None:
+        """Check every throttled task against the settings, and give it the pool fallback."""
+        for task in list(app.tasks.values()):
+            if self.gate.spec_for(task) is not None:
+                install_pool_fallback(task)
+
+    def _seal_identity(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        """Replace a raw identity header by sealed fingerprints before the message leaves."""
+        if not headers or H.IDENTITY not in headers:
+            return
+        raw = headers[H.IDENTITY]
+        task_id = headers.get("id")
+        if isinstance(raw, Mapping) and isinstance(task_id, str):
+            headers[H.IDENTITY] = H.seal_identity(raw, task_id, self.keyspace)
+
+    def _settle(self, sender: Any = None, task: Any = None, **_: Any) -> None:
+        """After the task body: settle its estimate with the usage it reported."""
+        task = task or sender
+        if task is None or getattr(task, "app", None) is not self.app:
+            return
+        request = task.request
+        usage = getattr(request, "throttle_usage", None)
+        admitted = getattr(request, H.ADMITTED, None)
+        if not usage or admitted is None:
+            return
+        spec = self.gate.spec_for(task)
+        if spec is None:
+            return
+        try:
+            self.gate.settle(spec, admitted, usage)
+        except ThrottleError as exc:
+            logger.warning("task %s: usage not settled: %s", request.id, exc)

@@ -1,0 +1,474 @@
+# SPDX-License-Identifier: MIT
+"""The admission decision for one task message, independent of where it is applied.
+
+:meth:`Gate.check` turns (task, id, args, kwargs, headers) into a :class:`Verdict`: run it now,
+defer it by a countdown (with the headers its next copy carries), drop it (a stale twin of
+deferred work), or fail it (it can never be admitted). The consumer bootstep applies verdicts
+before a request takes a pool slot; the pool-side fallback applies them in eager mode and where
+no gate runs. Nothing here blocks for long: the store client has a short socket timeout, and
+while Redis does not answer a circuit breaker skips it for ``throttle_store_retry`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from throttle import signals
+from throttle.celeryext import headers as H
+from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSettings
+from throttle.celeryext.spec import TaskSpec, options_of, spec_from_options
+from throttle.clock import Clock
+from throttle.errors import (
+    ConfigurationError,
+    CostError,
+    IdentityError,
+    StoreError,
+    StoreUnavailable,
+    ThrottleError,
+)
+from throttle.identity import Bucket, Keyspace
+from throttle.limits import Limit
+from throttle.store import Decision, Guard, MemoryStore, Outcome, Receipt
+from throttle.store.base import BaseStore, Charge
+
+__all__ = ["Action", "Gate", "ThrottleExhausted", "Verdict"]
+
+logger = logging.getLogger("throttle.gate")
+_US = 1_000_000
+
+
+class ThrottleExhausted(ThrottleError):
+    """A task was deferred ``throttle_max_deferrals`` times and is failed rather than deferred
+    again. Carries the task id, the limit that bound last and the deferral count."""
+
+    def __init__(self, task_id: str, limit: str | None, deferrals: int) -> None:
+        self.task_id = task_id
+        self.limit = limit
+        self.deferrals = deferrals
+        super().__init__(
+            f"task {task_id} was deferred {deferrals} times by limit {limit!r} "
+            "(throttle_max_deferrals)"
+        )
+
+
+class Action(StrEnum):
+    RUN = "run"
+    DEFER = "defer"
+    DROP = "drop"
+    FAIL = "fail"
+
+
+@dataclass
+class Verdict:
+    """What to do with one task message."""
+
+    action: Action
+    #: DEFER: seconds until the next copy is delivered.
+    countdown: float = 0.0
+    #: RUN: headers to add for the pool side. DEFER: the next copy's throttle headers.
+    headers: dict[str, Any] = field(default_factory=dict)
+    decision: Decision | None = None
+    error: BaseException | None = None
+    #: DEFER: the guard to record once the next copy is published (None: record nothing).
+    guard: Guard | None = None
+    #: For events and logs: the limit that bound and the API key's fingerprint.
+    bound_by: str | None = None
+    key: str | None = None
+    deferrals: int = 0
+    #: DEFER: why ('booked', 'early', 'horizon', 'denied', 'store-closed', 'local').
+    reason: str = ""
+    #: What the guard and settlement need: the enforced limits and the identity.
+    limits: tuple[Limit, ...] = ()
+    identity: dict[str, object] = field(default_factory=dict)
+
+
+_RUN_UNTHROTTLED = Verdict(Action.RUN)
+
+
+@dataclass
+class _Call:
+    """One message being decided: who it is for, what it carries, what it is charged."""
+
+    task_id: str
+    identity: dict[str, object]
+    tier: str
+    key: str | None
+    deferrals: int
+    token: str | None
+    booking: str | None
+    policies: list[LimitPolicy]
+    cost: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        return tuple(p.limit for p in self.policies)
+
+    def verdict(self, action: Action, **fields: Any) -> Verdict:
+        fields.setdefault("deferrals", self.deferrals)
+        return Verdict(action, key=self.key, identity=self.identity, limits=self.limits, **fields)
+
+
+class Gate:
+    """Admission for throttled tasks of one Celery app (thread-safe)."""
+
+    def __init__(
+        self,
+        settings: ThrottleSettings,
+        store: Callable[[], BaseStore],
+        keyspace: Keyspace,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self.keyspace = keyspace
+        self.clock = clock
+        self._specs: dict[str, TaskSpec | None] = {}
+        self._lock = threading.Lock()
+        self._down_until = 0
+        self.live_workers = 1
+        self._local = MemoryStore(keyspace, clock=clock)
+        self._local_limits: dict[tuple[str, str, int], Limit] = {}
+
+    # -- task specs ---------------------------------------------------------------------------
+
+    def spec_for(self, task: Any) -> TaskSpec | None:
+        """The task's throttling, or None for a task that is not throttled (cached by name)."""
+        name = task.name
+        try:
+            return self._specs[name]
+        except KeyError:
+            pass
+        options = options_of(task)
+        spec = None
+        if options is not None:
+            spec = spec_from_options(
+                name, options, self.settings.tiers[DEFAULT_TIER], self.settings.dimensions
+            )
+        with self._lock:
+            self._specs[name] = spec
+        return spec
+
+    def policies(self, spec: TaskSpec, tier: str) -> list[LimitPolicy]:
+        if spec.inline is not None:
+            return [spec.inline]
+        return [self.settings.policy(name, tier) for name in spec.names]
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def identity(
+        self,
+        spec: TaskSpec,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+    ) -> dict[str, object]:
+        """The call's identity: a verified header identity, else the task's arguments; the tier
+        from the identity, the resolver, or the default tier."""
+        identity, how = H.open_identity(headers.get(H.IDENTITY), task_id, self.keyspace)
+        if identity is None:
+            if how not in ("absent",):
+                logger.debug("task %s: identity header ignored (%s)", task_id, how)
+            identity = spec.resolve_identity(args, kwargs)
+        if "tier" not in identity:
+            identity["tier"] = self._tier(identity)
+        return identity
+
+    def _tier(self, identity: Mapping[str, object]) -> str:
+        resolver = self.settings.tier_resolver
+        if resolver is None:
+            return DEFAULT_TIER
+        try:
+            tier = resolver(identity)
+        except Exception:  # a user callable: never let it lose the task
+            logger.exception("throttle_tier_resolver failed; using the default tier")
+            return DEFAULT_TIER
+        if tier is None:
+            return DEFAULT_TIER
+        if not isinstance(tier, str) or tier not in self.settings.tiers:
+            logger.warning("throttle_tier_resolver returned unknown tier %r", tier)
+            return DEFAULT_TIER
+        return tier
+
+    # -- the decision --------------------------------------------------------------------------
+
+    def check(
+        self,
+        task: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+    ) -> Verdict:
+        """Decide what happens to one message of ``task``."""
+        spec = self.spec_for(task)
+        if spec is None:
+            return _RUN_UNTHROTTLED
+        identity = self.identity(spec, task_id, args, kwargs, headers)
+        tier = str(identity.get("tier", DEFAULT_TIER))
+        policies = self.policies(spec, tier)
+        enforced = [p for p in policies if p.mode == "enforce"]
+        api_key = identity.get("api_key")
+        call = _Call(
+            task_id=task_id,
+            identity=identity,
+            tier=tier,
+            key=None if api_key is None else self.keyspace.fingerprint("api_key", api_key),
+            deferrals=_int(headers.get(H.DEFERRALS)),
+            token=_str(headers.get(H.TOKEN)),
+            booking=_str(headers.get(H.BOOKING)),
+            policies=enforced,
+        )
+        try:
+            costs = spec.costs(args, kwargs)
+        except Exception as exc:  # a user callable
+            return call.verdict(Action.FAIL, error=_cost_failure(task.name, exc))
+        shadow = [p for p in policies if p.mode == "shadow"]
+        if shadow:
+            self._shadow(shadow, identity, costs, task_id)
+        if not enforced:
+            return call.verdict(Action.RUN, headers={H.ADMITTED: {"tier": tier}})
+        names = {p.name for p in enforced}
+        call.cost = {n: c for n, c in costs.items() if n in names}
+        now = self.clock.now_us()
+        if now < self._down_until:
+            return self._fallback(call)
+        try:
+            decision = self._admit(call)
+        except CostError as exc:
+            return call.verdict(Action.FAIL, error=exc)
+        except StoreUnavailable as exc:
+            logger.warning("throttle store unavailable (%s); on_store_error applies", exc)
+            self._down_until = now + round(self.settings.store_retry * _US)
+            return self._fallback(call)
+        except StoreError:
+            logger.exception("throttle store error; on_store_error applies")
+            return self._fallback(call)
+        return self._verdict(call, decision)
+
+    def _admit(self, call: _Call) -> Decision:
+        store = self._store()
+        guard = Guard(call.task_id, call.token)
+        booking = call.booking
+        try:
+            return store.admit(
+                call.limits,
+                call.identity,
+                cost=call.cost,
+                reserve=True,
+                booking=booking,
+                horizon=self.settings.horizon,
+                guard=guard,
+            )
+        except IdentityError:
+            if booking is None:
+                raise
+            # A malformed booking header: checked as a fresh arrival, without it.
+            logger.debug("task %s: booking header ignored (malformed)", call.task_id)
+            call.booking = None
+            return store.admit(
+                call.limits,
+                call.identity,
+                cost=call.cost,
+                reserve=True,
+                horizon=self.settings.horizon,
+                guard=guard,
+            )
+
+    def _verdict(self, call: _Call, decision: Decision) -> Verdict:
+        if decision.outcome is Outcome.STALE:
+            return call.verdict(Action.DROP, decision=decision, reason="stale")
+        if decision.allowed:
+            assert decision.receipt is not None
+            return call.verdict(
+                Action.RUN,
+                headers={H.ADMITTED: receipt_header(decision.receipt, call.tier)},
+                decision=decision,
+            )
+        # A booking made now or kept (early) travels with the next copy; a plain denial keeps
+        # whatever booking this copy held; a slot beyond the horizon books nothing.
+        booking = decision.booking
+        if decision.outcome is Outcome.DENIED:
+            booking = call.booking
+        return self._defer(
+            call,
+            decision.retry_after,
+            decision.outcome.value,
+            decision.bound_by,
+            booking,
+            secrets.token_hex(8),
+            decision,
+        )
+
+    def _defer(
+        self,
+        call: _Call,
+        wait: float,
+        reason: str,
+        bound_by: str | None,
+        booking: str | None,
+        token: str | None,
+        decision: Decision | None = None,
+    ) -> Verdict:
+        """Defer by ``wait`` (capped at ``throttle_max_defer``), or fail the task once it has
+        been deferred ``throttle_max_deferrals`` times. A new ``token`` is recorded as the live
+        copy's after publishing; None keeps this copy's (nothing can be recorded)."""
+        deferrals = call.deferrals + 1
+        most = self.settings.max_deferrals
+        if most is not None and deferrals > most:
+            error = ThrottleExhausted(call.task_id, bound_by, call.deferrals)
+            return call.verdict(Action.FAIL, error=error, decision=decision, bound_by=bound_by)
+        carried = token if token is not None else call.token
+        return call.verdict(
+            Action.DEFER,
+            countdown=min(max(wait, 0.0), self.settings.max_defer),
+            headers={H.DEFERRALS: deferrals, H.BOOKING: booking, H.TOKEN: carried},
+            decision=decision,
+            guard=None if token is None else Guard(call.task_id, token),
+            bound_by=bound_by,
+            reason=reason,
+            deferrals=deferrals,
+        )
+
+    # -- while Redis does not answer -----------------------------------------------------------
+
+    def _fallback(self, call: _Call) -> Verdict:
+        """``on_store_error``: closed limits defer the work, local ones use in-process buckets
+        at the limit's share of this worker, open ones let it pass. The next copy keeps this
+        copy's token and booking: no guard can be recorded while Redis is away."""
+        closed = [p for p in call.policies if p.on_store_error == "closed"]
+        if closed:
+            return self._defer(
+                call, self.settings.store_retry, "store-closed", closed[0].name, call.booking, None
+            )
+        local = [self._local_limit(p.limit) for p in call.policies if p.on_store_error == "local"]
+        if local:
+            # A scaled limit keeps its name, so the cost mapping applies as it is.
+            names = {lim.name for lim in local}
+            cost = {n: c for n, c in call.cost.items() if n in names}
+            decision = self._local.admit(local, call.identity, cost=cost)
+            if not decision.allowed:
+                return self._defer(
+                    call, decision.retry_after, "local", decision.bound_by, call.booking, None
+                )
+        return call.verdict(Action.RUN, headers={H.ADMITTED: {"local": 1}})
+
+    def _local_limit(self, limit: Limit) -> Limit:
+        """``limit`` at 1/live_workers of its rate and burst (never below its largest cost)."""
+        workers = max(1, self.live_workers)
+        if workers == 1:
+            return limit
+        cache_key = (limit.name, str(limit.rate), workers)
+        scaled = self._local_limits.get(cache_key)
+        if scaled is None:
+            burst = max(limit.burst / workers, limit.max_cost)
+            rate = f"{limit.rate.count / workers!r}/{limit.rate.period!r}s"
+            extra: dict[str, Any] = {} if limit.algorithm == "sliding_window" else {"burst": burst}
+            scaled = Limit(
+                limit.name,
+                rate,
+                per=limit.per,
+                algorithm=limit.algorithm,
+                unit=limit.unit,
+                max_cost=min(limit.max_cost, burst),
+                anonymous=limit.anonymous,
+                dimensions=[d for d in limit.per if d not in ("api_key", "agent_id", "tier")],
+                **extra,
+            )
+            self._local_limits[cache_key] = scaled
+        return scaled
+
+    def store_answered(self) -> None:
+        """Close the circuit breaker: the shared buckets are in force again."""
+        self._down_until = 0
+
+    # -- shadow limits -------------------------------------------------------------------------
+
+    def _shadow(
+        self,
+        policies: list[LimitPolicy],
+        identity: Mapping[str, object],
+        costs: Mapping[str, float],
+        task_id: str,
+    ) -> None:
+        """Shadow limits are charged like real ones but never deny: their denials are logged
+        and counted, so a team can see what a new limit would do before enforcing it."""
+        if self.clock.now_us() < self._down_until:
+            return
+        limits = [p.limit for p in policies]
+        cost = {n: c for n, c in costs.items() if n in {lim.name for lim in limits}}
+        try:
+            decision = self._store().admit(limits, identity, cost=cost)
+        except ThrottleError as exc:
+            logger.debug("shadow limits not evaluated for task %s: %s", task_id, exc)
+            return
+        if not decision.allowed:
+            logger.info(
+                "shadow limit %s would have deferred task %s by %.3f s",
+                decision.bound_by,
+                task_id,
+                decision.retry_after,
+            )
+            signals.shadow_denied.send(
+                sender=self,
+                task_id=task_id,
+                limit=decision.bound_by,
+                retry_after=decision.retry_after,
+            )
+
+    # -- settlement ----------------------------------------------------------------------------
+
+    def settle(self, spec: TaskSpec, admitted: object, usage: Mapping[str, float]) -> None:
+        """Settle the estimate of an admission with the usage the task reported."""
+        receipt = self.receipt_from_header(spec, admitted)
+        if receipt is None:
+            return
+        usage = {n: v for n, v in usage.items() if n in {c.limit.name for c in receipt.charges}}
+        if usage:
+            self._store().settle(receipt, usage)
+
+    def receipt_from_header(self, spec: TaskSpec, admitted: object) -> Receipt | None:
+        if not isinstance(admitted, Mapping) or "nonce" not in admitted:
+            return None
+        tier = str(admitted.get("tier", DEFAULT_TIER))
+        policies = {p.name: p for p in self.policies(spec, tier)}
+        charges = []
+        for name, tag, key, cost in admitted.get("charges", ()):
+            policy = policies.get(name)
+            if policy is None:
+                return None
+            charges.append(Charge(policy.limit, Bucket(tag, key), float(cost)))
+        return Receipt(tuple(charges), str(admitted["nonce"]))
+
+
+def receipt_header(receipt: Receipt, tier: str) -> dict[str, Any]:
+    """A receipt as a JSON-able header, for settlement in the pool process."""
+    return {
+        "tier": tier,
+        "nonce": receipt.nonce,
+        "charges": [[c.limit.name, c.bucket.tag, c.bucket.key, c.cost] for c in receipt.charges],
+    }
+
+
+def _cost_failure(task_name: str, exc: Exception) -> ThrottleError:
+    if isinstance(exc, ThrottleError):
+        return exc
+    error = ConfigurationError(
+        f"task {task_name!r} throttle_cost", f"the cost callable raised {exc!r}"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -1,0 +1,383 @@
+# SPDX-License-Identifier: MIT
+"""``throttle_*`` settings: read once per Celery app, validated, frozen.
+
+Every key is documented in the README with its default. An unknown ``throttle_*`` key, a value
+of the wrong type or range, a malformed limit or tier, or a resolver path that does not import
+raises :class:`~throttle.errors.ConfigurationError` naming the key, when ``Throttle(app)`` runs.
+Django-style ``CELERY_THROTTLE_*`` names work through Celery's settings namespace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from throttle.errors import ConfigurationError
+from throttle.limits import Limit
+
+__all__ = ["DEFAULT_TIER", "LimitPolicy", "ThrottleSettings", "load_settings", "redact_url"]
+
+StoreErrorPolicy = Literal["open", "closed", "local"]
+STORE_ERROR_POLICIES: Final = ("open", "closed", "local")
+MODES: Final = ("enforce", "shadow")
+DEFAULT_TIER: Final = "default"
+
+#: A development-only secret, used only with ``throttle_insecure_dev_secret=True``.
+_DEV_SECRET: Final = "throttle-insecure-development-secret-do-not-use"
+
+_LIMIT_KEYS: Final = frozenset(
+    {
+        "rate",
+        "burst",
+        "unit",
+        "per",
+        "algorithm",
+        "max_cost",
+        "anonymous",
+        "mode",
+        "on_store_error",
+    }
+)
+_TIER_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """A limit as the gate applies it: the core :class:`Limit` plus how it is enforced."""
+
+    limit: Limit
+    #: ``enforce`` denies; ``shadow`` is evaluated and counted but never denies.
+    mode: str = "enforce"
+    #: What the gate does with this limit while Redis does not answer.
+    on_store_error: StoreErrorPolicy = "local"
+
+    @property
+    def name(self) -> str:
+        return self.limit.name
+
+
+@dataclass(frozen=True)
+class ThrottleSettings:
+    """Everything ``throttle`` reads from ``app.conf``, validated."""
+
+    redis_url: str
+    redis_cluster: bool
+    key_secret: bytes = field(repr=False)
+    key_prefix: str
+    #: tier name -> limit name -> policy. Every tier holds every limit (overrides applied).
+    tiers: Mapping[str, Mapping[str, LimitPolicy]]
+    tier_resolver: Callable[[Mapping[str, object]], str | None] | None
+    dimensions: tuple[str, ...]
+    max_defer: float
+    max_deferrals: int | None
+    horizon: float
+    booking_grace: float
+    socket_timeout: float
+    store_retry: float
+    guard_ttl: float
+    heartbeat_interval: float
+
+    def policy(self, name: str, tier: str = DEFAULT_TIER) -> LimitPolicy:
+        """The policy of limit ``name`` in ``tier`` (an unknown tier falls back to default)."""
+        return self.tiers.get(tier, self.tiers[DEFAULT_TIER])[name]
+
+    @property
+    def limit_names(self) -> frozenset[str]:
+        return frozenset(self.tiers[DEFAULT_TIER])
+
+    def __repr__(self) -> str:
+        return (
+            f"ThrottleSettings(redis_url={redact_url(self.redis_url)!r}, "
+            f"limits={sorted(self.limit_names)}, tiers={sorted(self.tiers)})"
+        )
+
+
+#: Every accepted key, its default, and what it takes (for errors and the README).
+KNOWN: Final[dict[str, tuple[object, str]]] = {
+    "throttle_redis_url": (None, "a redis://, rediss:// or unix:// URL; default: the broker URL"),
+    "throttle_redis_cluster": (False, "True when throttle_redis_url names a Redis Cluster node"),
+    "throttle_key_secret": (None, "a secret string of at least 16 characters"),
+    "throttle_insecure_dev_secret": (False, "True to use a fixed development secret"),
+    "throttle_key_prefix": ("throttle", "a key prefix without braces"),
+    "throttle_limits": ({}, "a dict of limit name -> {rate, burst, unit, per, ...}"),
+    "throttle_tiers": ({}, "a dict of tier name -> {limit name -> overrides}"),
+    "throttle_tier_resolver": (None, "'module:function' or a callable(identity) -> tier"),
+    "throttle_dimensions": ((), "a list of custom dimension names"),
+    "throttle_max_defer": (300.0, "seconds > 0, well below the broker's visibility timeout"),
+    "throttle_max_deferrals": (None, "None (unlimited) or an integer >= 1"),
+    "throttle_booking_horizon": (3600.0, "seconds > 0"),
+    "throttle_booking_grace": (600.0, "seconds > 0"),
+    "throttle_on_store_error": ("local", "'open', 'closed' or 'local'"),
+    "throttle_socket_timeout": (0.25, "seconds > 0"),
+    "throttle_store_retry": (1.0, "seconds > 0"),
+    "throttle_guard_ttl": (None, "seconds > 0; default: visibility timeout + 2 x max_defer"),
+    "throttle_heartbeat_interval": (5.0, "seconds > 0"),
+}
+
+
+def load_settings(conf: Any) -> ThrottleSettings:
+    """Read and validate the ``throttle_*`` settings of a Celery app's ``conf``."""
+    present = _present_keys(conf)
+    for key in present:
+        if key not in KNOWN:
+            raise ConfigurationError(
+                key,
+                "unknown throttle setting",
+                ", ".join(sorted(KNOWN)),
+            )
+
+    def get(key: str) -> Any:
+        value = conf.get(key) if key in present else None
+        return KNOWN[key][0] if value is None else value
+
+    redis_url = _redis_url(get("throttle_redis_url"), conf)
+    secret = _secret(get("throttle_key_secret"), get("throttle_insecure_dev_secret"))
+    prefix = get("throttle_key_prefix")
+    if not isinstance(prefix, str) or not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", prefix):
+        raise ConfigurationError(
+            "throttle_key_prefix", f"invalid prefix {prefix!r}", KNOWN["throttle_key_prefix"][1]
+        )
+    dimensions = get("throttle_dimensions")
+    if isinstance(dimensions, str) or not isinstance(dimensions, list | tuple):
+        raise ConfigurationError(
+            "throttle_dimensions", f"must be a list, got {dimensions!r}", "['model', ...]"
+        )
+    dimensions = tuple(dimensions)
+    default_policy = get("throttle_on_store_error")
+    if default_policy not in STORE_ERROR_POLICIES:
+        raise ConfigurationError(
+            "throttle_on_store_error",
+            f"unknown policy {default_policy!r}",
+            KNOWN["throttle_on_store_error"][1],
+        )
+    limits_conf = get("throttle_limits")
+    if not isinstance(limits_conf, Mapping):
+        raise ConfigurationError(
+            "throttle_limits", f"must be a dict, got {limits_conf!r}", KNOWN["throttle_limits"][1]
+        )
+    base: dict[str, tuple[dict[str, Any], LimitPolicy]] = {}
+    for name, spec in limits_conf.items():
+        where = f"throttle_limits[{name!r}]"
+        if not isinstance(spec, Mapping):
+            raise ConfigurationError(where, f"must be a dict, got {spec!r}", "{'rate': '100/m'}")
+        base[name] = (dict(spec), build_policy(name, spec, where, dimensions, default_policy))
+    tiers: dict[str, dict[str, LimitPolicy]] = {DEFAULT_TIER: {n: p for n, (_, p) in base.items()}}
+    tiers_conf = get("throttle_tiers")
+    if not isinstance(tiers_conf, Mapping):
+        raise ConfigurationError(
+            "throttle_tiers", f"must be a dict, got {tiers_conf!r}", KNOWN["throttle_tiers"][1]
+        )
+    for tier, overrides in tiers_conf.items():
+        where = f"throttle_tiers[{tier!r}]"
+        if not isinstance(tier, str) or not _TIER_RE.match(tier):
+            raise ConfigurationError(where, "invalid tier name", "letters, digits, '_', '.', '-'")
+        if not isinstance(overrides, Mapping):
+            raise ConfigurationError(where, f"must be a dict, got {overrides!r}")
+        policies = dict(tiers[DEFAULT_TIER])
+        for name, override in overrides.items():
+            if name not in base:
+                raise ConfigurationError(
+                    f"{where}[{name!r}]",
+                    "overrides a limit that throttle_limits does not define",
+                    ", ".join(sorted(base)) or "(no limits defined)",
+                )
+            if not isinstance(override, Mapping):
+                raise ConfigurationError(f"{where}[{name!r}]", f"must be a dict, got {override!r}")
+            merged = {**base[name][0], **override}
+            policies[name] = build_policy(
+                name, merged, f"{where}[{name!r}]", dimensions, default_policy
+            )
+        tiers[tier] = policies
+    max_defer = _seconds(get, "throttle_max_defer")
+    _check_visibility(conf, max_defer)
+    guard_ttl = get("throttle_guard_ttl")
+    guard_ttl = (
+        _visibility_timeout(conf) + 2 * max_defer
+        if guard_ttl is None
+        else _seconds(get, "throttle_guard_ttl")
+    )
+    max_deferrals = get("throttle_max_deferrals")
+    if max_deferrals is not None and (
+        not isinstance(max_deferrals, int) or isinstance(max_deferrals, bool) or max_deferrals < 1
+    ):
+        raise ConfigurationError(
+            "throttle_max_deferrals",
+            f"got {max_deferrals!r}",
+            KNOWN["throttle_max_deferrals"][1],
+        )
+    cluster = get("throttle_redis_cluster")
+    if not isinstance(cluster, bool):
+        raise ConfigurationError(
+            "throttle_redis_cluster", f"got {cluster!r}", KNOWN["throttle_redis_cluster"][1]
+        )
+    return ThrottleSettings(
+        redis_url=redis_url,
+        redis_cluster=cluster,
+        key_secret=secret,
+        key_prefix=prefix,
+        tiers=tiers,
+        tier_resolver=_resolver(get("throttle_tier_resolver")),
+        dimensions=dimensions,
+        max_defer=max_defer,
+        max_deferrals=max_deferrals,
+        horizon=_seconds(get, "throttle_booking_horizon"),
+        booking_grace=_seconds(get, "throttle_booking_grace"),
+        socket_timeout=_seconds(get, "throttle_socket_timeout"),
+        store_retry=_seconds(get, "throttle_store_retry"),
+        guard_ttl=guard_ttl,
+        heartbeat_interval=_seconds(get, "throttle_heartbeat_interval"),
+    )
+
+
+def build_policy(
+    name: str,
+    spec: Mapping[str, Any],
+    where: str,
+    dimensions: tuple[str, ...],
+    default_policy: str = "local",
+) -> LimitPolicy:
+    """Build one limit's policy from its settings dict; errors name ``where`` and the field."""
+    unknown = set(spec) - _LIMIT_KEYS
+    if unknown:
+        raise ConfigurationError(
+            f"{where}.{sorted(unknown)[0]}", "unknown field", ", ".join(sorted(_LIMIT_KEYS))
+        )
+    if "rate" not in spec:
+        raise ConfigurationError(f"{where}.rate", "is required", "'100/m', '20/s', '30/10m'")
+    mode = spec.get("mode", "enforce")
+    if mode not in MODES:
+        raise ConfigurationError(f"{where}.mode", f"unknown mode {mode!r}", " or ".join(MODES))
+    policy = spec.get("on_store_error", default_policy)
+    if policy not in STORE_ERROR_POLICIES:
+        raise ConfigurationError(
+            f"{where}.on_store_error", f"unknown policy {policy!r}", ", ".join(STORE_ERROR_POLICIES)
+        )
+    kwargs = {k: v for k, v in spec.items() if k not in ("rate", "mode", "on_store_error")}
+    try:
+        limit = Limit(name, spec["rate"], dimensions=dimensions, **kwargs)
+    except ConfigurationError as exc:
+        # "limit 'x': burst" -> "throttle_limits['x'].burst"
+        sub = exc.field.split(": ", 1)[-1]
+        raise ConfigurationError(
+            f"{where}.{sub}" if sub != "name" else where, exc.problem, exc.accepted
+        ) from exc
+    except TypeError as exc:
+        raise ConfigurationError(where, str(exc)) from exc
+    return LimitPolicy(limit, mode, policy)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs, errors and reprs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _present_keys(conf: Any) -> set[str]:
+    found = set()
+    for key in list(conf.keys()):
+        low = str(key).lower()
+        if low.startswith("celery_throttle_"):
+            low = low[len("celery_") :]
+        if low.startswith("throttle_"):
+            found.add(low)
+    return found
+
+
+def _redis_url(value: object, conf: Any) -> str:
+    if value is None:
+        broker = conf.get("broker_url") or ""
+        if isinstance(broker, str) and urlsplit(broker).scheme in ("redis", "rediss", "unix"):
+            return broker
+        raise ConfigurationError(
+            "throttle_redis_url",
+            "is required when the broker is not Redis",
+            KNOWN["throttle_redis_url"][1],
+        )
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        shown = redact_url(value) if isinstance(value, str) else repr(value)
+        raise ConfigurationError(
+            "throttle_redis_url", f"not a Redis URL: {shown}", KNOWN["throttle_redis_url"][1]
+        )
+    return value
+
+
+def _secret(value: object, dev: object) -> bytes:
+    if value is None:
+        if dev is True:
+            return _DEV_SECRET.encode()
+        raise ConfigurationError(
+            "throttle_key_secret",
+            "is required: API keys are stored only as fingerprints keyed by this secret",
+            "a random string of at least 16 characters (or, for development only, "
+            "throttle_insecure_dev_secret=True)",
+        )
+    if not isinstance(value, str | bytes) or len(value) < 16:
+        raise ConfigurationError(
+            "throttle_key_secret", "must be at least 16 characters", KNOWN["throttle_key_secret"][1]
+        )
+    return value.encode() if isinstance(value, str) else value
+
+
+def _seconds(get: Callable[[str], Any], key: str) -> float:
+    value = get(key)
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(key, f"got {value!r}", KNOWN[key][1])
+    return float(value)
+
+
+def _visibility_timeout(conf: Any) -> float:
+    options = conf.get("broker_transport_options") or {}
+    value = options.get("visibility_timeout", 3600)
+    return float(value)
+
+
+def _check_visibility(conf: Any, max_defer: float) -> None:
+    broker = conf.get("broker_url") or ""
+    scheme = urlsplit(broker).scheme if isinstance(broker, str) else ""
+    if scheme not in ("redis", "rediss", "sqs", "unix", "sentinel"):
+        return  # AMQP brokers hold unacked messages until the connection drops
+    visibility = _visibility_timeout(conf)
+    if max_defer > visibility / 2:
+        raise ConfigurationError(
+            "throttle_max_defer",
+            f"{max_defer:g} s is not well below the broker's visibility timeout of "
+            f"{visibility:g} s: a deferred task held that long would be delivered twice",
+            f"at most half the visibility timeout ({visibility / 2:g} s)",
+        )
+
+
+def _resolver(value: object) -> Callable[[Mapping[str, object]], str | None] | None:
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigurationError(
+            "throttle_tier_resolver", f"got {value!r}", KNOWN["throttle_tier_resolver"][1]
+        )
+    module_name, _, attr = value.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(
+            "throttle_tier_resolver", f"cannot import {value!r}: {exc}"
+        ) from exc
+    if not callable(target):
+        raise ConfigurationError("throttle_tier_resolver", f"{value!r} is not callable")
+    return target  # type: ignore[no-any-return]

@@ -1,0 +1,249 @@
+# SPDX-License-Identifier: MIT
+"""Where verdicts meet Celery: the consumer bootstep, the deferral, and the pool-side fallback.
+
+The bootstep wraps the consumer's ``on_task_request`` when the consumer is built, before the
+task strategies capture it, so every request passes the gate at the moment it would go to the
+pool: fresh, after a countdown, after Celery's own rate limit. A denied request never reaches a
+pool process.
+
+A deferral publishes the next copy first (same task id, same ``retries``, chains, chords, links,
+expiry, time limits, priority and routing kept, through ``signature_from_request``), then records
+its token as the live one, then acknowledges the old message. A crash at any point leaves either
+the old copy live or the new one, never none; a stale twin is dropped when it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+from celery.exceptions import Ignore
+from celery.worker.state import task_ready
+
+from throttle import signals
+from throttle.celeryext import headers as H
+from throttle.celeryext.gate import Action, Verdict
+from throttle.errors import ThrottleError
+
+if TYPE_CHECKING:
+    from throttle.celeryext.app import Throttle
+
+__all__ = ["GateStep", "install_pool_fallback"]
+
+logger = logging.getLogger("throttle.gate")
+
+
+def extension(app: Any) -> Throttle:
+    """The :class:`Throttle` installed on ``app``."""
+    ext = getattr(app, "_throttle_extension", None)
+    if ext is None:
+        raise ThrottleError("throttle.Throttle(app) was not called for this Celery app")
+    return ext  # type: ignore[no-any-return]
+
+
+class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: admission before the pool, and the worker heartbeat."""
+
+    label = "throttle gate"
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        self.ext = extension(consumer.app)
+        self._timer: Any = None
+        original = consumer.on_task_request
+
+        def on_task_request(request: Any) -> None:
+            apply_in_consumer(self.ext, consumer, request, original)
+
+        consumer.on_task_request = on_task_request
+
+    def start(self, consumer: Any) -> None:
+        self._member = f"{consumer.hostname}:{os.getpid()}:{socket.gethostname()}"
+        self._beat()
+        self._timer = consumer.timer.call_repeatedly(
+            self.ext.settings.heartbeat_interval, self._beat, priority=10
+        )
+
+    def stop(self, consumer: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _beat(self) -> None:
+        """Count the live workers (for local fallback buckets), and notice Redis is back."""
+        try:
+            count = self.ext.heartbeat(self._member)
+        except ThrottleError as exc:
+            logger.debug("throttle heartbeat failed: %s", exc)
+            return
+        self.ext.gate.live_workers = count
+        self.ext.gate.store_answered()
+
+
+def apply_in_consumer(ext: Throttle, consumer: Any, request: Any, run: Callable[[Any], Any]) -> Any:
+    """Decide a request in the worker's main process and carry the verdict out."""
+    task = request.task
+    if ext.gate.spec_for(task) is None:
+        return run(request)  # not throttled: untouched
+    try:
+        verdict = ext.gate.check(
+            task, request.id, tuple(request.args), dict(request.kwargs), request._request_dict
+        )
+    except Exception:
+        # A bug of ours must not lose the task or hold it forever: let it run.
+        logger.exception("throttle gate failed for task %s; running it unchecked", request.id)
+        return run(request)
+    if verdict.action is Action.RUN:
+        request._request_dict.update(verdict.headers)
+        return run(request)
+    try:
+        if verdict.action is Action.DEFER:
+            _defer_request(ext, consumer, request, verdict)
+        elif verdict.action is Action.DROP:
+            logger.debug("task %s: dropped a stale copy of deferred work", request.id)
+            request.acknowledge()
+        else:
+            _fail_request(request, verdict)
+    finally:
+        task_ready(request)
+    return None
+
+
+def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict) -> None:
+    ctx = request._context
+    headers = {k: v for k, v in (ctx.headers or {}).items() if k not in H.INTERNAL}
+    headers.update(verdict.headers)
+    signature = request.task.signature_from_request(
+        ctx,
+        args=request.args,
+        kwargs=request.kwargs,
+        countdown=verdict.countdown,
+        retries=ctx.retries or 0,
+        headers=headers,
+    )
+    signature.apply_async()
+    if verdict.guard is not None:
+        try:
+            ext.store().set_guard(
+                verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+            )
+        except ThrottleError as exc:
+            # The new copy's token is not recorded: it will be dropped as stale. Keep the old
+            # copy alive instead of acknowledging it.
+            logger.warning("task %s: could not record its deferral (%s); requeued", request.id, exc)
+            request.reject(requeue=True)
+            return
+    request.acknowledge()
+    _announce(ext, request.task, request.id, verdict, consumer.event_dispatcher)
+
+
+def _fail_request(request: Any, verdict: Verdict) -> None:
+    exc = verdict.error or ThrottleError("throttle refused the task")
+    logger.error("task %s failed by throttle: %s", request.id, exc)
+    request.task.backend.mark_as_failure(
+        request.id, exc, request=request._context, store_result=request.store_errors
+    )
+    dispatcher = getattr(request, "_eventer", None)
+    if dispatcher is not None and dispatcher.enabled:
+        dispatcher.send("task-failed", uuid=request.id, exception=repr(exc), traceback="")
+    request.acknowledge()
+
+
+def _announce(ext: Throttle, task: Any, task_id: str, verdict: Verdict, dispatcher: Any) -> None:
+    retry_after = verdict.decision.retry_after if verdict.decision else verdict.countdown
+    logger.debug(
+        "task %s deferred %.3f s by %s (key %s, %s, deferral %d)",
+        task_id,
+        verdict.countdown,
+        verdict.bound_by,
+        verdict.key,
+        verdict.reason,
+        verdict.deferrals,
+    )
+    fields = {
+        "limit": verdict.bound_by,
+        "key": verdict.key,
+        "retry_after": retry_after,
+        "countdown": verdict.countdown,
+        "deferrals": verdict.deferrals,
+        "reason": verdict.reason,
+    }
+    if dispatcher is not None and getattr(dispatcher, "enabled", False):
+        dispatcher.send("task-throttled", uuid=task_id, **fields)
+    signals.task_throttled.send(sender=task, task_id=task_id, **fields)
+
+
+# -- the pool side: eager mode, and workers without the gate ------------------------------------
+
+
+def install_pool_fallback(task: Any) -> None:
+    """Give a throttled task a ``before_start`` that admits it where no gate did."""
+    cls = type(task)
+    if getattr(cls, "_throttle_fallback", False):
+        return
+    previous = cls.before_start
+
+    def before_start(
+        self: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        _pool_check(self, task_id, args, kwargs)
+        previous(self, task_id, args, kwargs)
+
+    cls.before_start = before_start
+    cls._throttle_fallback = True
+
+
+def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    req = task.request
+    if getattr(req, H.ADMITTED, None) is not None:
+        return  # the gate let it through
+    ext = extension(task.app)
+    headers = {**(req.headers or {})}
+    for name in (H.TOKEN, H.BOOKING, H.DEFERRALS, H.IDENTITY):
+        value = getattr(req, name, None)
+        if value is not None:
+            headers[name] = value
+    eager = bool(req.is_eager)
+    while True:
+        verdict = ext.gate.check(task, task_id, tuple(args), dict(kwargs), headers)
+        if verdict.action is Action.RUN:
+            setattr(req, H.ADMITTED, verdict.headers.get(H.ADMITTED, {}))
+            return
+        if verdict.action is Action.FAIL:
+            raise verdict.error or ThrottleError("throttle refused the task")
+        if verdict.action is Action.DROP:
+            raise Ignore()
+        _announce(ext, task, task_id, verdict, None)
+        if not eager:
+            # A worker without the gate: defer from here, as the gate would have.
+            headers.update(verdict.headers)
+            task.signature_from_request(
+                req,
+                args=args,
+                kwargs=kwargs,
+                countdown=verdict.countdown,
+                retries=req.retries or 0,
+                headers={k: v for k, v in headers.items() if k not in H.INTERNAL},
+            ).apply_async()
+            if verdict.guard is not None:
+                ext.store().set_guard(
+                    verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+                )
+            raise Ignore()
+        # Eager mode runs the task here and now: wait for the slot, then check again with the
+        # booking and token the next copy would have carried.
+        ext.sleep(verdict.countdown)
+        headers.update(verdict.headers)
+        if verdict.guard is not None:
+            ext.store().set_guard(
+                verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+            )
+
+
+def _monotonic() -> float:
+    return time.monotonic()
