@@ -4,6 +4,7 @@ broker, result backend and store. Timing never decides a count here: tests wait 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from tests.conftest import SECRET
 from tests.redis_servers import RedisServer
 from throttle import signals
 from throttle.celeryext import headers as H
+from throttle.testing import ManualClock
 
 _apps = itertools.count()
 TIMEOUT = 60
@@ -29,6 +31,8 @@ def make_app(server: RedisServer, **conf: Any) -> Celery:
     app = Celery(
         f"gate{next(_apps)}", broker=f"{base}/1", backend=f"{base}/2", set_as_current=False
     )
+    # Each test's tasks belong to its own app only (Celery shares decorated tasks by default).
+    app.task = functools.partial(app.task, shared=False)  # type: ignore[method-assign]
     app.conf.update(
         throttle_redis_url=f"{base}/0",
         throttle_key_secret=SECRET,
@@ -194,3 +198,167 @@ def test_a_stale_twin_is_dropped(
     assert app.AsyncResult("twin-1").get(timeout=TIMEOUT) is None
     runs = [x.decode() for x in db.lrange("runs", 0, -1)]
     assert runs.count("twin-1") == 1
+
+
+def test_usage_settles_the_estimate(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """A task admitted at an estimated token cost that reports its real usage leaves the
+    bucket charged the real usage, success or failure."""
+    app = make_app(
+        redis_server,
+        throttle_limits={"tokens": {"rate": "60000/m", "burst": 10000, "unit": "tokens"}},
+    )
+    ext = throttle.Throttle(app)
+
+    def estimate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        return int(kwargs["max_tokens"])
+
+    @app.task(name=f"{app.main}.call", throttle="tokens", throttle_cost={"tokens": estimate})
+    def call(*, api_key: str, max_tokens: int, used: int, fail: bool = False) -> None:
+        throttle.report_usage({"tokens": used // 2})
+        throttle.report_usage({"tokens": used - used // 2})  # reports add up
+        if fail:
+            raise RuntimeError("the model call failed after using tokens")
+
+    worker(app)
+    call.delay(api_key="k", max_tokens=4000, used=1000).get(timeout=TIMEOUT)
+    with pytest.raises(RuntimeError):
+        call.delay(api_key="k", max_tokens=4000, used=500, fail=True).get(timeout=TIMEOUT)
+    limit = ext.settings.policy("tokens").limit
+    store = ext.store()
+    left = store.admit([limit], {"api_key": "k", "tier": "default"}, cost=0).limits[0].remaining
+    # 1,500 used of 10,000, plus what refilled at 1,000/s since: between 8,500 and the burst.
+    assert 8_500 <= left <= 10_000
+
+
+def test_identity_header_is_sealed_and_forgeries_are_ignored(
+    redis_server: RedisServer,
+    db: redis.Redis,
+    worker: Callable[[Celery], Any],
+    record: Callable[[Any], list[dict[str, Any]]],
+) -> None:
+    """A raw identity header leaves the publisher as signed fingerprints; a header copied to
+    another task id is ignored and that task is charged under its own arguments."""
+    from celery.signals import before_task_publish
+
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "1/h", "burst": 1}})
+    ext = throttle.Throttle(app)
+    published = record(before_task_publish)
+
+    @app.task(name=f"{app.main}.step", throttle="req")
+    def step(**kwargs: Any) -> str:
+        return "ran"
+
+    worker(app)
+    ok = step.apply_async(headers={H.IDENTITY: {"api_key": "sk-RAW-SECRET"}})
+    assert ok.get(timeout=TIMEOUT) == "ran"
+    sent = [kw["headers"] for kw in published if kw["headers"].get("id") == ok.id][0]
+    assert "sk-RAW-SECRET" not in repr(sent)
+    sealed = sent[H.IDENTITY]
+    # The same tenant's bucket is now empty: a second task under it is deferred, not run.
+    forged_copy = step.apply_async(kwargs={"api_key": "another"}, headers={H.IDENTITY: sealed})
+    assert forged_copy.get(timeout=TIMEOUT) == "ran"  # charged to "another", which had room
+    fp = ext.keyspace.fingerprint("api_key", "sk-RAW-SECRET")
+    assert any(fp in k.decode() for k in db.keys("*"))
+    assert not any(b"sk-RAW" in k for k in db.keys("*"))
+
+
+def test_max_deferrals_fails_the_task_clearly(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """With throttle_max_deferrals=2, a task that would wait longer fails with
+    ThrottleExhausted naming the limit, and is not run."""
+    app = make_app(
+        redis_server,
+        throttle_limits={"slow": {"rate": "1/h", "burst": 1}},
+        throttle_max_deferrals=2,
+        throttle_max_defer=0.1,
+    )
+    throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.step", throttle="slow")
+    def step(*, api_key: str) -> str:
+        db.rpush("runs", "x")
+        return "ran"
+
+    worker(app)
+    assert step.delay(api_key="k").get(timeout=TIMEOUT) == "ran"
+    with pytest.raises(throttle.ThrottleExhausted, match="slow") as info:
+        step.delay(api_key="k").get(timeout=TIMEOUT)
+    assert "2 times" in str(info.value)
+    assert db.llen("runs") == 1
+
+
+def test_unthrottled_tasks_are_untouched(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """A task without the option runs with its headers unchanged and costs no Redis key."""
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "1/h", "burst": 1}})
+    throttle.Throttle(app)
+
+    @app.task(bind=True, name=f"{app.main}.plain")
+    def plain(self: Any) -> bool:
+        return getattr(self.request, H.ADMITTED, None) is None
+
+    worker(app)
+    assert all(plain.delay().get(timeout=TIMEOUT) for _ in range(5))
+    assert db.keys("throttle:*") == [b"throttle:{~workers}"]  # the worker's presence only
+
+
+def test_shadow_limits_never_deny(
+    redis_server: RedisServer,
+    db: redis.Redis,
+    worker: Callable[[Celery], Any],
+    record: Callable[[Any], list[dict[str, Any]]],
+) -> None:
+    """A shadow limit that would deny lets every task run and reports what it would have done."""
+    app = make_app(
+        redis_server,
+        throttle_limits={
+            "real": {"rate": "100/s", "burst": 100},
+            "trial": {"rate": "1/h", "burst": 2, "mode": "shadow"},
+        },
+    )
+    throttle.Throttle(app)
+    would = record(signals.shadow_denied)
+    deferred = record(signals.task_throttled)
+
+    @app.task(name=f"{app.main}.step", throttle=["real", "trial"])
+    def step(*, api_key: str) -> str:
+        return "ran"
+
+    worker(app)
+    assert [step.delay(api_key="k").get(timeout=TIMEOUT) for _ in range(5)] == ["ran"] * 5
+    assert len(would) == 3
+    assert {kw["limit"] for kw in would} == {"trial"}
+    assert deferred == []
+
+
+def test_eager_mode_waits_for_the_slot(redis_server: RedisServer, db: redis.Redis) -> None:
+    """In eager mode (no worker) a denied call waits exactly until its booked slot, then runs:
+    with an injected clock and sleep, the waits are the slots."""
+    clock = ManualClock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds)
+
+    app = make_app(
+        redis_server,
+        task_always_eager=True,
+        throttle_limits={"req": {"rate": "4/s", "burst": 2}},
+        throttle_max_defer=10,
+    )
+    from throttle import Keyspace, MemoryStore
+
+    store = MemoryStore(Keyspace(SECRET), clock=clock)
+    throttle.Throttle(app, store=store, clock=clock, sleep=sleep)
+
+    @app.task(name=f"{app.main}.step", throttle="req")
+    def step(i: int, *, api_key: str) -> int:
+        return i
+
+    assert [step.delay(i, api_key="k").get() for i in range(5)] == list(range(5))
+    assert slept == pytest.approx([0.25, 0.25, 0.25])

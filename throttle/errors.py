@@ -12,7 +12,9 @@
           └── StoreUnavailable             the store did not answer (connection, timeout)
 
 Every error carries the data a caller needs to act on it (the field, the limit, the value) as
-attributes, and names it in its message. Causes are chained with ``raise ... from exc``.
+attributes, and names it in its message. Causes are chained with ``raise ... from exc``. The
+constructor arguments are the exception's ``args``, so an error stored as a task's result by a
+Celery result backend comes back as the same class with the same message.
 """
 
 from __future__ import annotations
@@ -38,25 +40,31 @@ class ConfigurationError(ThrottleError, ValueError):
     ``accepted`` says what would have been accepted.
     """
 
-    def __init__(self, field: str, problem: str, accepted: str | None = None) -> None:
+    def __init__(self, field: str, problem: str = "", accepted: str | None = None) -> None:
         self.field = field
         self.problem = problem
         self.accepted = accepted
-        message = f"{field}: {problem}"
-        if accepted:
-            message += f" (accepted: {accepted})"
-        super().__init__(message)
+        super().__init__(field, problem, accepted)
+
+    def __str__(self) -> str:
+        message = f"{self.field}: {self.problem}" if self.problem else self.field
+        if self.accepted:
+            message += f" (accepted: {self.accepted})"
+        return message
 
 
 class CostError(ThrottleError, ValueError):
     """A cost or a usage report that no limit can take: not numeric, NaN, infinite, negative,
     or larger than the burst of the limit it is charged to."""
 
-    def __init__(self, limit: str, cost: object, problem: str) -> None:
+    def __init__(self, limit: str, cost: object = None, problem: str = "") -> None:
         self.limit = limit
         self.cost = cost
         self.problem = problem
-        super().__init__(f"cost for limit {limit!r}: {problem} (got {cost!r})")
+        super().__init__(limit, cost, problem)
+
+    def __str__(self) -> str:
+        return f"cost for limit {self.limit!r}: {self.problem} (got {self.cost!r})"
 
 
 class IdentityError(ThrottleError, ValueError):
@@ -64,10 +72,13 @@ class IdentityError(ThrottleError, ValueError):
     issued. ``dimension`` names the part that was wrong; the value itself is never echoed, as
     it may be a secret."""
 
-    def __init__(self, dimension: str, problem: str) -> None:
+    def __init__(self, dimension: str, problem: str = "") -> None:
         self.dimension = dimension
         self.problem = problem
-        super().__init__(f"identity {dimension}: {problem}")
+        super().__init__(dimension, problem)
+
+    def __str__(self) -> str:
+        return f"identity {self.dimension}: {self.problem}"
 
 
 class StoreError(ThrottleError):

@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from throttle.celeryext import headers as H
 from throttle.celeryext.gate import Gate
 from throttle.celeryext.settings import ThrottleSettings, load_settings
-from throttle.celeryext.worker import GateStep, install_pool_fallback
+from throttle.celeryext.worker import GateStep, install_pool_fallback, task_base
 from throttle.clock import Clock, SystemClock
 from throttle.errors import ThrottleError
 from throttle.identity import Keyspace
@@ -67,11 +67,17 @@ class Throttle:
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
+        # Tasks created from now on get the pool-side fallback at once (eager mode may run a
+        # task before the app is finalized); those with their own base class get it when the
+        # app finalizes.
+        if not getattr(app.Task, "_throttle_base", False):
+            app.Task = task_base(app.Task)
+            app.Task._throttle_base = True
         before_task_publish.connect(self._seal_identity, weak=False)
         task_postrun.connect(self._settle, weak=False)
         app.on_after_finalize.connect(self._register_tasks, weak=False)
         if app.finalized:
-            self._register_tasks(app)
+            self._register_tasks()
 
     def __repr__(self) -> str:
         return f"Throttle({self.app.main!r}, {self.settings!r})"
@@ -108,11 +114,18 @@ class Throttle:
 
     # -- signal receivers ----------------------------------------------------------------------
 
-    def _register_tasks(self, app: Any, **_: Any) -> None:
-        """Check every throttled task against the settings, and give it the pool fallback."""
-        for task in list(app.tasks.values()):
+    def _register_tasks(self, sender: Any = None, **_: Any) -> None:
+        """Check every throttled task against the settings, and give it the pool fallback.
+
+        Celery logs and swallows errors raised in its finalize signal, so a bad task option is
+        raised again where it cannot be missed: when a worker starts (the gate step checks every
+        task) and when the task is first decided.
+        """
+        if sender is not None and sender is not self.app:
+            return
+        for task in list(self.app.tasks.values()):
             if self.gate.spec_for(task) is not None:
-                install_pool_fallback(task)
+                install_pool_fallback(type(task))
 
     def _seal_identity(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
         """Replace a raw identity header by sealed fingerprints before the message leaves."""

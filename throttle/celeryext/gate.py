@@ -47,12 +47,15 @@ class ThrottleExhausted(ThrottleError):
     """A task was deferred ``throttle_max_deferrals`` times and is failed rather than deferred
     again. Carries the task id, the limit that bound last and the deferral count."""
 
-    def __init__(self, task_id: str, limit: str | None, deferrals: int) -> None:
+    def __init__(self, task_id: str, limit: str | None = None, deferrals: int = 0) -> None:
         self.task_id = task_id
         self.limit = limit
         self.deferrals = deferrals
-        super().__init__(
-            f"task {task_id} was deferred {deferrals} times by limit {limit!r} "
+        super().__init__(task_id, limit, deferrals)
+
+    def __str__(self) -> str:
+        return (
+            f"task {self.task_id} was deferred {self.deferrals} times by limit {self.limit!r} "
             "(throttle_max_deferrals)"
         )
 
@@ -253,33 +256,23 @@ class Gate:
         return self._verdict(call, decision)
 
     def _admit(self, call: _Call) -> Decision:
-        store = self._store()
-        guard = Guard(call.task_id, call.token)
-        booking = call.booking
         try:
-            return store.admit(
+            return self._store().admit(
                 call.limits,
                 call.identity,
                 cost=call.cost,
                 reserve=True,
-                booking=booking,
+                booking=call.booking,
                 horizon=self.settings.horizon,
-                guard=guard,
+                guard=Guard(call.task_id, call.token),
             )
         except IdentityError:
-            if booking is None:
+            if call.booking is None:
                 raise
             # A malformed booking header: checked as a fresh arrival, without it.
             logger.debug("task %s: booking header ignored (malformed)", call.task_id)
             call.booking = None
-            return store.admit(
-                call.limits,
-                call.identity,
-                cost=call.cost,
-                reserve=True,
-                horizon=self.settings.horizon,
-                guard=guard,
-            )
+            return self._admit(call)
 
     def _verdict(self, call: _Call, decision: Decision) -> Verdict:
         if decision.outcome is Outcome.STALE:

@@ -194,6 +194,15 @@ def spec_from_options(
     return TaskSpec(names, inline, cost, checked["throttle_identity"])
 
 
+def options_of_class(cls: type) -> object:
+    """The raw throttle marker of a task class (option or decorator), or None: cheap, for the
+    moment the class is created."""
+    marker = getattr(cls, "throttle", None)
+    if marker is None:
+        marker = getattr(getattr(cls, "run", None), FUNCTION_ATTR, None)
+    return marker
+
+
 def options_of(task: Any) -> dict[str, Any] | None:
     """The throttle options a task was given, by either spelling, or None."""
     from_function = getattr(getattr(task, "run", None), FUNCTION_ATTR, None)

@@ -28,6 +28,7 @@ from celery.worker.state import task_ready
 from throttle import signals
 from throttle.celeryext import headers as H
 from throttle.celeryext.gate import Action, Verdict
+from throttle.celeryext.spec import options_of_class
 from throttle.errors import ThrottleError
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, consumer: Any, **kwargs: Any) -> None:
         super().__init__(consumer, **kwargs)
         self.ext = extension(consumer.app)
+        # A bad task option stops the worker here, with the error naming the task and option.
+        for task in list(consumer.app.tasks.values()):
+            self.ext.gate.spec_for(task)
         self._timer: Any = None
         original = consumer.on_task_request
 
@@ -88,7 +92,14 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
 def apply_in_consumer(ext: Throttle, consumer: Any, request: Any, run: Callable[[Any], Any]) -> Any:
     """Decide a request in the worker's main process and carry the verdict out."""
     task = request.task
-    if ext.gate.spec_for(task) is None:
+    try:
+        spec = ext.gate.spec_for(task)
+    except ThrottleError as exc:
+        # A task registered after the worker started, with a bad option: fail it clearly.
+        _fail_request(request, Verdict(Action.FAIL, error=exc))
+        task_ready(request)
+        return None
+    if spec is None:
         return run(request)  # not throttled: untouched
     try:
         verdict = ext.gate.check(
@@ -181,12 +192,11 @@ def _announce(ext: Throttle, task: Any, task_id: str, verdict: Verdict, dispatch
 # -- the pool side: eager mode, and workers without the gate ------------------------------------
 
 
-def install_pool_fallback(task: Any) -> None:
-    """Give a throttled task a ``before_start`` that admits it where no gate did."""
-    cls = type(task)
-    if getattr(cls, "_throttle_fallback", False):
+def install_pool_fallback(cls: type) -> None:
+    """Give a throttled task class a ``before_start`` that admits it where no gate did."""
+    if cls.__dict__.get("_throttle_fallback", False):
         return
-    previous = cls.before_start
+    previous = cls.before_start  # type: ignore[attr-defined]
 
     def before_start(
         self: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -194,8 +204,22 @@ def install_pool_fallback(task: Any) -> None:
         _pool_check(self, task_id, args, kwargs)
         previous(self, task_id, args, kwargs)
 
-    cls.before_start = before_start
-    cls._throttle_fallback = True
+    cls.before_start = before_start  # type: ignore[attr-defined]
+    cls._throttle_fallback = True  # type: ignore[attr-defined]
+
+
+def task_base(base: type) -> type:
+    """A subclass of an app's task base class whose throttled subclasses get the pool-side
+    fallback as they are created (unthrottled ones are left exactly as they were)."""
+
+    class ThrottleTask(base):  # type: ignore[misc]
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            super().__init_subclass__(**kwargs)
+            if options_of_class(cls) is not None:
+                install_pool_fallback(cls)
+
+    ThrottleTask.__qualname__ = ThrottleTask.__name__ = f"Throttle{base.__name__}"
+    return ThrottleTask
 
 
 def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
