@@ -253,7 +253,7 @@ def test_identity_header_is_sealed_and_forgeries_are_ignored(
     worker(app)
     ok = step.apply_async(headers={H.IDENTITY: {"api_key": "sk-RAW-SECRET"}})
     assert ok.get(timeout=TIMEOUT) == "ran"
-    sent = [kw["headers"] for kw in published if kw["headers"].get("id") == ok.id][0]
+    sent = next(kw["headers"] for kw in published if kw["headers"].get("id") == ok.id)
     assert "sk-RAW-SECRET" not in repr(sent)
     sealed = sent[H.IDENTITY]
     # The same tenant's bucket is now empty: a second task under it is deferred, not run.
