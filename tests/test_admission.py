@@ -333,3 +333,18 @@ def test_guard_drops_stale_twins(store: BaseStore) -> None:
     assert live.limits[0].remaining == 8  # the stale copies took nothing
     other = store.admit([limit], KEY, guard=Guard("task-2", "t9"), now_us=T0)
     assert other.allowed  # no guard stored for that work: not stale
+
+
+def test_a_half_done_deferral_is_owned_by_the_first_copy(store: BaseStore) -> None:
+    """A denial that names the next token records the hand-over; whichever copy (old or new)
+    comes first owns the work and the other is then stale; unrelated copies are stale at once."""
+    limit = Limit("req", "1/s", burst=1)
+    assert store.admit([limit], KEY, now_us=T0).allowed  # empty the bucket
+    denied = store.admit([limit], KEY, guard=Guard("w", None, "t2"), reserve=True, now_us=T0)
+    assert denied.outcome is Outcome.BOOKED
+    # The publisher crashed before recording t2: both the old copy (no token) and t2 exist.
+    assert store.admit([limit], KEY, guard=Guard("w", "t9"), now_us=T0).outcome is Outcome.STALE
+    new = store.admit([limit], KEY, guard=Guard("w", "t2"), booking=denied.booking, now_us=T0 + US)
+    assert new.outcome is Outcome.REDEEMED
+    old = store.admit([limit], KEY, guard=Guard("w", None), now_us=T0 + 2 * US)
+    assert old.outcome is Outcome.STALE  # the new copy claimed the work

@@ -22,6 +22,7 @@ from throttle.celeryext import headers as H
 from throttle.testing import ManualClock
 
 _apps = itertools.count()
+OLDER, NEWER = "00000000000000aa", "00000000000000bb"  # deferral tokens are 16 hex digits
 TIMEOUT = 60
 
 
@@ -191,10 +192,10 @@ def test_a_stale_twin_is_dropped(
     worker(app, pool="solo", concurrency=1)
     limits = [ext.settings.policy("req").limit]
     ext.store().set_guard(
-        limits, {"api_key": "k", "tier": "default"}, throttle.store.Guard("twin-1", "newer"), ttl=60
+        limits, {"api_key": "k", "tier": "default"}, throttle.store.Guard("twin-1", NEWER), ttl=60
     )
-    step.apply_async(kwargs={"api_key": "k"}, task_id="twin-1", headers={H.TOKEN: "older"})
-    step.apply_async(kwargs={"api_key": "k"}, task_id="twin-1", headers={H.TOKEN: "newer"})
+    step.apply_async(kwargs={"api_key": "k"}, task_id="twin-1", headers={H.TOKEN: OLDER})
+    step.apply_async(kwargs={"api_key": "k"}, task_id="twin-1", headers={H.TOKEN: NEWER})
     assert app.AsyncResult("twin-1").get(timeout=TIMEOUT) is None
     runs = [x.decode() for x in db.lrange("runs", 0, -1)]
     assert runs.count("twin-1") == 1

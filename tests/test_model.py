@@ -92,7 +92,14 @@ ops = st.lists(
             st.booleans(),  # reserve
             st.one_of(st.none(), st.integers(0, 30)),  # return with booking number n
             st.one_of(st.none(), st.sampled_from([0.5, 5, 3600])),  # horizon
-            st.one_of(st.none(), st.tuples(st.integers(0, 1), st.sampled_from([None, "a", "b"]))),
+            st.one_of(
+                st.none(),
+                st.tuples(
+                    st.integers(0, 1),
+                    st.sampled_from([None, "a", "b", "c"]),
+                    st.sampled_from([None, "a", "b", "c"]),
+                ),
+            ),
         ),
         st.tuples(st.just("guard"), st.integers(0, 1), st.sampled_from(["a", "b"])),
         st.tuples(st.just("settle"), st.integers(0, 30), st.sampled_from([0, 0.5, 2, 7])),
@@ -162,7 +169,7 @@ def test_lua_memory_and_reference_agree(
                     reserve=reserve,
                     booking=booking,
                     horizon=horizon,
-                    guard=None if guard is None else Guard(f"w{guard[0]}", guard[1]),
+                    guard=None if guard is None else Guard(f"w{guard[0]}", guard[1], guard[2]),
                     now_us=now,
                 )
             )

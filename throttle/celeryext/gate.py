@@ -86,6 +86,9 @@ class Verdict:
     deferrals: int = 0
     #: DEFER: why ('booked', 'early', 'horizon', 'denied', 'store-closed', 'local').
     reason: str = ""
+    #: DEFER: this copy held a booking, came back at or after its slot, and was denied again
+    #: (another limit had filled meanwhile). Should be rare; an 'early' check-in is not one.
+    rebooked: bool = False
     #: What the guard and settlement need: the enforced limits and the identity.
     limits: tuple[Limit, ...] = ()
     identity: dict[str, object] = field(default_factory=dict)
@@ -107,6 +110,8 @@ class _Call:
     booking: str | None
     policies: list[LimitPolicy]
     cost: dict[str, float] = field(default_factory=dict)
+    #: The token the next copy carries if this one is deferred (recorded by the denial).
+    next_token: str = field(default_factory=lambda: secrets.token_hex(8))
 
     @property
     def limits(self) -> tuple[Limit, ...]:
@@ -224,7 +229,7 @@ class Gate:
             tier=tier,
             key=None if api_key is None else self.keyspace.fingerprint("api_key", api_key),
             deferrals=_int(headers.get(H.DEFERRALS)),
-            token=_str(headers.get(H.TOKEN)),
+            token=_token(headers.get(H.TOKEN)),
             booking=_str(headers.get(H.BOOKING)),
             policies=enforced,
         )
@@ -264,7 +269,7 @@ class Gate:
                 reserve=True,
                 booking=call.booking,
                 horizon=self.settings.horizon,
-                guard=Guard(call.task_id, call.token),
+                guard=Guard(call.task_id, call.token, call.next_token, self.settings.guard_ttl),
             )
         except IdentityError:
             if call.booking is None:
@@ -289,15 +294,17 @@ class Gate:
         booking = decision.booking
         if decision.outcome is Outcome.DENIED:
             booking = call.booking
-        return self._defer(
+        verdict = self._defer(
             call,
             decision.retry_after,
             decision.outcome.value,
             decision.bound_by,
             booking,
-            secrets.token_hex(8),
+            call.next_token,
             decision,
         )
+        verdict.rebooked = call.booking is not None and decision.outcome is not Outcome.EARLY
+        return verdict
 
     def _defer(
         self,
@@ -461,6 +468,14 @@ def _cost_failure(task_name: str, exc: Exception) -> ThrottleError:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _token(value: object) -> str | None:
+    """A deferral token as this module writes them (16 hex digits); anything else is treated
+    as no token, so a forged or mangled header cannot break the admission."""
+    if isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
 
 
 def _int(value: object) -> int:

@@ -183,6 +183,7 @@ def _announce(ext: Throttle, task: Any, task_id: str, verdict: Verdict, dispatch
         "countdown": verdict.countdown,
         "deferrals": verdict.deferrals,
         "reason": verdict.reason,
+        "rebooked": verdict.rebooked,
     }
     if dispatcher is not None and getattr(dispatcher, "enabled", False):
         dispatcher.send("task-throttled", uuid=task_id, **fields)

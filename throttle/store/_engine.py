@@ -170,14 +170,26 @@ class Engine:
         bmode = argv[3]
         nonce = argv[5]
         grace = float(argv[6])
-        guard = argv[7]
         n = int(argv[8])
         tail = len(keys) - 1
-        if guard != "":
-            live = self.get_text(keys[tail], now)
-            if live is not None and live != guard:
-                return ["stale", 0, 0]
+        gkey: str | None = None
+        gcur = gnext = ""
+        gttl = 0
+        claimed = False
+        if argv[7] != "":
+            gkey = keys[tail]
             tail -= 1
+            gcur, gnext, ttl_text = argv[7].split(" ")
+            gttl = int(ttl_text)
+            live = self.get_text(gkey, now)
+            if live is not None:
+                if ">" in live:
+                    source, target = live.split(">", 1)
+                    if gcur not in (source, target):
+                        return ["stale", 0, 0]
+                    claimed = True
+                elif live != gcur:
+                    return ["stale", 0, 0]
         bkey: str | None = None
         booked: dict[str, float] = {}
         if bmode != "":
@@ -268,6 +280,12 @@ class Engine:
                     if slot > last:
                         last = slot
                 self.pexpire(bkey, _ttl_ms(last + grace, now), now)
+
+        if gkey is not None:
+            if outcome not in ("admitted", "redeemed") and gnext != "-":
+                self.set_text(gkey, gcur + ">" + gnext, gttl, now)
+            elif claimed:
+                self.set_text(gkey, gcur, gttl, now)
 
         out: Reply = [outcome, binding, math.ceil(retry)]
         for e in entries:

@@ -75,13 +75,18 @@ class Guard(NamedTuple):
     """Which copy of a unit of work is the live one.
 
     Deferring work publishes a new copy before the old one is acknowledged, so a crash in
-    between leaves two. Each copy carries a token; the store remembers the token of the live
-    copy under ``work_id`` (see :meth:`BaseStore.set_guard`), and an admission presenting any
-    other token is answered :attr:`Outcome.STALE`. ``token`` is None for work never deferred.
+    between leaves two. Each copy carries a token (None for work never deferred). A denial with
+    ``next`` records "from ``token`` to ``next``" for ``ttl`` seconds; after publishing the next
+    copy the caller records ``next`` alone (:meth:`BaseStore.set_guard`) and then acknowledges
+    the old copy. An admission whose token the store does not name is answered
+    :attr:`Outcome.STALE`; while a deferral is half done, whichever copy comes first owns the
+    work. So a crash anywhere leaves exactly one copy that runs.
     """
 
     work_id: str
     token: str | None
+    next: str | None = None
+    ttl: float = 3600.0
 
 
 class Charge(NamedTuple):
@@ -281,7 +286,7 @@ class BaseStore(Store):
             "1",
             nonce,
             self._grace,
-            "" if guard is None else (guard.token or "-"),
+            "" if guard is None else _guard_arg(guard),
         ]
         work_id = None if guard is None else guard.work_id
         groups = self._group(charges)
@@ -473,6 +478,15 @@ class BaseStore(Store):
                 keys.append(total_key(c.bucket))
             argv += [*c.limit.wire[:3], fmt(c.cost), fmt(delta)]
         self._run_settle(keys, argv)
+
+
+def _guard_arg(guard: Guard) -> str:
+    if not _positive(guard.ttl):
+        raise ConfigurationError("guard.ttl", f"must be seconds > 0, got {guard.ttl!r}")
+    for token in (guard.token, guard.next):
+        if token is not None and (not token or not token.isascii() or " " in token or ">" in token):
+            raise ConfigurationError("guard", "tokens are non-empty ASCII without spaces or '>'")
+    return f"{guard.token or '-'} {guard.next or '-'} {max(1, round(guard.ttl * 1000))}"
 
 
 def _usage(limit: Limit, actual: object) -> float:

@@ -6,7 +6,8 @@
 --       theoretical arrival time, TAT, in us); sliding window "w": its log (a sorted set of
 --       "<cost>:<nonce>" scored by time in us) and its running total (a string);
 --       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us);
---       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token).
+--       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token,
+--       or '<old>><new>' while a deferral from copy <old> to copy <new> is under way).
 --       All keys must share one hash tag (one Redis Cluster slot).
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
 --       [2] reserve: '1' to book the binding limit's next free slot when denied, else '0'
@@ -16,9 +17,13 @@
 --           deletes it once its other slots admitted too)
 --       [6] nonce: suffix of the log members this call writes (the booking id when booking)
 --       [7] grace_us: how long a booking outlives its slot
---       [8] guard: '' for none, else the token this copy of the work carries ('-' for none):
---           when the guard key holds another token, this copy is a stale twin of deferred
---           work and the reply is {'stale', 0, 0} with nothing changed
+--       [8] guard: '' for none, else '<token> <next> <ttl_ms>': the token this copy of the
+--           work carries and the token its next copy will carry if it is deferred now ('-'
+--           for none). When the guard key names neither this token nor a deferral from or to
+--           it, this copy is a stale twin and the reply is {'stale', 0, 0} with nothing
+--           changed. A denial records '<token>><next>'; whichever of the two copies is
+--           admitted or deferred first then owns the work, the other is stale. An empty guard
+--           key lets any copy through (new work, or a store that lost its data).
 --       [9] n: number of limits
 --       then 5 per limit: algorithm ('t' or 'w'), period_us, count (units per period),
 --       burst (units; ignored by 'w'), cost (units, 0 <= cost <= capacity)
@@ -39,13 +44,24 @@ local horizon = tonumber(ARGV[3])
 local bmode = ARGV[4]
 local nonce = ARGV[6]
 local grace = tonumber(ARGV[7])
-local guard = ARGV[8]
 local n = tonumber(ARGV[9])
 local tail = #KEYS
-if guard ~= '' then
-  local live = redis.call('GET', KEYS[tail])
-  if live and live ~= guard then return {'stale', 0, 0} end
+local gkey, gcur, gnext, gttl
+local claimed = false
+if ARGV[8] ~= '' then
+  gkey = KEYS[tail]
   tail = tail - 1
+  gcur, gnext, gttl = string.match(ARGV[8], '^(%S+) (%S+) (%d+)$')
+  local live = redis.call('GET', gkey)
+  if live then
+    local from, to = string.match(live, '^(%S+)>(%S+)$')
+    if from then
+      if gcur ~= from and gcur ~= to then return {'stale', 0, 0} end
+      claimed = true
+    elseif live ~= gcur then
+      return {'stale', 0, 0}
+    end
+  end
 end
 local bkey = nil
 local booked = {}
@@ -159,6 +175,14 @@ else
     local last = b.free_at
     for _, slot in pairs(booked) do if slot > last then last = slot end end
     redis.call('PEXPIRE', bkey, ttl_ms(last + grace, now))
+  end
+end
+
+if gkey then
+  if outcome ~= 'admitted' and outcome ~= 'redeemed' and gnext ~= '-' then
+    redis.call('SET', gkey, gcur .. '>' .. gnext, 'PX', gttl)
+  elseif claimed then
+    redis.call('SET', gkey, gcur, 'PX', gttl)
   end
 end
 

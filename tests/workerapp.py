@@ -1,0 +1,86 @@
+# SPDX-License-Identifier: MIT
+"""The Celery app that ``celery worker`` subprocesses of the suite run (``-A tests.workerapp``).
+
+Configured from the environment by the test that starts the workers:
+``THROTTLE_TEST_BROKER``, ``THROTTLE_TEST_BACKEND``, ``THROTTLE_TEST_STORE`` (URLs) and
+``THROTTLE_TEST_CONF`` (JSON merged into ``app.conf``). Tasks record what happened in the store's
+Redis under ``THROTTLE_TEST_PREFIX`` so the test can check it after the fact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+import throttle
+from throttle import signals
+
+PREFIX = os.environ.get("THROTTLE_TEST_PREFIX", "t")
+
+app = Celery(
+    "workerapp",
+    broker=os.environ.get("THROTTLE_TEST_BROKER", "redis://127.0.0.1:6379/1"),
+    backend=os.environ.get("THROTTLE_TEST_BACKEND", "redis://127.0.0.1:6379/2"),
+)
+app.conf.update(
+    throttle_redis_url=os.environ.get("THROTTLE_TEST_STORE", "redis://127.0.0.1:6379/0"),
+    throttle_key_secret="suite-secret-for-worker-processes",
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    result_expires=3600,
+)
+app.conf.update(json.loads(os.environ.get("THROTTLE_TEST_CONF", "{}")))
+throttle.Throttle(app)
+
+_record: redis.Redis | None = None
+
+
+def recorder() -> redis.Redis:
+    """A client of the store's Redis for the record (opened after fork)."""
+    global _record
+    if _record is None:
+        _record = redis.Redis.from_url(app.conf.throttle_redis_url)
+    return _record
+
+
+@signals.task_throttled.connect
+def _count_deferrals(sender: Any = None, **fields: Any) -> None:
+    """Keep every deferral, so tests can count re-denials of work that came back booked."""
+    fields.pop("signal", None)
+    recorder().rpush(f"{PREFIX}:deferrals", json.dumps(fields, sort_keys=True))
+
+
+def _start(self: Any, i: int, label: str) -> None:
+    recorder().rpush(
+        f"{PREFIX}:starts",
+        json.dumps(
+            {
+                "i": i,
+                "id": self.request.id,
+                "t": time.time(),
+                "pid": os.getpid(),
+                "retries": self.request.retries,
+                "label": label,
+                "booked": bool(getattr(self.request, "throttle_booking", None)),
+            }
+        ),
+    )
+
+
+@app.task(bind=True, throttle=["per-key", "per-agent"], name="workerapp.record")
+def record(self: Any, i: int, *, api_key: str, agent_id: str = "a", label: str = "") -> int:
+    _start(self, i, label or agent_id)
+    return i
+
+
+@app.task(bind=True, throttle=["per-key"], acks_late=True, name="workerapp.record_late")
+def record_late(self: Any, i: int, *, api_key: str, hold: float = 0.0) -> int:
+    _start(self, i, "late")
+    if hold:
+        time.sleep(hold)  # the work itself (a stand-in for an LLM call), not synchronisation
+    return i

@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: MIT
+"""``celery worker`` subprocesses for the suite: started with a test's configuration, waited
+for by ping, killed or stopped on demand, always cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Limits the worker app's tasks use, unless a test overrides them.
+DEFAULT_LIMITS: dict[str, Any] = {
+    "per-key": {"rate": "1000/s", "burst": 1000},
+    "per-agent": {"rate": "1000/s", "burst": 1000, "per": ["api_key", "agent_id"]},
+}
+
+
+class Workers:
+    """A set of worker processes of ``tests.workerapp`` sharing one configuration."""
+
+    def __init__(
+        self,
+        *,
+        broker: str,
+        backend: str,
+        store: str,
+        conf: dict[str, Any],
+        logdir: Path,
+        prefix: str = "t",
+    ) -> None:
+        conf = {**conf, "throttle_limits": {**DEFAULT_LIMITS, **conf.get("throttle_limits", {})}}
+        self.env = {
+            **os.environ,
+            "THROTTLE_TEST_BROKER": broker,
+            "THROTTLE_TEST_BACKEND": backend,
+            "THROTTLE_TEST_STORE": store,
+            "THROTTLE_TEST_CONF": json.dumps(conf),
+            "THROTTLE_TEST_PREFIX": prefix,
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.client = Celery("client", broker=broker, backend=backend, set_as_current=False)
+        self.client.conf.update(
+            {k: v for k, v in conf.items() if k.startswith(("broker_", "task_"))},
+            broker_connection_retry_on_startup=True,
+        )
+
+    def start(self, name: str, *, concurrency: int = 2, pool: str = "prefork") -> str:
+        """Start one worker named ``name@<host>``; return its node name once it answers."""
+        node = f"{name}@{os.uname().nodename}"
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.procs[node] = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "tests.workerapp", "worker",
+                "-P", pool, "-c", str(concurrency), "-n", node, "-l", "INFO",
+                "--without-gossip", "--without-mingle", "-E",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.wait_ready(node)
+        return node
+
+    def wait_ready(self, node: str, timeout: float = 60) -> None:
+        """Wait until ``node`` answers a ping (or its process dies)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs[node]
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {node} exited with {proc.returncode}: {self.log(node)}")
+            if self.client.control.ping(destination=[node], timeout=0.5):
+                return
+        raise RuntimeError(f"worker {node} did not answer within {timeout} s: {self.log(node)}")
+
+    def log(self, node: str) -> str:
+        path = self.logdir / f"{node.split('@')[0]}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def kill(self, node: str) -> None:
+        """SIGKILL a worker's whole process group (main process and pool children)."""
+        proc = self.procs.pop(node)
+        _kill_tree(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every worker: warm shutdown, then SIGKILL whatever is left."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.procs.clear()
+        self.client.close()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _kill_tree(pid: int, sig: int) -> None:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in [psutil.Process(pid), *children]:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
