@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert settings.max_defer == 300
     assert settings.policy("llm").limit.burst == 20
     assert settings.policy("llm").on_store_error == "local"
-    assert settings.guard_ttl == 3600 + 600
+    assert settings.guard_ttl == 3600 + 100 + 600
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_visibility_timeout_is_respected() -> None:
     with pytest.raises(ConfigurationError, match="visibility timeout of 100"):
         load_settings(app_with(broker_transport_options=options, throttle_max_defer=60).conf)
     ok = load_settings(app_with(broker_transport_options=options, throttle_max_defer=50).conf)
-    assert ok.guard_ttl == 100 + 2 * 50
+    assert ok.guard_ttl == 3600  # at least an hour
     amqp = app_with(broker_url="amqp://guest@localhost//", throttle_redis_url="redis://x/0")
     assert load_settings(amqp.conf).max_defer == 300  # no visibility timeout on AMQP
 

@@ -6,7 +6,6 @@ the limits are far from what the machine can do, and every check waits on result
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +104,7 @@ def test_a_runaway_agent_does_not_starve_its_siblings(
             for i in range(20)
         ]
         other = [
-            send("workerapp.record", (i,), {"api_key": "other", "agent_id": "x"})
-            for i in range(5)
+            send("workerapp.record", (i,), {"api_key": "other", "agent_id": "x"}) for i in range(5)
         ]
         for r in polite + other:
             r.get(timeout=TIMEOUT)
@@ -127,3 +125,70 @@ def test_a_runaway_agent_does_not_starve_its_siblings(
     runaway = sorted(by_label["runaway"])
     span = runaway[-1] - runaway[0]
     assert len(runaway) <= 5 + 5 * span + 1
+
+
+def _exhaust(urls: dict[str, str], limit: str) -> None:
+    """Take the tenant's whole per-key bucket, so the next task is deferred."""
+    from throttle import Keyspace, Limit, RedisStore
+
+    store = RedisStore(redis.Redis.from_url(urls["store"]), Keyspace(WORKER_SECRET))
+    assert store.admit([Limit("per-key", limit, burst=1)], {"api_key": "tenant"}).allowed
+
+
+WORKER_SECRET = "suite-secret-for-worker-processes"
+# A dead worker's unacknowledged messages come back after the visibility timeout plus kombu's
+# restore sweep (100 s by default): both are made short so the test does not wait for them.
+FAST_RESTORE = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+CRASH = {
+    "throttle_limits": {"per-key": {"rate": "1/s", "burst": 1}},
+    "broker_transport_options": {"visibility_timeout": 4, **FAST_RESTORE},
+    "throttle_max_defer": 2,
+}
+
+
+@pytest.mark.parametrize("point", ["after-publish", "after-guard"])
+def test_a_worker_killed_mid_deferral_loses_nothing_and_runs_nothing_twice(
+    point: str, urls: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A worker SIGKILLed right after publishing a deferred copy (before recording its token),
+    or right after recording it (before acknowledging the old message): once another worker
+    picks up the restored messages, every acks_late task has run exactly once."""
+    _exhaust(urls, "1/s")
+    with Workers(**urls, conf=CRASH, logdir=tmp_path) as workers:
+        doomed = workers.start("doomed", env={"THROTTLE_TEST_CRASH": point})
+        results = [
+            workers.client.send_task("workerapp.record_late", (i,), {"api_key": "tenant"})
+            for i in range(5)
+        ]
+        assert workers.wait_exit(doomed) != 0  # it died at its first deferral
+        assert starts(redis_client) == []  # and ran nothing
+        workers.start("survivor")
+        assert sorted(r.get(timeout=TIMEOUT) for r in results) == list(range(5))
+        ran = sorted(s["i"] for s in starts(redis_client))
+    assert ran == list(range(5))
+
+
+VISIBILITY = {
+    "throttle_limits": {"per-key": {"rate": "2/s", "burst": 1}},
+    "broker_transport_options": {"visibility_timeout": 3, **FAST_RESTORE},
+    "throttle_max_defer": 1.5,
+}
+
+
+def test_deferrals_stay_within_a_short_visibility_timeout(
+    urls: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """With a 3 s visibility timeout, 12 tasks whose slots reach 5.5 s away are deferred in
+    steps of at most 1.5 s and none runs twice (a longer countdown would be redelivered)."""
+    with Workers(**urls, conf=VISIBILITY, logdir=tmp_path) as workers:
+        workers.start("w0")
+        workers.start("w1")
+        results = [
+            workers.client.send_task("workerapp.record", (i,), {"api_key": "tenant"})
+            for i in range(12)
+        ]
+        assert sorted(r.get(timeout=TIMEOUT) for r in results) == list(range(12))
+        ran = sorted(s["i"] for s in starts(redis_client))
+    assert ran == list(range(12))
+    assert max(d["countdown"] for d in deferrals(redis_client)) <= 1.5
+    assert any(d["reason"] == "early" for d in deferrals(redis_client))  # slots beyond the cap

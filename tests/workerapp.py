@@ -84,3 +84,38 @@ def record_late(self: Any, i: int, *, api_key: str, hold: float = 0.0) -> int:
     if hold:
         time.sleep(hold)  # the work itself (a stand-in for an LLM call), not synchronisation
     return i
+
+
+# -- crash injection: a worker started with THROTTLE_TEST_CRASH dies at that point of its first
+# deferral, as a SIGKILL would leave it (no cleanup, nothing acknowledged) -----------------------
+
+_CRASH = os.environ.get("THROTTLE_TEST_CRASH", "")
+
+
+def _die() -> None:
+    import psutil
+
+    me = psutil.Process()
+    for child in me.children(recursive=True):
+        child.kill()
+    me.kill()
+
+
+if _CRASH == "after-publish":
+    from celery.signals import after_task_publish
+
+    @after_task_publish.connect
+    def _crash_after_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if headers and headers.get("throttle_token"):
+            _die()
+
+elif _CRASH == "after-guard":
+    from throttle.store.base import BaseStore
+
+    _set_guard = BaseStore.set_guard
+
+    def _set_guard_then_die(self: Any, *args: Any, **kwargs: Any) -> None:
+        _set_guard(self, *args, **kwargs)
+        _die()
+
+    BaseStore.set_guard = _set_guard_then_die  # type: ignore[method-assign]

@@ -57,18 +57,39 @@ class Workers:
             broker_connection_retry_on_startup=True,
         )
 
-    def start(self, name: str, *, concurrency: int = 2, pool: str = "prefork") -> str:
+    def start(
+        self,
+        name: str,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+    ) -> str:
         """Start one worker named ``name@<host>``; return its node name once it answers."""
         node = f"{name}@{os.uname().nodename}"
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         self.procs[node] = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "tests.workerapp", "worker",
-                "-P", pool, "-c", str(concurrency), "-n", node, "-l", "INFO",
-                "--without-gossip", "--without-mingle", "-E",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.workerapp",
+                "worker",
+                "-P",
+                pool,
+                "-c",
+                str(concurrency),
+                "-n",
+                node,
+                "-l",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "-E",
             ],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -90,6 +111,13 @@ class Workers:
     def log(self, node: str) -> str:
         path = self.logdir / f"{node.split('@')[0]}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def wait_exit(self, node: str, timeout: float = 60) -> int:
+        """Wait for a worker that is to die by itself; return its exit code."""
+        proc = self.procs.pop(node)
+        code = proc.wait(timeout=timeout)
+        _kill_tree(proc.pid, signal.SIGKILL)  # orphaned pool children, if any
+        return code
 
     def kill(self, node: str) -> None:
         """SIGKILL a worker's whole process group (main process and pool children)."""

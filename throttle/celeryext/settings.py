@@ -115,7 +115,11 @@ KNOWN: Final[dict[str, tuple[object, str]]] = {
     "throttle_on_store_error": ("local", "'open', 'closed' or 'local'"),
     "throttle_socket_timeout": (0.25, "seconds > 0"),
     "throttle_store_retry": (1.0, "seconds > 0"),
-    "throttle_guard_ttl": (None, "seconds > 0; default: visibility timeout + 2 x max_defer"),
+    "throttle_guard_ttl": (
+        None,
+        "seconds > 0; default: the longest a dead worker's message can take to come back "
+        "(visibility timeout + restore sweep + 2 x max_defer), at least an hour",
+    ),
     "throttle_heartbeat_interval": (5.0, "seconds > 0"),
 }
 
@@ -197,7 +201,7 @@ def load_settings(conf: Any) -> ThrottleSettings:
     _check_visibility(conf, max_defer)
     guard_ttl = get("throttle_guard_ttl")
     guard_ttl = (
-        _visibility_timeout(conf) + 2 * max_defer
+        max(3600.0, _redelivery_delay(conf) + 2 * max_defer)
         if guard_ttl is None
         else _seconds(get, "throttle_guard_ttl")
     )
@@ -347,6 +351,16 @@ def _visibility_timeout(conf: Any) -> float:
     options = conf.get("broker_transport_options") or {}
     value = options.get("visibility_timeout", 3600)
     return float(value)
+
+
+def _redelivery_delay(conf: Any) -> float:
+    """How long an unacknowledged message of a dead worker can take to be delivered again on a
+    Redis broker: the visibility timeout plus kombu's restore sweep period."""
+    options = conf.get("broker_transport_options") or {}
+    sweep = float(options.get("unacked_restore_interval", 10)) * float(
+        options.get("unacked_restore_throttle", 10)
+    )
+    return _visibility_timeout(conf) + sweep
 
 
 def _check_visibility(conf: Any, max_defer: float) -> None:
