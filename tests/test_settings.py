@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -166,8 +165,9 @@ def test_settings_repr_and_errors_hide_credentials() -> None:
 
 
 @pytest.fixture
-def app() -> Iterator[Celery]:
-    yield app_with()
+def app() -> Celery:
+    """A fresh app with the base settings."""
+    return app_with()
 
 
 @pytest.mark.parametrize(
@@ -224,7 +224,8 @@ def test_both_spellings_end_in_the_same_spec(app: Celery) -> None:
     one = ext.gate.spec_for(app.tasks["t.option"])
     two = ext.gate.spec_for(app.tasks["t.decorator"])
     assert one == two
-    assert one is not None and one.names == ("llm",)
+    assert one is not None
+    assert one.names == ("llm",)
 
 
 def test_inline_rate_is_a_per_key_limit(app: Celery) -> None:
@@ -235,7 +236,8 @@ def test_inline_rate_is_a_per_key_limit(app: Celery) -> None:
     def inline() -> None: ...
 
     spec = ext.gate.spec_for(app.tasks["t.inline"])
-    assert spec is not None and spec.inline is not None
+    assert spec is not None
+    assert spec.inline is not None
     assert spec.inline.limit.rate.count == 100
     assert spec.inline.limit.per == ("api_key",)
     assert spec.names == ("task.t.inline",)
@@ -244,7 +246,7 @@ def test_inline_rate_is_a_per_key_limit(app: Celery) -> None:
 def test_decorator_on_top_of_the_task_is_refused(app: Celery) -> None:
     """Stacking @throttle.limit above @app.task is an error that says which way round."""
     throttle.Throttle(app)
-    with pytest.raises(ConfigurationError, match="below @app.task"):
+    with pytest.raises(ConfigurationError, match=r"below @app\.task"):
 
         @throttle.limit("llm")
         @app.task(name="t.reversed", lazy=False)

@@ -4,6 +4,7 @@ for by ping, killed or stopped on demand, always cleaned up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,7 +158,5 @@ def _kill_tree(pid: int, sig: int) -> None:
     except psutil.NoSuchProcess:
         return
     for process in [psutil.Process(pid), *children]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
