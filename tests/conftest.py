@@ -4,11 +4,16 @@ and the two stores every core test runs over."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 import redis.cluster
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
 
 from tests.redis_servers import RedisCluster, RedisServer
 from throttle import Keyspace, MemoryStore, RedisStore
@@ -20,6 +25,9 @@ SECRET = "test-secret-with-enough-bytes-0123456789"
 #: A fixed point on the simulated clock (microseconds), so tests pass ``now_us`` explicitly and
 #: never depend on the Redis server's clock. Large, like a real epoch time in microseconds.
 T0 = 1_760_000_000_000_000
+#: How long a test waits for a task result before it fails.
+TIMEOUT = 60
+_apps = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +83,59 @@ def store(request: pytest.FixtureRequest, keyspace: Keyspace, clock: ManualClock
     if request.param == "cluster":
         return RedisStore(request.getfixturevalue("cluster_client"), keyspace)
     return MemoryStore(keyspace, clock=clock)
+
+
+def make_app(server: RedisServer, **conf: Any) -> Celery:
+    """A Celery app on the private server: broker db 1, results db 2, store db 0."""
+    base = server.url.rsplit("/", 1)[0]
+    app = Celery(
+        f"gate{next(_apps)}", broker=f"{base}/1", backend=f"{base}/2", set_as_current=False
+    )
+    # Each test's tasks belong to its own app only (Celery shares decorated tasks by default).
+    app.task = functools.partial(app.task, shared=False)  # type: ignore[method-assign]
+    app.conf.update(
+        throttle_redis_url=f"{base}/0",
+        throttle_key_secret=SECRET,
+        throttle_max_defer=0.5,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        result_expires=600,
+    )
+    app.conf.update(conf)
+    return app
+
+
+@pytest.fixture
+def worker() -> Iterator[Callable[[Celery], Any]]:
+    """Start an in-process worker for an app (stopped at the end of the test)."""
+    stack: list[Any] = []
+
+    def start(app: Celery, **kwargs: Any) -> Any:
+        kwargs = {"pool": "threads", "concurrency": 2, **kwargs}
+        context = start_worker(app, perform_ping_check=False, **kwargs)
+        stack.append(context)
+        return context.__enter__()
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def record() -> Iterator[Callable[[Any], list[dict[str, Any]]]]:
+    """Collect every sending of a signal during the test."""
+    receivers: list[tuple[Any, Callable[..., None]]] = []
+
+    def listen(signal: Any) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+
+        def receiver(**kw: Any) -> None:
+            seen.append(kw)
+
+        signal.connect(receiver, weak=False)
+        receivers.append((signal, receiver))
+        return seen
+
+    yield listen
+    for signal, receiver in receivers:
+        signal.disconnect(receiver)

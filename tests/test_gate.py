@@ -4,82 +4,21 @@ broker, result backend and store. Timing never decides a count here: tests wait 
 
 from __future__ import annotations
 
-import functools
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery, chain, chord, group
-from celery.contrib.testing.worker import start_worker
 
 import throttle
-from tests.conftest import SECRET
+from tests.conftest import SECRET, TIMEOUT, make_app
 from tests.redis_servers import RedisServer
 from throttle import signals
 from throttle.celeryext import headers as H
 from throttle.testing import ManualClock
 
-_apps = itertools.count()
 OLDER, NEWER = "00000000000000aa", "00000000000000bb"  # deferral tokens are 16 hex digits
-TIMEOUT = 60
-
-
-def make_app(server: RedisServer, **conf: Any) -> Celery:
-    """A Celery app on the private server: broker db 1, results db 2, store db 0."""
-    base = server.url.rsplit("/", 1)[0]
-    app = Celery(
-        f"gate{next(_apps)}", broker=f"{base}/1", backend=f"{base}/2", set_as_current=False
-    )
-    # Each test's tasks belong to its own app only (Celery shares decorated tasks by default).
-    app.task = functools.partial(app.task, shared=False)  # type: ignore[method-assign]
-    app.conf.update(
-        throttle_redis_url=f"{base}/0",
-        throttle_key_secret=SECRET,
-        throttle_max_defer=0.5,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
-        result_expires=600,
-    )
-    app.conf.update(conf)
-    return app
-
-
-@pytest.fixture
-def worker() -> Iterator[Callable[[Celery], Any]]:
-    """Start an in-process worker for an app (stopped at the end of the test)."""
-    stack: list[Any] = []
-
-    def start(app: Celery, **kwargs: Any) -> Any:
-        kwargs = {"pool": "threads", "concurrency": 2, **kwargs}
-        context = start_worker(app, perform_ping_check=False, **kwargs)
-        stack.append(context)
-        return context.__enter__()
-
-    yield start
-    for context in reversed(stack):
-        context.__exit__(None, None, None)
-
-
-@pytest.fixture
-def record() -> Iterator[Callable[[Any], list[dict[str, Any]]]]:
-    """Collect every sending of a signal during the test."""
-    receivers: list[tuple[Any, Callable[..., None]]] = []
-
-    def listen(signal: Any) -> list[dict[str, Any]]:
-        seen: list[dict[str, Any]] = []
-
-        def receiver(**kw: Any) -> None:
-            seen.append(kw)
-
-        signal.connect(receiver, weak=False)
-        receivers.append((signal, receiver))
-        return seen
-
-    yield listen
-    for signal, receiver in receivers:
-        signal.disconnect(receiver)
 
 
 @pytest.fixture

@@ -192,3 +192,37 @@ def test_deferrals_stay_within_a_short_visibility_timeout(
     assert ran == list(range(12))
     assert max(d["countdown"] for d in deferrals(redis_client)) <= 1.5
     assert any(d["reason"] == "early" for d in deferrals(redis_client))  # slots beyond the cap
+
+
+def _rabbitmq_reachable(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_three_workers_hold_one_limit_on_rabbitmq(
+    urls: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The accuracy test with RabbitMQ as the broker (results and store stay on Redis)."""
+    import os
+    import uuid
+
+    if not _rabbitmq_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672, and CI needs this test")
+        pytest.skip("RabbitMQ is not reachable on 127.0.0.1:5672")
+    queue = f"throttle-accuracy-{uuid.uuid4().hex[:8]}"
+    conf = {**ACCURACY, "task_default_queue": queue}
+    broker = "amqp://guest:guest@127.0.0.1:5672//"
+    with Workers(**{**urls, "broker": broker}, conf=conf, logdir=tmp_path) as workers:
+        try:
+            for n in range(3):
+                workers.start(f"w{n}")
+            check_accuracy(workers, redis_client)
+        finally:
+            with workers.client.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
