@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from celery import Celery
 
 import throttle
 from tests.conftest import TIMEOUT, make_app
@@ -34,7 +33,7 @@ def store_server() -> Iterator[RedisServer]:
 
 def run(
     mode: str, server: RedisServer, store: RedisServer, start: Callable[..., Any]
-) -> tuple[Celery, Any, list[dict[str, Any]]]:
+) -> tuple[Any, list[dict[str, Any]]]:
     """An app whose one limit has ``mode`` as on_store_error, a task recording its runs, and a
     worker for it."""
     app = make_app(
@@ -55,7 +54,7 @@ def run(
         return i
 
     start(app)
-    return app, step, runs
+    return step, runs
 
 
 @pytest.mark.parametrize("mode", ["open", "local", "closed"])
@@ -77,7 +76,7 @@ def test_store_outage(
 
     signals.task_throttled.connect(count, weak=False)
     request.addfinalizer(lambda: signals.task_throttled.disconnect(count))
-    app, step, runs = run(mode, redis_server, store_server, worker)
+    step, runs = run(mode, redis_server, store_server, worker)
     before = [step.delay(i, api_key="k") for i in range(5)]
     assert [r.get(timeout=TIMEOUT) for r in before] == list(range(5))
     assert store_server.client().keys("throttle:*")  # the shared bucket was used
