@@ -4,6 +4,7 @@ broker, result backend and store. Timing never decides a count here: tests wait 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -302,3 +303,93 @@ def test_eager_mode_waits_for_the_slot(redis_server: RedisServer, db: redis.Redi
 
     assert [step.delay(i, api_key="k").get() for i in range(5)] == list(range(5))
     assert slept == pytest.approx([0.25, 0.25, 0.25])
+
+
+def test_each_deferral_sends_a_task_throttled_event(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """With task events on, each deferral sends task-throttled with the task id, the limit that
+    bound, the API key's fingerprint (never the key), retry_after and the deferral count."""
+    app = make_app(
+        redis_server,
+        throttle_limits={"req": {"rate": "10/s", "burst": 1}},
+        worker_send_task_events=True,
+    )
+    ext = throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.step", throttle="req")
+    def step(*, api_key: str) -> None:
+        return None
+
+    events: list[dict[str, Any]] = []
+    got_two = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if len(events) >= 2:
+            got_two.set()
+
+    ready = threading.Event()
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"task-throttled": on_event}, app=app)
+        receiver.on_consume_ready = lambda *a, **k: ready.set()
+        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": False})
+        listener.start()
+        try:
+            assert ready.wait(TIMEOUT)  # bound to the event exchange before anything is sent
+            worker(app)
+            results = [step.delay(api_key="sk-secret-key") for _ in range(3)]
+            for r in results:
+                r.get(timeout=TIMEOUT)
+            assert got_two.wait(TIMEOUT)
+        finally:
+            receiver.should_stop = True
+            listener.join(TIMEOUT)
+    assert len(events) >= 2
+    fp = ext.keyspace.fingerprint("api_key", "sk-secret-key")
+    ids = {r.id for r in results}
+    for event in events:
+        assert event["uuid"] in ids
+        assert event["limit"] == "req"
+        assert event["key"] == fp
+        assert event["retry_after"] > 0
+        assert event["deferrals"] >= 1
+        assert "sk-secret-key" not in repr(event)
+
+
+def test_the_gate_on_redis_cluster(
+    redis_server: RedisServer,
+    redis_cluster: Any,
+    cluster_client: Any,
+    worker: Callable[[Celery], Any],
+) -> None:
+    """With throttle_redis_cluster, the store is a cluster: a per-key and a global limit (in
+    another slot) both hold, with no CROSSSLOT error."""
+    app = make_app(
+        redis_server,
+        throttle_redis_url=redis_cluster.url,
+        throttle_redis_cluster=True,
+        throttle_limits={
+            "key": {"rate": "100/s", "burst": 100},
+            "all": {"rate": "10/s", "burst": 2, "per": []},
+        },
+    )
+    deferred: list[str] = []
+    throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.step", throttle=["key", "all"])
+    def step(i: int, *, api_key: str) -> int:
+        return i
+
+    def note(limit: str = "", **_: Any) -> None:
+        deferred.append(limit)
+
+    signals.task_throttled.connect(note, weak=False)
+    try:
+        worker(app)
+        results = [step.delay(i, api_key=f"k{i % 3}") for i in range(8)]
+        assert [r.get(timeout=TIMEOUT) for r in results] == list(range(8))
+    finally:
+        signals.task_throttled.disconnect(note)
+    assert deferred
+    assert set(deferred) == {"all"}
