@@ -251,3 +251,51 @@ def test_decorator_on_top_of_the_task_is_refused(app: Celery) -> None:
         @throttle.limit("llm")
         @app.task(name="t.reversed", lazy=False)
         def reversed_order() -> None: ...
+
+
+def test_the_documented_interface(redis_server: Any) -> None:
+    """The interface of the README (and of the issue that defined it) loads as written and
+    gives each task the limits, costs and tiers it names."""
+    billing = types.ModuleType("myapp_billing_for_test")
+    billing.tier_for = lambda identity: "agent"  # type: ignore[attr-defined]
+    sys.modules[billing.__name__] = billing
+    try:
+        app = Celery("agents", broker=redis_server.url, set_as_current=False)
+        app.task = functools.partial(app.task, shared=False)  # type: ignore[method-assign]
+        app.conf.update(
+            throttle_redis_url=redis_server.url,
+            throttle_key_secret="...-a-long-random-secret-...",
+            throttle_limits={
+                "llm-requests": {"rate": "100/m", "burst": 20, "per": ["api_key"]},
+                "llm-tokens": {"rate": "200000/m", "unit": "tokens", "per": ["api_key"]},
+                "agent-share": {"rate": "30/m", "burst": 10, "per": ["api_key", "agent_id"]},
+            },
+            throttle_tiers={
+                "agent": {"llm-requests": {"rate": "200/m"}},
+                "admin": {"llm-requests": {"rate": "1000/m"}},
+            },
+            throttle_tier_resolver=f"{billing.__name__}:tier_for",
+        )
+        ext = throttle.Throttle(app)
+    finally:
+        del sys.modules[billing.__name__]
+
+    def estimate_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        return 512 + int(kwargs.get("max_tokens", 512))
+
+    @app.task(
+        name="agents.agent_step",
+        throttle=["llm-requests", "agent-share", "llm-tokens"],
+        throttle_cost={"llm-tokens": estimate_tokens},
+    )
+    def agent_step(prompt: str, *, api_key: str, agent_id: str, max_tokens: int = 512) -> None:
+        throttle.report_usage({"llm-tokens": 100})
+
+    task = app.tasks["agents.agent_step"]
+    spec = ext.gate.spec_for(task)
+    assert spec is not None
+    assert spec.names == ("llm-requests", "agent-share", "llm-tokens")
+    assert spec.costs(("hi",), {"max_tokens": 100}) == {"llm-tokens": 612}
+    identity = ext.gate.identity(spec, "id-1", ("hi",), {"api_key": "k", "agent_id": "a"}, {})
+    assert identity["tier"] == "agent"
+    assert ext.settings.policy("llm-requests", "agent").limit.rate.count == 200
