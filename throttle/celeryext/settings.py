@@ -44,6 +44,7 @@ _LIMIT_KEYS: Final = frozenset(
     }
 )
 _TIER_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,104 +130,47 @@ def load_settings(conf: Any) -> ThrottleSettings:
     present = _present_keys(conf)
     for key in present:
         if key not in KNOWN:
-            raise ConfigurationError(
-                key,
-                "unknown throttle setting",
-                ", ".join(sorted(KNOWN)),
-            )
+            raise ConfigurationError(key, "unknown throttle setting", ", ".join(sorted(KNOWN)))
 
     def get(key: str) -> Any:
         value = conf.get(key) if key in present else None
         return KNOWN[key][0] if value is None else value
 
-    redis_url = _redis_url(get("throttle_redis_url"), conf)
-    secret = _secret(get("throttle_key_secret"), get("throttle_insecure_dev_secret"))
     prefix = get("throttle_key_prefix")
-    if not isinstance(prefix, str) or not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", prefix):
-        raise ConfigurationError(
-            "throttle_key_prefix", f"invalid prefix {prefix!r}", KNOWN["throttle_key_prefix"][1]
-        )
+    _expect("throttle_key_prefix", prefix, isinstance(prefix, str) and _PREFIX_RE.match(prefix))
     dimensions = get("throttle_dimensions")
-    if isinstance(dimensions, str) or not isinstance(dimensions, list | tuple):
-        raise ConfigurationError(
-            "throttle_dimensions", f"must be a list, got {dimensions!r}", "['model', ...]"
-        )
-    dimensions = tuple(dimensions)
+    _expect(
+        "throttle_dimensions",
+        dimensions,
+        isinstance(dimensions, list | tuple) and all(isinstance(d, str) for d in dimensions),
+    )
     default_policy = get("throttle_on_store_error")
-    if default_policy not in STORE_ERROR_POLICIES:
-        raise ConfigurationError(
-            "throttle_on_store_error",
-            f"unknown policy {default_policy!r}",
-            KNOWN["throttle_on_store_error"][1],
-        )
-    limits_conf = get("throttle_limits")
-    if not isinstance(limits_conf, Mapping):
-        raise ConfigurationError(
-            "throttle_limits", f"must be a dict, got {limits_conf!r}", KNOWN["throttle_limits"][1]
-        )
-    base: dict[str, tuple[dict[str, Any], LimitPolicy]] = {}
-    for name, spec in limits_conf.items():
-        where = f"throttle_limits[{name!r}]"
-        if not isinstance(spec, Mapping):
-            raise ConfigurationError(where, f"must be a dict, got {spec!r}", "{'rate': '100/m'}")
-        base[name] = (dict(spec), build_policy(name, spec, where, dimensions, default_policy))
-    tiers: dict[str, dict[str, LimitPolicy]] = {DEFAULT_TIER: {n: p for n, (_, p) in base.items()}}
-    tiers_conf = get("throttle_tiers")
-    if not isinstance(tiers_conf, Mapping):
-        raise ConfigurationError(
-            "throttle_tiers", f"must be a dict, got {tiers_conf!r}", KNOWN["throttle_tiers"][1]
-        )
-    for tier, overrides in tiers_conf.items():
-        where = f"throttle_tiers[{tier!r}]"
-        if not isinstance(tier, str) or not _TIER_RE.match(tier):
-            raise ConfigurationError(where, "invalid tier name", "letters, digits, '_', '.', '-'")
-        if not isinstance(overrides, Mapping):
-            raise ConfigurationError(where, f"must be a dict, got {overrides!r}")
-        policies = dict(tiers[DEFAULT_TIER])
-        for name, override in overrides.items():
-            if name not in base:
-                raise ConfigurationError(
-                    f"{where}[{name!r}]",
-                    "overrides a limit that throttle_limits does not define",
-                    ", ".join(sorted(base)) or "(no limits defined)",
-                )
-            if not isinstance(override, Mapping):
-                raise ConfigurationError(f"{where}[{name!r}]", f"must be a dict, got {override!r}")
-            merged = {**base[name][0], **override}
-            policies[name] = build_policy(
-                name, merged, f"{where}[{name!r}]", dimensions, default_policy
-            )
-        tiers[tier] = policies
+    _expect("throttle_on_store_error", default_policy, default_policy in STORE_ERROR_POLICIES)
     max_defer = _seconds(get, "throttle_max_defer")
     _check_visibility(conf, max_defer)
-    guard_ttl = get("throttle_guard_ttl")
     guard_ttl = (
         max(3600.0, _redelivery_delay(conf) + 2 * max_defer)
-        if guard_ttl is None
+        if get("throttle_guard_ttl") is None
         else _seconds(get, "throttle_guard_ttl")
     )
     max_deferrals = get("throttle_max_deferrals")
-    if max_deferrals is not None and (
-        not isinstance(max_deferrals, int) or isinstance(max_deferrals, bool) or max_deferrals < 1
-    ):
-        raise ConfigurationError(
-            "throttle_max_deferrals",
-            f"got {max_deferrals!r}",
-            KNOWN["throttle_max_deferrals"][1],
-        )
+    _expect(
+        "throttle_max_deferrals",
+        max_deferrals,
+        max_deferrals is None or (type(max_deferrals) is int and max_deferrals >= 1),
+    )
     cluster = get("throttle_redis_cluster")
-    if not isinstance(cluster, bool):
-        raise ConfigurationError(
-            "throttle_redis_cluster", f"got {cluster!r}", KNOWN["throttle_redis_cluster"][1]
-        )
+    _expect("throttle_redis_cluster", cluster, isinstance(cluster, bool))
     return ThrottleSettings(
-        redis_url=redis_url,
+        redis_url=_redis_url(get("throttle_redis_url"), conf),
         redis_cluster=cluster,
-        key_secret=secret,
+        key_secret=_secret(get("throttle_key_secret"), get("throttle_insecure_dev_secret")),
         key_prefix=prefix,
-        tiers=tiers,
+        tiers=_tiers(
+            get("throttle_limits"), get("throttle_tiers"), tuple(dimensions), default_policy
+        ),
         tier_resolver=_resolver(get("throttle_tier_resolver")),
-        dimensions=dimensions,
+        dimensions=tuple(dimensions),
         max_defer=max_defer,
         max_deferrals=max_deferrals,
         horizon=_seconds(get, "throttle_booking_horizon"),
@@ -236,6 +180,59 @@ def load_settings(conf: Any) -> ThrottleSettings:
         guard_ttl=guard_ttl,
         heartbeat_interval=_seconds(get, "throttle_heartbeat_interval"),
     )
+
+
+def _tiers(
+    limits_conf: object, tiers_conf: object, dimensions: tuple[str, ...], default_policy: str
+) -> dict[str, dict[str, LimitPolicy]]:
+    """Every tier's policies: the default tier from ``throttle_limits``, each other tier the
+    same with its overrides merged in."""
+    if not isinstance(limits_conf, Mapping):
+        raise ConfigurationError(
+            "throttle_limits", f"got {limits_conf!r}", KNOWN["throttle_limits"][1]
+        )
+    if not isinstance(tiers_conf, Mapping):
+        raise ConfigurationError(
+            "throttle_tiers", f"got {tiers_conf!r}", KNOWN["throttle_tiers"][1]
+        )
+    specs: dict[str, Mapping[str, Any]] = {}
+    default: dict[str, LimitPolicy] = {}
+    for name, spec in limits_conf.items():
+        where = f"throttle_limits[{name!r}]"
+        if not isinstance(spec, Mapping):
+            raise ConfigurationError(where, f"must be a dict, got {spec!r}", "{'rate': '100/m'}")
+        specs[name] = spec
+        default[name] = build_policy(name, spec, where, dimensions, default_policy)
+    tiers = {DEFAULT_TIER: default}
+    for tier, overrides in tiers_conf.items():
+        where = f"throttle_tiers[{tier!r}]"
+        if not isinstance(tier, str) or not _TIER_RE.match(tier):
+            raise ConfigurationError(where, "invalid tier name", "letters, digits, '_', '.', '-'")
+        if not isinstance(overrides, Mapping):
+            raise ConfigurationError(where, f"must be a dict, got {overrides!r}")
+        policies = dict(default)
+        for name, override in overrides.items():
+            if name not in specs:
+                raise ConfigurationError(
+                    f"{where}[{name!r}]",
+                    "overrides a limit that throttle_limits does not define",
+                    ", ".join(sorted(specs)) or "(no limits defined)",
+                )
+            if not isinstance(override, Mapping):
+                raise ConfigurationError(f"{where}[{name!r}]", f"must be a dict, got {override!r}")
+            merged = {**specs[name], **override}
+            policies[name] = build_policy(
+                name, merged, f"{where}[{name!r}]", dimensions, default_policy
+            )
+        tiers[tier] = policies
+    return tiers
+
+
+def _expect(key: str, value: object, ok: object) -> None:
+    """Raise the standard error for setting ``key`` unless ``ok``."""
+    if not ok:
+        shown = redact_url(value) if isinstance(value, str) else repr(value)
+        raise ConfigurationError(key, f"got {shown}", KNOWN[key][1])
 
 
 def build_policy(
@@ -329,6 +326,7 @@ def _secret(value: object, dev: object) -> bytes:
             "throttle_insecure_dev_secret=True)",
         )
     if not isinstance(value, str | bytes) or len(value) < 16:
+        # Never echo the value: it is (or is meant to be) a secret.
         raise ConfigurationError(
             "throttle_key_secret", "must be at least 16 characters", KNOWN["throttle_key_secret"][1]
         )
@@ -337,13 +335,8 @@ def _secret(value: object, dev: object) -> bytes:
 
 def _seconds(get: Callable[[str], Any], key: str) -> float:
     value = get(key)
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(key, f"got {value!r}", KNOWN[key][1])
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    _expect(key, value, numeric and math.isfinite(value) and value > 0)
     return float(value)
 
 
@@ -381,10 +374,8 @@ def _check_visibility(conf: Any, max_defer: float) -> None:
 def _resolver(value: object) -> Callable[[Mapping[str, object]], str | None] | None:
     if value is None or callable(value):
         return value
-    if not isinstance(value, str) or ":" not in value:
-        raise ConfigurationError(
-            "throttle_tier_resolver", f"got {value!r}", KNOWN["throttle_tier_resolver"][1]
-        )
+    _expect("throttle_tier_resolver", value, isinstance(value, str) and ":" in value)
+    assert isinstance(value, str)
     module_name, _, attr = value.partition(":")
     try:
         target = getattr(importlib.import_module(module_name), attr)

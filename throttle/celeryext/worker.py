@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +136,13 @@ def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict)
         retries=ctx.retries or 0,
         headers=headers,
     )
-    signature.apply_async()
+    try:
+        signature.apply_async()
+    except Exception:
+        # Nothing was published: give the message back to the broker rather than hold it.
+        logger.exception("task %s: could not publish its deferred copy; requeued", request.id)
+        request.reject(requeue=True)
+        return
     if verdict.guard is not None:
         try:
             ext.store().set_guard(
@@ -268,7 +273,3 @@ def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str
             ext.store().set_guard(
                 verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
             )
-
-
-def _monotonic() -> float:
-    return time.monotonic()
