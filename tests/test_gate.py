@@ -393,3 +393,66 @@ def test_the_gate_on_redis_cluster(
         signals.task_throttled.disconnect(note)
     assert deferred
     assert set(deferred) == {"all"}
+
+
+def test_work_without_identity_shares_the_anonymous_bucket(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """Tasks that carry no API key are throttled together under the anonymous bucket of an
+    inline rate, never left unthrottled; a keyed caller has its own bucket."""
+    app = make_app(redis_server)
+    throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.step", throttle="1/h")
+    def step(**kwargs: Any) -> str:
+        return "ran"
+
+    deferred: list[str] = []
+    seen = threading.Event()
+
+    def note(task_id: str = "", **_: Any) -> None:
+        deferred.append(task_id)
+        seen.set()
+
+    signals.task_throttled.connect(note, weak=False)
+    try:
+        worker(app)
+        assert step.delay().get(timeout=TIMEOUT) == "ran"  # the anonymous bucket's one unit
+        assert step.delay(api_key="k").get(timeout=TIMEOUT) == "ran"  # a tenant of its own
+        second_id = step.apply_async(ignore_result=True).id
+        assert seen.wait(TIMEOUT)  # deferred to the next anonymous slot, an hour away
+    finally:
+        signals.task_throttled.disconnect(note)
+    assert deferred == [second_id]
+
+
+def test_pool_side_fallback_where_no_gate_runs(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """On a worker without the gate step, the task's own before_start admits it: work over the
+    limit is deferred from the pool (re-published, not run, not failed) and runs once later."""
+    from throttle.celeryext.worker import GateStep
+
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "10/s", "burst": 2}})
+    throttle.Throttle(app)
+    app.steps["consumer"].discard(GateStep)
+    deferred: list[str] = []
+
+    def note(task_id: str = "", **_: Any) -> None:
+        deferred.append(task_id)
+
+    @app.task(bind=True, name=f"{app.main}.step", throttle="req")
+    def step(self: Any, i: int, *, api_key: str) -> int:
+        db.rpush("runs", self.request.id)
+        return i
+
+    signals.task_throttled.connect(note, weak=False)
+    try:
+        worker(app)
+        results = [step.delay(i, api_key="k") for i in range(6)]
+        assert [r.get(timeout=TIMEOUT) for r in results] == list(range(6))
+    finally:
+        signals.task_throttled.disconnect(note)
+    runs = [x.decode() for x in db.lrange("runs", 0, -1)]
+    assert sorted(runs) == sorted(r.id for r in results)
+    assert len(deferred) >= 4  # at least four of six waited for a slot
