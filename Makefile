@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench bench-decision clean
+.PHONY: test lint pytest demo bench bench-decision bench-gate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,13 @@ test: lint pytest
 demo: $(STAMP)
 	@echo "make demo: the agent-platform demo is not built yet (see the 'Operate it' issue)."
 
-bench: bench-decision
+bench: bench-decision bench-gate
 
 bench-decision: $(STAMP)
 	$(BIN)/python benchmarks/decision.py $(BENCH_ARGS)
+
+bench-gate: $(STAMP)
+	$(BIN)/python benchmarks/gate.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -348,3 +348,18 @@ def test_a_half_done_deferral_is_owned_by_the_first_copy(store: BaseStore) -> No
     assert new.outcome is Outcome.REDEEMED
     old = store.admit([limit], KEY, guard=Guard("w", None), now_us=T0 + 2 * US)
     assert old.outcome is Outcome.STALE  # the new copy claimed the work
+
+
+def test_guard_and_booking_keys_follow_the_tenant_whatever_the_order(store: BaseStore) -> None:
+    """With a global limit listed first, the guard recorded by set_guard is the one the next
+    admission checks, and a booking made then is redeemed (keys under the tenant's tag)."""
+    glob = Limit("all", "1/s", burst=1, per=[])
+    mine = Limit("mine", "10/s", burst=10)
+    limits = [glob, mine]
+    assert store.admit(limits, KEY, guard=Guard("w", None), now_us=T0).allowed
+    store.set_guard(limits, KEY, Guard("w", "t2"), ttl=60)
+    assert store.admit(limits, KEY, guard=Guard("w", None), now_us=T0).outcome is Outcome.STALE
+    booked = store.admit(limits, KEY, guard=Guard("w", "t2"), reserve=True, now_us=T0)
+    assert booked.outcome is Outcome.BOOKED
+    back = store.admit(limits, KEY, guard=Guard("w", "t2"), booking=booked.booking, now_us=T0 + US)
+    assert back.outcome is Outcome.REDEEMED

@@ -92,3 +92,15 @@ def test_keyspace_validation(kwargs: dict[str, str], field: str) -> None:
 def test_repr_hides_the_secret() -> None:
     """The keyspace's repr never shows its secret."""
     assert SECRET not in repr(Keyspace(SECRET))
+
+
+def test_equal_values_of_other_types_are_other_identities(keyspace: Keyspace) -> None:
+    """1 and "1" are different tenants, True and 1.5 are refused, however often asked."""
+    limit = Limit("req", "1/s")
+    as_text = keyspace.bucket(limit, {"api_key": "1"})
+    as_int = keyspace.bucket(limit, {"api_key": 1})
+    assert as_text != as_int
+    assert keyspace.bucket(limit, {"api_key": "1"}) == as_text  # remembered, same answer
+    for bad in (True, 1.0):
+        with pytest.raises(IdentityError):
+            keyspace.bucket(limit, {"api_key": bad})

@@ -65,7 +65,7 @@ class Keyspace:
     """Turns (limit, identity) into bucket keys, under ``prefix``, with fingerprints keyed by
     ``secret``. Thread-safe; fingerprints of short values are cached."""
 
-    __slots__ = ("_fingerprint", "_secret", "prefix", "signing_key")
+    __slots__ = ("_buckets", "_cache_size", "_fingerprint", "_secret", "prefix", "signing_key")
 
     def __init__(self, secret: bytes | str, *, prefix: str = "throttle", cache_size: int = 65536):
         if isinstance(secret, str):
@@ -88,6 +88,8 @@ class Keyspace:
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
         self._fingerprint = functools.lru_cache(maxsize=cache_size)(self._compute)
+        self._cache_size = cache_size
+        self._buckets: dict[tuple[object, ...], Bucket] = {}
 
     def __repr__(self) -> str:  # never show the secret
         return f"Keyspace(prefix={self.prefix!r})"
@@ -128,6 +130,24 @@ class Keyspace:
     def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
         """The bucket of ``limit`` for ``identity``. A dimension the identity lacks (or maps to
         None) takes the limit's ``anonymous`` value."""
+        # Every admission asks this for each of its limits: remember recent answers, keyed by
+        # what the key is made of. Only str and None values are remembered: 1, 1.0 and True are
+        # equal as dict keys but not as identities (a float or a bool is even an error).
+        values = tuple([identity.get(dim) for dim in limit.per])
+        memo = (limit.name, limit.per, limit.anonymous, values)
+        plain = all(v is None or (type(v) is str and len(v) <= _CACHEABLE_LEN) for v in values)
+        if plain:
+            found = self._buckets.get(memo)
+            if found is not None:
+                return found
+        bucket = self._bucket(limit, identity)
+        if plain:
+            if len(self._buckets) >= self._cache_size:
+                self._buckets.clear()
+            self._buckets[memo] = bucket
+        return bucket
+
+    def _bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
         cached = self._fingerprint
         fps = []
         for dim in limit.per:  # on every admission: kept lean

@@ -189,6 +189,7 @@ class BaseStore(Store):
         self.keyspace = keyspace
         self._grace = str(round(booking_grace * _US))
         self._nonce = _Nonces()
+        self._checked: dict[tuple[int, ...], tuple[tuple[Limit, ...], frozenset[str]]] = {}
 
     # -- subclasses run the scripts ----------------------------------------------------------
 
@@ -203,6 +204,10 @@ class BaseStore(Store):
 
     @abstractmethod
     def _set_text(self, key: str, value: str, ttl: float) -> None: ...
+
+    #: True for a store whose keys live in several shards (Redis Cluster slots), where each
+    #: admission runs once per slot it touches.
+    sharded = False
 
     def _slot(self, tag: str) -> Hashable:
         """Which calls may share one script run: all of them, unless the store is sharded."""
@@ -219,17 +224,9 @@ class BaseStore(Store):
         """Validate an admission request and resolve it to buckets."""
         if isinstance(limits, Limit):
             limits = (limits,)
-        if not limits:
-            raise ConfigurationError("limits", "at least one limit is needed")
+        names = self._checked_names(limits)
         if not isinstance(identity, Mapping):
             raise ConfigurationError("identity", f"must be a mapping, got {identity!r}")
-        names = set()
-        for limit in limits:
-            if not isinstance(limit, Limit):
-                raise ConfigurationError("limits", f"expected Limit objects, got {limit!r}")
-            if limit.name in names:
-                raise ConfigurationError("limits", f"limit {limit.name!r} is listed twice")
-            names.add(limit.name)
         if isinstance(cost, Mapping):
             unknown = set(cost) - names
             if unknown:
@@ -243,6 +240,28 @@ class BaseStore(Store):
         return tuple(
             Charge(lim, bucket(lim, identity), c) for lim, c in zip(limits, costs, strict=True)
         )
+
+    def _checked_names(self, limits: Sequence[Limit]) -> frozenset[str]:
+        """The names of a valid list of limits. A list checked once is remembered by the
+        identity of its limits (which the cache keeps alive), so the hot path skips the checks."""
+        key = tuple(map(id, limits))
+        known = self._checked.get(key)
+        if known is not None:
+            return known[1]
+        if not limits:
+            raise ConfigurationError("limits", "at least one limit is needed")
+        names: set[str] = set()
+        for limit in limits:
+            if not isinstance(limit, Limit):
+                raise ConfigurationError("limits", f"expected Limit objects, got {limit!r}")
+            if limit.name in names:
+                raise ConfigurationError("limits", f"limit {limit.name!r} is listed twice")
+            names.add(limit.name)
+        if len(self._checked) >= 1024:  # limit lists are configuration: a few at most
+            self._checked.clear()
+        frozen = frozenset(names)
+        self._checked[key] = (tuple(limits), frozen)
+        return frozen
 
     def admit(
         self,
@@ -289,11 +308,13 @@ class BaseStore(Store):
             "" if guard is None else _guard_arg(guard),
         ]
         work_id = None if guard is None else guard.work_id
-        groups = self._group(charges)
-        if len(groups) == 1:
-            reply = self._run_admit(*self._admit_args(charges, head, booking, work_id))
-            return self._decision(charges, reply, booking, nonce)
-        return self._admit_sharded(groups, head, booking, nonce, now_us, work_id)
+        if self.sharded:
+            groups = self._group(charges)
+            if len(groups) > 1:
+                return self._admit_sharded(groups, head, booking, nonce, now_us, work_id)
+            charges = groups[0]
+        reply = self._run_admit(*self._admit_args(charges, head, booking, work_id))
+        return self._decision(charges, reply, booking, nonce)
 
     def set_guard(
         self,
@@ -310,7 +331,7 @@ class BaseStore(Store):
         """
         if not guard.token:
             raise ConfigurationError("guard", "a token is needed to set a guard")
-        tag = self._group(self.charges(limits, identity, 0))[0][0].bucket.tag
+        tag = _anchor(self.charges(limits, identity, 0))
         self._set_text(self.keyspace.guard_key(tag, guard.work_id), guard.token, ttl)
 
     def _group(self, charges: tuple[Charge, ...]) -> list[tuple[Charge, ...]]:
@@ -338,10 +359,10 @@ class BaseStore(Store):
             argv.append(fmt(c.cost))
         if head[3]:
             assert booking is not None
-            keys.append(self.keyspace.booking_key(charges[0].bucket.tag, booking))
+            keys.append(self.keyspace.booking_key(_anchor(charges), booking))
         if head[7]:
             assert work_id is not None
-            keys.append(self.keyspace.guard_key(charges[0].bucket.tag, work_id))
+            keys.append(self.keyspace.guard_key(_anchor(charges), work_id))
         return keys, argv
 
     def _admit_sharded(
@@ -381,7 +402,7 @@ class BaseStore(Store):
         if head[3] == "old":
             assert booking is not None
             for group in groups:
-                self._delete([self.keyspace.booking_key(group[0].bucket.tag, booking)])
+                self._delete([self.keyspace.booking_key(_anchor(group), booking)])
         all_charges = tuple(c for g in groups for c in g)
         states = [s for g, r in done for s in self._states(g, r)]
         outcome = Outcome.ADMITTED
@@ -478,6 +499,15 @@ class BaseStore(Store):
                 keys.append(total_key(c.bucket))
             argv += [*c.limit.wire[:3], fmt(c.cost), fmt(delta)]
         self._run_settle(keys, argv)
+
+
+def _anchor(charges: Sequence[Charge]) -> str:
+    """The hash tag an admission's booking and guard keys live under: the tenant's, when any
+    limit has one (the slot that goes first on a cluster), else the first limit's."""
+    for charge in charges:
+        if not charge.limit.is_global:
+            return charge.bucket.tag
+    return charges[0].bucket.tag
 
 
 def _guard_arg(guard: Guard) -> str:

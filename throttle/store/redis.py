@@ -60,7 +60,7 @@ class RedisStore(BaseStore):
     ) -> None:
         super().__init__(keyspace, booking_grace=booking_grace)
         self.client = client
-        self._cluster = isinstance(client, RedisCluster)
+        self._cluster = self.sharded = isinstance(client, RedisCluster)
         # Script objects handle NOSCRIPT by loading and retrying (on every node of a cluster).
         # redis-py before 8 annotates Script for Redis only, though it runs on RedisCluster too.
         registrar: Any = client
