@@ -94,9 +94,6 @@ class Verdict:
     identity: dict[str, object] = field(default_factory=dict)
 
 
-_RUN_UNTHROTTLED = Verdict(Action.RUN)
-
-
 @dataclass
 class _Call:
     """One message being decided: who it is for, what it carries, what it is charged."""
@@ -217,7 +214,7 @@ class Gate:
         """Decide what happens to one message of ``task``."""
         spec = self.spec_for(task)
         if spec is None:
-            return _RUN_UNTHROTTLED
+            return Verdict(Action.RUN)
         identity = self.identity(spec, task_id, args, kwargs, headers)
         tier = str(identity.get("tier", DEFAULT_TIER))
         policies = self.policies(spec, tier)
@@ -237,12 +234,17 @@ class Gate:
             costs = spec.costs(args, kwargs)
         except Exception as exc:  # a user callable
             return call.verdict(Action.FAIL, error=_cost_failure(task.name, exc))
+        verdict = self._enforce(call, costs)
         shadow = [p for p in policies if p.mode == "shadow"]
-        if shadow:
+        if shadow and verdict.action is Action.RUN:
+            # Counted once per run, not once per check of deferred work.
             self._shadow(shadow, identity, costs, task_id)
-        if not enforced:
-            return call.verdict(Action.RUN, headers={H.ADMITTED: {"tier": tier}})
-        names = {p.name for p in enforced}
+        return verdict
+
+    def _enforce(self, call: _Call, costs: Mapping[str, float]) -> Verdict:
+        if not call.policies:
+            return call.verdict(Action.RUN, headers={H.ADMITTED: {"tier": call.tier}})
+        names = {p.name for p in call.policies}
         call.cost = {n: c for n, c in costs.items() if n in names}
         now = self.clock.now_us()
         if now < self._down_until:
