@@ -14,13 +14,18 @@ What is measured
     1. Overhead. ONE worker (2 slots) runs the same no-op task with a limit that never binds
        (``1000000/s``, burst 1000000, per API key) and without any limit: two task names, one
        worker, one configuration. Batches alternate (gated, ungated, then ungated, gated, ...)
-       over several rounds after an untimed warm-up batch of each. Each batch is published in
+       over several rounds after an untimed warm-up batch of each (alternating batches rather
+       than one mixed queue, so each timed span belongs to one kind, and drift in the machine's
+       load hits both kinds alike). Each batch is published in
        full to a queue the worker is not consuming; the worker is then told to consume it
        (``add_consumer``) and, once every result is stored, to stop (``cancel_consumer``). A
        batch's throughput is (tasks - 1) / (last ``date_done`` - first ``date_done``) from the
        result backend: the worker's own pace on a full queue, free of the client's publishing
        speed and of the broker's up-to-1-second poll before a new queue is read. A kind's
        throughput is its tasks over its summed spans; the goal is gated / ungated >= 0.9.
+       The machine has few cores and the worker, its pool and Redis share them, so other work
+       on the machine moves these numbers: the row shows the rounds' spread and how many CPUs
+       other processes kept busy meanwhile ("other load", from psutil).
     2. Against Celery's ``rate_limit``. 3 workers x 2 slots, 300 tasks of one API key sent at
        once: first a task throttled at 1/s burst 10 per API key, then (fresh workers, emptied
        Redis) a task with ``rate_limit="60/m"``, which Celery applies per worker. Each task
@@ -44,7 +49,8 @@ What is measured
 How to read it
     One row per measurement: ``throttle`` is ours, ``other`` the comparison (the ungated no-op
     in part 1, Celery's ``rate_limit`` in part 2), then the goal and PASS or FAIL where the
-    performance issue sets one. The goals are repeated at the end, then the total run time.
+    performance issue sets one (plus a check that every backlog task ran). The goals are
+    repeated at the end, then the total run time.
     With ``--quick``: 5 x 200 tasks of each kind, a 30 s window, 2,000 backlog tasks; the
     window goal scales with it (burst + window - 4 to burst + window starts).
 """
@@ -245,6 +251,16 @@ class Workers:
             out[node] = total
         return out
 
+    def kill(self) -> None:
+        """SIGKILL every worker and its pool children (after an error or an interrupt)."""
+        for proc in self.procs.values():
+            _kill_tree(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        self.procs.clear()
+        with contextlib.suppress(Exception):
+            self.client.close()
+
     def stop(self) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL for whatever is left after 30 s."""
         for proc in self.procs.values():
@@ -270,7 +286,10 @@ class Workers:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        if exc_type is None:
+            self.stop()
+        else:
+            self.kill()
 
 
 def send(
@@ -451,7 +470,7 @@ def measure_window(urls: Urls, settings: Settings, logdir: Path, task: str) -> W
         record = starts(store)
         counts = deferral_counts(store)
         workers.client.control.purge()
-    assert first is not None
+    first = min(s["t"] for s in record)
     return Window(
         started=sum(1 for s in record if s["t"] < first + settings.window),
         admissions=len(record),
@@ -539,7 +558,7 @@ def table(rows: Sequence[Sequence[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |"]
         lines.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
 
@@ -599,7 +618,7 @@ def report(
         ["part", "measure", "throttle", "other", "goal", "result"],
         [
             "1 overhead",
-            "no-op tasks/s, 1 worker x 2 (gated | ungated)",
+            "no-op tasks/s, 1 worker x 2 (gated; other: ungated)",
             f"{overhead.rate('gated'):,.0f}",
             f"{overhead.rate('ungated'):,.0f}",
             "",
@@ -615,7 +634,7 @@ def report(
         ],
         [
             "2 vs rate_limit",
-            f"starts in first {window} (throttle 1/s b{burst} | rate_limit 60/m)",
+            f"starts in first {window} (1/s burst {burst}; other: rate_limit 60/m)",
             f"{ours.started}",
             f"{builtin.started}",
             f"{least}-{most}",
@@ -731,8 +750,15 @@ def redis_server(given: str | None) -> Iterator[tuple[str, str]]:
         yield server.url, "private redis-server started for this run"
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the cleanup below
+_INTERRUPTED = False
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    """SIGINT and SIGTERM unwind through the cleanup (workers killed, redis-server stopped).
+    Ctrl-C also reaches the private redis-server, so what fails next is part of the interrupt."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -745,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--logdir", type=Path, help="keep the worker logs here")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if args.logdir:
@@ -791,4 +818,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException as exc:
+        if _INTERRUPTED or isinstance(exc, KeyboardInterrupt):
+            print("\ninterrupted: workers killed, redis-server stopped", file=sys.stderr)
+            sys.exit(130)
+        raise

@@ -52,16 +52,6 @@ if ARGV[8] ~= '' then
   gkey = KEYS[tail]
   tail = tail - 1
   gcur, gnext, gttl = string.match(ARGV[8], '^(%S+) (%S+) (%d+)$')
-  local live = redis.call('GET', gkey)
-  if live then
-    local from, to = string.match(live, '^(%S+)>(%S+)$')
-    if from then
-      if gcur ~= from and gcur ~= to then return {'stale', 0, 0} end
-      claimed = true
-    elseif live ~= gcur then
-      return {'stale', 0, 0}
-    end
-  end
 end
 local bkey = nil
 local booked = {}
@@ -73,7 +63,6 @@ if bmode ~= '' then
   end
 end
 
--- Read every token bucket in one call.
 local tkeys = {}
 local k = 1
 for i = 1, n do
@@ -84,8 +73,24 @@ for i = 1, n do
     k = k + 2
   end
 end
+-- One MGET reads every token bucket and the guard (the most common admission makes no other
+-- read): redis.call is the dominant cost of a script.
+local reads = {unpack(tkeys)}
+if gkey then reads[#reads + 1] = gkey end
 local tvals = {}
-if #tkeys > 0 then tvals = redis.call('MGET', unpack(tkeys)) end
+if #reads > 0 then tvals = redis.call('MGET', unpack(reads)) end
+if gkey then
+  local live = tvals[#reads]
+  if live then
+    local from, to = string.match(live, '^(%S+)>(%S+)$')
+    if from then
+      if gcur ~= from and gcur ~= to then return {'stale', 0, 0} end
+      claimed = true
+    elseif live ~= gcur then
+      return {'stale', 0, 0}
+    end
+  end
+end
 
 -- Evaluate every limit without writing anything but window expiry.
 local L = {}
