@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from _report import table, verdict  # beside this script
 
 from throttle import Keyspace, Limit, RedisStore
 
@@ -336,28 +337,7 @@ def measure_memory(url: str) -> tuple[float, int]:
 # -- output -----------------------------------------------------------------------------------
 
 
-def table(rows: Sequence[Sequence[str]], markdown: bool) -> str:
-    head, *body = rows
-    right = [False, False, True, True, True, True, True]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |"]
-        lines.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = [
-            cell.rjust(w) if r else cell.ljust(w)
-            for cell, w, r in zip(row, widths, right, strict=True)
-        ]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+COLUMNS_RIGHT = [False, False, True, True, True, True, True]
 
 
 def report(
@@ -391,7 +371,7 @@ def report(
         f"{settings.calls:,} calls per round (peers check one limit per call; throttle checks "
         "two, with reserve=True)."
     )
-    print(table(rows, markdown))
+    print(table(rows, markdown, COLUMNS_RIGHT))
     print(
         f"(the keyspace held {big_dbsize:,} keys during the latency rounds; 'in Redis' is the "
         "server's own time per call from INFO commandstats, the rest is client and network)"

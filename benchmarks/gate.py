@@ -82,6 +82,7 @@ from urllib.parse import urlsplit, urlunsplit
 import celery
 import psutil
 import redis
+from _report import table, verdict  # beside this script
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -552,28 +553,7 @@ def measure_backlog(urls: Urls, settings: Settings, logdir: Path) -> Backlog:
 # -- output -----------------------------------------------------------------------------------
 
 
-def table(rows: Sequence[Sequence[str]], markdown: bool) -> str:
-    head, *body = rows
-    right = [False, False, True, True, False, False]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |"]
-        lines.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = [
-            cell.rjust(w) if r else cell.ljust(w)
-            for cell, w, r in zip(row, widths, right, strict=True)
-        ]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+COLUMNS_RIGHT = [False, False, True, True, False, False]
 
 
 def mib(n: int) -> str:
@@ -725,7 +705,7 @@ def report(
         ],
     ]
     print()
-    print(table(rows, markdown))
+    print(table(rows, markdown, COLUMNS_RIGHT))
     print()
     print("Goals:")
     for good, text in goals:
