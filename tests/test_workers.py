@@ -153,9 +153,11 @@ def test_a_worker_killed_mid_deferral_loses_nothing_and_runs_nothing_twice(
     """A worker SIGKILLed right after publishing a deferred copy (before recording its token),
     or right after recording it (before acknowledging the old message): once another worker
     picks up the restored messages, every acks_late task has run exactly once."""
-    _exhaust(urls, "1/s")
     with Workers(**urls, conf=CRASH, logdir=tmp_path) as workers:
         doomed = workers.start("doomed", env={"THROTTLE_TEST_CRASH": point})
+        # Empty the bucket only now, so it has not refilled when the first task arrives: every
+        # task the doomed worker sees is deferred, and it dies at the first deferral.
+        _exhaust(urls, "1/s")
         results = [
             workers.client.send_task("workerapp.record_late", (i,), {"api_key": "tenant"})
             for i in range(5)
@@ -226,3 +228,43 @@ def test_three_workers_hold_one_limit_on_rabbitmq(
         finally:
             with workers.client.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
+
+
+def test_pipelined_admissions_survive_script_loss_and_a_store_outage(
+    urls: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A prefork worker pipelines its admissions on the event loop. After SCRIPT FLUSH its
+    requests are still decided; with the store killed (on_store_error closed) every request is
+    deferred and none runs; once the store is back every task has run exactly once."""
+    base = urls["store"].rsplit("/", 1)[0]
+    record = f"{base}/3"  # the record stays up while the store is down
+    conf = {
+        "throttle_limits": {"per-key": {"rate": "50/s", "burst": 50, "on_store_error": "closed"}},
+        "throttle_store_retry": 0.2,
+    }
+    db = redis.Redis.from_url(record)
+    with RedisServer() as store:
+        store_urls = {**urls, "store": store.url}
+        with Workers(**store_urls, conf=conf, logdir=tmp_path, record=record) as workers:
+            workers.start("w0")
+            send = workers.client.send_task
+            first = [send("workerapp.record", (i,), {"api_key": "k"}) for i in range(10)]
+            assert sorted(r.get(timeout=TIMEOUT) for r in first) == list(range(10))
+            store.client().script_flush()
+            second = [send("workerapp.record", (i,), {"api_key": "k"}) for i in range(10, 20)]
+            assert sorted(r.get(timeout=TIMEOUT) for r in second) == list(range(10, 20))
+            # A stalled store (no answer within throttle_socket_timeout) counts as down.
+            store.client().client_pause(3000)
+            paused = [send("workerapp.record", (i,), {"api_key": "k"}) for i in range(100, 105)]
+            assert db.blpop(["t:deferred:store-closed"], timeout=TIMEOUT)
+            assert sorted(r.get(timeout=TIMEOUT) for r in paused) == list(range(100, 105))
+            db.delete("t:deferred:store-closed")
+            store.kill()
+            third = [send("workerapp.record", (i,), {"api_key": "k"}) for i in range(20, 30)]
+            for _ in range(20):  # each of the ten deferred at least twice while it is down
+                assert db.blpop(["t:deferred:store-closed"], timeout=TIMEOUT)
+            assert not any(20 <= s["i"] < 30 for s in starts(db))
+            store.restart()
+            assert sorted(r.get(timeout=TIMEOUT) for r in third) == list(range(20, 30))
+            ran = sorted(s["i"] for s in starts(db))
+    assert ran == [*range(30), *range(100, 105)]

@@ -41,10 +41,13 @@ _record: redis.Redis | None = None
 
 
 def recorder() -> redis.Redis:
-    """A client of the store's Redis for the record (opened after fork)."""
+    """A client of the Redis the record goes to (``THROTTLE_TEST_RECORD``, else the store's),
+    opened after fork."""
     global _record
     if _record is None:
-        _record = redis.Redis.from_url(app.conf.throttle_redis_url)
+        _record = redis.Redis.from_url(
+            os.environ.get("THROTTLE_TEST_RECORD") or app.conf.throttle_redis_url
+        )
     return _record
 
 
@@ -53,6 +56,7 @@ def _count_deferrals(sender: Any = None, **fields: Any) -> None:
     """Keep every deferral, so tests can count re-denials of work that came back booked."""
     fields.pop("signal", None)
     recorder().rpush(f"{PREFIX}:deferrals", json.dumps(fields, sort_keys=True))
+    recorder().rpush(f"{PREFIX}:deferred:{fields['reason']}", fields["task_id"])
 
 
 def _start(self: Any, i: int, label: str) -> None:

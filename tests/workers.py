@@ -39,6 +39,7 @@ class Workers:
         conf: dict[str, Any],
         logdir: Path,
         prefix: str = "t",
+        record: str = "",
     ) -> None:
         conf = {**conf, "throttle_limits": {**DEFAULT_LIMITS, **conf.get("throttle_limits", {})}}
         self.env = {
@@ -48,6 +49,7 @@ class Workers:
             "THROTTLE_TEST_STORE": store,
             "THROTTLE_TEST_CONF": json.dumps(conf),
             "THROTTLE_TEST_PREFIX": prefix,
+            "THROTTLE_TEST_RECORD": record,
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
         self.logdir = logdir

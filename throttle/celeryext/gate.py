@@ -35,9 +35,9 @@ from throttle.errors import (
 from throttle.identity import Bucket, Keyspace
 from throttle.limits import Limit
 from throttle.store import Decision, Guard, MemoryStore, Outcome, Receipt
-from throttle.store.base import BaseStore, Charge
+from throttle.store.base import BaseStore, Charge, Prepared
 
-__all__ = ["Action", "Gate", "ThrottleExhausted", "Verdict"]
+__all__ = ["Action", "Call", "Gate", "ThrottleExhausted", "Verdict"]
 
 logger = logging.getLogger("throttle.gate")
 _US = 1_000_000
@@ -95,7 +95,7 @@ class Verdict:
 
 
 @dataclass
-class _Call:
+class Call:
     """One message being decided: who it is for, what it carries, what it is charged."""
 
     task_id: str
@@ -106,6 +106,10 @@ class _Call:
     token: str | None
     booking: str | None
     policies: list[LimitPolicy]
+    shadow: list[LimitPolicy] = field(default_factory=list)
+    #: Each limit's cost as the task's options give it (enforced and shadow limits).
+    costs: dict[str, float] = field(default_factory=dict)
+    #: The enforced limits' costs.
     cost: dict[str, float] = field(default_factory=dict)
     #: The token the next copy carries if this one is deferred (recorded by the denial).
     next_token: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -211,16 +215,34 @@ class Gate:
         kwargs: dict[str, Any],
         headers: Mapping[str, Any],
     ) -> Verdict:
-        """Decide what happens to one message of ``task``."""
+        """Decide what happens to one message of ``task`` (one round trip to the store)."""
+        step = self.begin(task, task_id, args, kwargs, headers)
+        if isinstance(step, Verdict):
+            return step
+        try:
+            outcome: Decision | Exception = self._admit(step)
+        except (CostError, StoreError) as exc:
+            outcome = exc
+        return self.conclude(step, outcome)
+
+    def begin(
+        self,
+        task: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+    ) -> Verdict | Call:
+        """Everything before the store: a verdict when none is needed (not throttled, a cost
+        that cannot be computed, the store known to be down), else the call to admit."""
         spec = self.spec_for(task)
         if spec is None:
             return Verdict(Action.RUN)
         identity = self.identity(spec, task_id, args, kwargs, headers)
         tier = str(identity.get("tier", DEFAULT_TIER))
         policies = self.policies(spec, tier)
-        enforced = [p for p in policies if p.mode == "enforce"]
         api_key = identity.get("api_key")
-        call = _Call(
+        call = Call(
             task_id=task_id,
             identity=identity,
             tier=tier,
@@ -228,51 +250,66 @@ class Gate:
             deferrals=_int(headers.get(H.DEFERRALS)),
             token=_token(headers.get(H.TOKEN)),
             booking=_str(headers.get(H.BOOKING)),
-            policies=enforced,
+            policies=[p for p in policies if p.mode == "enforce"],
+            shadow=[p for p in policies if p.mode == "shadow"],
         )
         try:
-            costs = spec.costs(args, kwargs)
+            call.costs = spec.costs(args, kwargs)
         except Exception as exc:  # a user callable
             return call.verdict(Action.FAIL, error=_cost_failure(task.name, exc))
-        verdict = self._enforce(call, costs)
-        shadow = [p for p in policies if p.mode == "shadow"]
-        if shadow and verdict.action is Action.RUN:
+        if not call.policies:
+            return self._after(call, call.verdict(Action.RUN, headers={H.ADMITTED: {"tier": tier}}))
+        names = {p.name for p in call.policies}
+        call.cost = {n: c for n, c in call.costs.items() if n in names}
+        if self.clock.now_us() < self._down_until:
+            return self._after(call, self._fallback(call))
+        return call
+
+    def conclude(self, call: Call, outcome: Decision | Exception) -> Verdict:
+        """The verdict for a call, from the store's decision or the error it raised."""
+        if isinstance(outcome, CostError):
+            return call.verdict(Action.FAIL, error=outcome)
+        if isinstance(outcome, StoreUnavailable):
+            logger.warning("throttle store unavailable (%s); on_store_error applies", outcome)
+            self._down_until = self.clock.now_us() + round(self.settings.store_retry * _US)
+            return self._after(call, self._fallback(call))
+        if isinstance(outcome, Exception):
+            logger.error("throttle store error (%r); on_store_error applies", outcome)
+            return self._after(call, self._fallback(call))
+        return self._after(call, self._verdict(call, outcome))
+
+    def _after(self, call: Call, verdict: Verdict) -> Verdict:
+        if call.shadow and verdict.action is Action.RUN:
             # Counted once per run, not once per check of deferred work.
-            self._shadow(shadow, identity, costs, task_id)
+            self._shadow(call.shadow, call.identity, call.costs, call.task_id)
         return verdict
 
-    def _enforce(self, call: _Call, costs: Mapping[str, float]) -> Verdict:
-        if not call.policies:
-            return call.verdict(Action.RUN, headers={H.ADMITTED: {"tier": call.tier}})
-        names = {p.name for p in call.policies}
-        call.cost = {n: c for n, c in costs.items() if n in names}
-        now = self.clock.now_us()
-        if now < self._down_until:
-            return self._fallback(call)
-        try:
-            decision = self._admit(call)
-        except CostError as exc:
-            return call.verdict(Action.FAIL, error=exc)
-        except StoreUnavailable as exc:
-            logger.warning("throttle store unavailable (%s); on_store_error applies", exc)
-            self._down_until = now + round(self.settings.store_retry * _US)
-            return self._fallback(call)
-        except StoreError:
-            logger.exception("throttle store error; on_store_error applies")
-            return self._fallback(call)
-        return self._verdict(call, decision)
+    def admission(self, call: Call) -> dict[str, Any]:
+        """The store arguments of a call's admission."""
+        return {
+            "cost": call.cost,
+            "reserve": True,
+            "booking": call.booking,
+            "horizon": self.settings.horizon,
+            "guard": Guard(call.task_id, call.token, call.next_token, self.settings.guard_ttl),
+        }
 
-    def _admit(self, call: _Call) -> Decision:
+    def prepare(self, call: Call) -> Prepared | None:
+        """The call's admission encoded for one script run, or None when it cannot be one
+        (the store is a cluster and the limits span slots): then :meth:`check` it instead."""
         try:
-            return self._store().admit(
-                call.limits,
-                call.identity,
-                cost=call.cost,
-                reserve=True,
-                booking=call.booking,
-                horizon=self.settings.horizon,
-                guard=Guard(call.task_id, call.token, call.next_token, self.settings.guard_ttl),
-            )
+            prepared = self._store().prepare(call.limits, call.identity, **self.admission(call))
+        except IdentityError:
+            if call.booking is None:
+                raise
+            logger.debug("task %s: booking header ignored (malformed)", call.task_id)
+            call.booking = None
+            return self.prepare(call)
+        return prepared if isinstance(prepared, Prepared) else None
+
+    def _admit(self, call: Call) -> Decision:
+        try:
+            return self._store().admit(call.limits, call.identity, **self.admission(call))
         except IdentityError:
             if call.booking is None:
                 raise
@@ -281,7 +318,7 @@ class Gate:
             call.booking = None
             return self._admit(call)
 
-    def _verdict(self, call: _Call, decision: Decision) -> Verdict:
+    def _verdict(self, call: Call, decision: Decision) -> Verdict:
         if decision.outcome is Outcome.STALE:
             return call.verdict(Action.DROP, decision=decision, reason="stale")
         if decision.allowed:
@@ -310,7 +347,7 @@ class Gate:
 
     def _defer(
         self,
-        call: _Call,
+        call: Call,
         wait: float,
         reason: str,
         bound_by: str | None,
@@ -340,7 +377,7 @@ class Gate:
 
     # -- while Redis does not answer -----------------------------------------------------------
 
-    def _fallback(self, call: _Call) -> Verdict:
+    def _fallback(self, call: Call) -> Verdict:
         """``on_store_error``: closed limits defer the work, local ones use in-process buckets
         at the limit's share of this worker, open ones let it pass. The next copy keeps this
         copy's token and booking: no guard can be recorded while Redis is away."""

@@ -14,21 +14,29 @@ the old copy live or the new one, never none; a stale twin is dropped when it ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.worker.state import task_ready
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from throttle import signals
 from throttle.celeryext import headers as H
-from throttle.celeryext.gate import Action, Verdict
+from throttle.celeryext.gate import Action, Call, Verdict
 from throttle.celeryext.spec import options_of_class
-from throttle.errors import ThrottleError
+from throttle.errors import CostError, StoreError, StoreUnavailable, ThrottleError
+from throttle.store import Decision, RedisStore
+from throttle.store.base import Prepared
 
 if TYPE_CHECKING:
     from throttle.celeryext.app import Throttle
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["GateStep", "install_pool_fallback"]
 
 logger = logging.getLogger("throttle.gate")
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def extension(app: Any) -> Throttle:
@@ -59,9 +68,13 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.ext.gate.spec_for(task)
         self._timer: Any = None
         original = consumer.on_task_request
+        # With an event loop (prefork), admissions are pipelined: the loop goes on with other
+        # messages while Redis answers. Without one (solo, threads), each waits for its answer.
+        self.pipeline = _Pipeline(self.ext, consumer, original) if consumer.hub else None
 
         def on_task_request(request: Any) -> None:
-            apply_in_consumer(self.ext, consumer, request, original)
+            if self.pipeline is None or not self.pipeline.submit(request):
+                apply_in_consumer(self.ext, consumer, request, original)
 
         consumer.on_task_request = on_task_request
 
@@ -76,6 +89,8 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     def _beat(self) -> None:
         """Count the live workers (for local fallback buckets), and notice Redis is back."""
@@ -108,6 +123,13 @@ def apply_in_consumer(ext: Throttle, consumer: Any, request: Any, run: Callable[
         # A bug of ours must not lose the task or hold it forever: let it run.
         logger.exception("throttle gate failed for task %s; running it unchecked", request.id)
         return run(request)
+    return carry_out(ext, consumer, request, run, verdict)
+
+
+def carry_out(
+    ext: Throttle, consumer: Any, request: Any, run: Callable[[Any], Any], verdict: Verdict
+) -> Any:
+    """Run, defer, drop or fail a request as its verdict says."""
     if verdict.action is Action.RUN:
         request._request_dict.update(verdict.headers)
         return run(request)
@@ -122,6 +144,169 @@ def apply_in_consumer(ext: Throttle, consumer: Any, request: Any, run: Callable[
     finally:
         task_ready(request)
     return None
+
+
+class _Waiting(NamedTuple):
+    request: Any
+    call: Call
+    prepared: Prepared
+    sent: float
+
+
+class _Pipeline:
+    """Admissions sent on a connection of their own without waiting for the answer; the
+    worker's event loop hands each answer back when it arrives, in order.
+
+    The check stays before the pool: a request waits here, reserved, until its verdict. What
+    changes is that the worker's single-threaded main process does not sit idle for a round
+    trip per task. Anything unusual (a cluster store, a script Redis lost, a reply that does not
+    come within ``throttle_socket_timeout``) falls back to the same outcomes as the direct
+    path: the scripts are reloaded, or the requests waiting follow ``on_store_error``.
+    """
+
+    def __init__(self, ext: Throttle, consumer: Any, run: Callable[[Any], Any]) -> None:
+        self.ext = ext
+        self.consumer = consumer
+        self.run = run
+        self.hub = consumer.hub
+        self.pending: deque[_Waiting] = deque()
+        self.conn: Any = None
+        self.encode: Callable[[Prepared], bytes] | None = None
+        self.timer: Any = None
+
+    def submit(self, request: Any) -> bool:
+        """Start deciding ``request``; False when it must be decided the direct way."""
+        gate = self.ext.gate
+        task = request.task
+        try:
+            if gate.spec_for(task) is None:
+                return False
+            step = gate.begin(
+                task, request.id, tuple(request.args), dict(request.kwargs), request._request_dict
+            )
+            if isinstance(step, Verdict):
+                self._carry_out(request, step)
+                return True
+            prepared = gate.prepare(step)
+        except CostError:
+            return False  # the direct path fails the task with it
+        except ThrottleError:
+            return False  # the direct path reports it
+        if prepared is None:
+            return False
+        try:
+            if not self._connect():
+                return False
+            assert self.encode is not None
+            self.conn.send_packed_command((self.encode(prepared),), check_health=False)
+        except _UNAVAILABLE as exc:
+            self._fail_all(StoreUnavailable(str(exc)))
+            self._carry_out(request, gate.conclude(step, StoreUnavailable(str(exc))))
+            return True
+        self.pending.append(_Waiting(request, step, prepared, time.monotonic()))
+        if self.timer is None:
+            self._arm(self.ext.settings.socket_timeout)
+        return True
+
+    def _connect(self) -> bool:
+        if self.conn is not None:
+            return True
+        store = self.ext.store()
+        pipeline = store.pipeline() if isinstance(store, RedisStore) else None
+        if pipeline is None:
+            return False
+        self.conn, self.encode = pipeline
+        self.conn.connect()
+        self.hub.add_reader(self.conn._sock, self._on_readable)
+        return True
+
+    def _on_readable(self, *_: Any) -> None:
+        gate = self.ext.gate
+        while self.pending:
+            try:
+                if not self.conn.can_read(timeout=0):
+                    return
+                reply = self.conn.read_response()
+            except NoScriptError:
+                # Redis lost the script (a restart, SCRIPT FLUSH): nothing ran; load it again
+                # and decide this request the direct way.
+                waiting = self.pending.popleft()
+                self._direct(waiting)
+                continue
+            except ResponseError as exc:
+                waiting = self.pending.popleft()
+                self._carry_out(waiting.request, gate.conclude(waiting.call, StoreError(str(exc))))
+                continue
+            except _UNAVAILABLE as exc:
+                self._fail_all(StoreUnavailable(str(exc)))
+                return
+            waiting = self.pending.popleft()
+            store = self.ext.store()
+            try:
+                outcome: Decision | Exception = store.finish(waiting.prepared, reply)
+            except StoreError as exc:
+                outcome = exc
+            self._carry_out(waiting.request, gate.conclude(waiting.call, outcome))
+
+    def _direct(self, waiting: _Waiting) -> None:
+        store = self.ext.store()
+        try:
+            if isinstance(store, RedisStore):
+                store.load_scripts()
+            verdict = self.ext.gate.check(
+                waiting.request.task,
+                waiting.request.id,
+                tuple(waiting.request.args),
+                dict(waiting.request.kwargs),
+                waiting.request._request_dict,
+            )
+        except ThrottleError as exc:
+            verdict = self.ext.gate.conclude(waiting.call, exc)
+        self._carry_out(waiting.request, verdict)
+
+    def _arm(self, delay: float) -> None:
+        self.timer = self.hub.call_later(max(delay, 0.001), self._expire)
+
+    def _expire(self) -> None:
+        """No answer within the socket timeout: the store is as good as down."""
+        self.timer = None
+        if not self.pending:
+            return
+        waited = time.monotonic() - self.pending[0].sent
+        timeout = self.ext.settings.socket_timeout
+        if waited >= timeout:
+            self._fail_all(StoreUnavailable(f"no answer within {timeout:g} s"))
+        else:
+            self._arm(timeout - waited)
+
+    def _fail_all(self, error: StoreUnavailable) -> None:
+        waiting = list(self.pending)
+        self._reset()
+        for item in waiting:
+            self._carry_out(item.request, self.ext.gate.conclude(item.call, error))
+
+    def _reset(self) -> None:
+        self.pending.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.hub.remove(self.conn._sock)
+            self.conn.disconnect()
+            self.conn = None
+
+    def close(self) -> None:
+        """The consumer stops: requests still waiting are left unacknowledged (the broker
+        delivers them again)."""
+        self._reset()
+
+    def _carry_out(self, request: Any, verdict: Verdict) -> None:
+        try:
+            carry_out(self.ext, self.consumer, request, self.run, verdict)
+        except Exception:
+            # An event-loop callback must not raise: that would stop the worker.
+            logger.exception("throttle could not carry out its verdict for task %s", request.id)
 
 
 def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "Guard",
     "LimitState",
     "Outcome",
+    "Prepared",
     "Receipt",
     "Store",
 ]
@@ -95,6 +96,16 @@ class Charge(NamedTuple):
     limit: Limit
     bucket: Bucket
     cost: float
+
+
+class Prepared(NamedTuple):
+    """One admission encoded for the admission script (see :meth:`BaseStore.prepare`)."""
+
+    charges: tuple[Charge, ...]
+    keys: list[str]
+    argv: list[str]
+    booking: str | None
+    nonce: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +296,37 @@ class BaseStore(Store):
         copy of the work whose token is not the live one is answered :attr:`Outcome.STALE` and
         nothing changes. ``now_us`` replaces the store's clock (tests only).
         """
+        prepared = self.prepare(
+            limits,
+            identity,
+            cost=cost,
+            reserve=reserve,
+            booking=booking,
+            horizon=horizon,
+            guard=guard,
+            now_us=now_us,
+        )
+        if isinstance(prepared, Prepared):
+            return self.finish(prepared, self._run_admit(prepared.keys, prepared.argv))
+        groups, head, booking_id, nonce, work_id = prepared
+        return self._admit_sharded(groups, head, booking_id, nonce, now_us, work_id)
+
+    def prepare(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        cost: float | Mapping[str, float] = 1,
+        reserve: bool = False,
+        booking: str | None = None,
+        horizon: float | None = None,
+        guard: Guard | None = None,
+        now_us: int | None = None,
+    ) -> Prepared | tuple[Any, ...]:
+        """Validate an admission and encode its one script run, without running it: for callers
+        that send the run themselves (pipelined on a connection of their own) and then pass the
+        reply to :meth:`finish`. An admission that spans several shards cannot be one run: it
+        comes back as a tuple that only :meth:`admit` understands."""
         charges = self.charges(limits, identity, cost)
         if horizon is not None and not _positive(horizon, zero=True):
             raise ConfigurationError("horizon", f"must be seconds >= 0 or None, got {horizon!r}")
@@ -311,10 +353,14 @@ class BaseStore(Store):
         if self.sharded:
             groups = self._group(charges)
             if len(groups) > 1:
-                return self._admit_sharded(groups, head, booking, nonce, now_us, work_id)
+                return (groups, head, booking, nonce, work_id)
             charges = groups[0]
-        reply = self._run_admit(*self._admit_args(charges, head, booking, work_id))
-        return self._decision(charges, reply, booking, nonce)
+        keys, argv = self._admit_args(charges, head, booking, work_id)
+        return Prepared(charges, keys, argv, booking, nonce)
+
+    def finish(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
+        """The decision of a prepared admission, from the script's reply."""
+        return self._decision(prepared.charges, reply, prepared.booking, prepared.nonce)
 
     def set_guard(
         self,

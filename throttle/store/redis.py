@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from throttle.errors import StoreError, StoreUnavailable
 from throttle.identity import Keyspace
-from throttle.store.base import BaseStore
+from throttle.store.base import BaseStore, Prepared
 
 __all__ = ["RedisStore", "script_source"]
 
@@ -98,6 +98,24 @@ class RedisStore(BaseStore):
         count = self._run(self._heartbeat_script, [key], [member, str(round(window * 1e6))])
         return int(count)
 
+    def pipeline(self) -> tuple[Any, Callable[[Prepared], bytes]] | None:
+        """For callers that pipeline admissions on a connection of their own (the worker's
+        event loop): a new connection and the function that encodes a prepared admission for
+        it; None on a cluster, where admissions go through the cluster client."""
+        if self._fast is None:
+            return None
+        fast = self._fast
+        sha = self._admit_script.sha
+        return fast.new_connection(), lambda p: fast.frame(sha, p.keys, p.argv)
+
+    def load_scripts(self) -> None:
+        """Load the scripts on the server (after ``SCRIPT FLUSH`` or a restart emptied it)."""
+        try:
+            for script in (self._admit_script, self._settle_script):
+                script.sha = self.client.script_load(script.script)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
     def _set_text(self, key: str, value: str, ttl: float) -> None:
         try:
             self.client.set(key, value, px=max(1, round(ttl * 1000)))
@@ -137,17 +155,26 @@ class _FastPath:
             local.pid = os.getpid()
         return conn
 
-    def evalsha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
+    def frame(self, sha: str, keys: list[str], argv: list[str]) -> bytes:
+        """The ``EVALSHA`` command as it goes on the wire."""
         head = self._frames.get(sha)
         if head is None:
             head = self._frames[sha] = f"$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n"
         args = [str(len(keys)), *keys, *argv]
         # Every argument is ASCII (fingerprints, validated names, numbers), so a character
         # count is a byte count and the frame can be built as one string and encoded once.
-        frame = f"*{2 + len(args)}\r\n{head}" + "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
+        text = f"*{2 + len(args)}\r\n{head}" + "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
+        return text.encode("ascii")
+
+    def new_connection(self) -> Any:
+        """A connection of its own, with the client's settings (TLS, ACL user, timeouts)."""
+        return self._factory()
+
+    def evalsha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
+        frame = self.frame(sha, keys, argv)
         conn = self._connection()
         try:
-            conn.send_packed_command((frame.encode("ascii"),), check_health=False)
+            conn.send_packed_command((frame,), check_health=False)
             return conn.read_response()
         except _UNAVAILABLE:
             conn.disconnect()
