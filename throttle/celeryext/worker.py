@@ -222,6 +222,11 @@ class _Pipeline:
 
     def _on_readable(self, *_: Any) -> None:
         gate = self.ext.gate
+        if not self.pending:
+            # Readable with nothing asked: the server closed the connection. Drop it, or the
+            # loop would call back here for ever.
+            self._reset()
+            return
         while self.pending:
             try:
                 if not self.conn.can_read(timeout=0):
