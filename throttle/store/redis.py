@@ -112,7 +112,8 @@ class RedisStore(BaseStore):
         """Load the scripts on the server (after ``SCRIPT FLUSH`` or a restart emptied it)."""
         try:
             for script in (self._admit_script, self._settle_script):
-                script.sha = self.client.script_load(script.script)
+                sha: Any = self.client.script_load(script.script)
+                script.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
