@@ -171,6 +171,7 @@ class _Pipeline:
         self.hub = consumer.hub
         self.pending: deque[_Waiting] = deque()
         self.conn: Any = None
+        self.fd: int | None = None
         self.encode: Callable[[Prepared], bytes] | None = None
         self.timer: Any = None
 
@@ -217,7 +218,10 @@ class _Pipeline:
             return False
         self.conn, self.encode = pipeline
         self.conn.connect()
-        self.hub.add_reader(self.conn._sock, self._on_readable)
+        # Remember the descriptor: after an error redis-py drops the socket object, and the
+        # loop must forget this descriptor before a new socket can reuse its number.
+        self.fd = self.conn._sock.fileno()
+        self.hub.add_reader(self.fd, self._on_readable)
         return True
 
     def _on_readable(self, *_: Any) -> None:
@@ -295,9 +299,11 @@ class _Pipeline:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.conn is not None:
+        if self.fd is not None:
             with contextlib.suppress(Exception):
-                self.hub.remove(self.conn._sock)
+                self.hub.remove(self.fd)
+            self.fd = None
+        if self.conn is not None:
             self.conn.disconnect()
             self.conn = None
 
