@@ -5,6 +5,7 @@ and the two stores every core test runs over."""
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +29,15 @@ T0 = 1_760_000_000_000_000
 #: How long a test waits for a task result before it fails.
 TIMEOUT = 60
 _apps = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _collect_results() -> Iterator[None]:
+    """Collect each test's garbage while its servers still run: a Celery AsyncResult left to the
+    interpreter's exit unsubscribes from a Redis that is gone, and the error it raises then
+    cannot be reported cleanly."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from throttle import signals
 from throttle.celeryext import headers as H
 from throttle.celeryext.gate import Action, Call, Verdict
 from throttle.celeryext.spec import options_of_class
-from throttle.errors import CostError, StoreError, StoreUnavailable, ThrottleError
+from throttle.errors import StoreError, StoreUnavailable, ThrottleError
 from throttle.store import Decision, RedisStore
 from throttle.store.base import Prepared
 
@@ -189,10 +189,10 @@ class _Pipeline:
                 self._carry_out(request, step)
                 return True
             prepared = gate.prepare(step)
-        except CostError:
-            return False  # the direct path fails the task with it
-        except ThrottleError:
-            return False  # the direct path reports it
+        except Exception:
+            # A cost no limit can take, a bad option, or a bug of ours: the direct path
+            # decides again and handles it (fails the task, or runs it unchecked and logs).
+            return False
         if prepared is None:
             return False
         try:
