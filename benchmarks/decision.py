@@ -52,19 +52,16 @@ import pstats
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier
-from pathlib import Path
 from typing import Any
 
 import redis
-from _report import table, verdict  # beside this script
+from _common import redis_server, table, verdict  # beside this script
 
 from throttle import Keyspace, Limit, RedisStore
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "benchmark-secret-0123456789abcdef"
 
 #: Limits that never bind: every call is an admission.
@@ -427,21 +424,6 @@ def profile(url: str, calls: int) -> None:
 # -- running it -------------------------------------------------------------------------------
 
 
-@contextmanager
-def redis_url(given: str | None) -> Iterator[tuple[str, str]]:
-    """The URL to measure against and a description of the server."""
-    if given:
-        yield given, "given by --redis-url"
-        return
-    # The private server helper lives in the test package, at the repository root.
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.redis_servers import RedisServer
-
-    with RedisServer() as server:
-        yield server.url, "private redis-server started for this run"
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
@@ -470,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     big_keys = 5_000 if args.quick else BIG_KEYS
     started = time.perf_counter()
-    with redis_url(args.redis_url) as (url, where):
+    with redis_server(args.redis_url) as (url, where):
         client = redis.Redis.from_url(url)
         server = client.info("server")
         print(

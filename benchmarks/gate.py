@@ -70,8 +70,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -82,10 +81,9 @@ from urllib.parse import urlsplit, urlunsplit
 import celery
 import psutil
 import redis
-from _report import table, verdict  # beside this script
+from _common import ROOT, redis_server, table, verdict  # beside this script
 from celery import Celery
 
-ROOT = Path(__file__).resolve().parent.parent
 APP = "benchmarks.gateapp"
 PREFIX = "bench"
 API_KEY = "tenant-1"
@@ -713,21 +711,6 @@ def report(
 
 
 # -- running it -------------------------------------------------------------------------------
-
-
-@contextmanager
-def redis_server(given: str | None) -> Iterator[tuple[str, str]]:
-    """The server to run against, and a description of it."""
-    if given:
-        yield given, "given by --redis-url"
-        return
-    # The private server helper lives in the test package, at the repository root.
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.redis_servers import RedisServer
-
-    with RedisServer() as server:
-        yield server.url, "private redis-server started for this run"
 
 
 _INTERRUPTED = False

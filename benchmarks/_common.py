@@ -1,9 +1,31 @@
 # SPDX-License-Identifier: MIT
-"""How the benchmark scripts print their results: one table form, as text or Markdown."""
+"""What the benchmark scripts share: the Redis server they measure against, and one table
+form for their results, as text or Markdown."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def redis_server(given: str | None) -> Iterator[tuple[str, str]]:
+    """The server to run against (``--redis-url``, else a private redis-server started for
+    the run), and a description of it."""
+    if given:
+        yield given, "given by --redis-url"
+        return
+    # The private server helper lives in the test package, at the repository root.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.redis_servers import RedisServer
+
+    with RedisServer() as server:
+        yield server.url, "private redis-server started for this run"
 
 
 def table(rows: Sequence[Sequence[str]], markdown: bool, right: Sequence[bool]) -> str:
