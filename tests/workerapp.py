@@ -83,10 +83,8 @@ def record(self: Any, i: int, *, api_key: str, agent_id: str = "a", label: str =
 
 
 @app.task(bind=True, throttle=["per-key"], acks_late=True, name="workerapp.record_late")
-def record_late(self: Any, i: int, *, api_key: str, hold: float = 0.0) -> int:
+def record_late(self: Any, i: int, *, api_key: str) -> int:
     _start(self, i, "late")
-    if hold:
-        time.sleep(hold)  # the work itself (a stand-in for an LLM call), not synchronisation
     return i
 
 

@@ -145,7 +145,6 @@ class _FastPath:
         pool = client.connection_pool
         self._factory: Callable[[], Any] = lambda: pool.connection_class(**pool.connection_kwargs)
         self._local = threading.local()
-        self._pid = os.getpid()
         self._frames: dict[str, str] = {}
 
     def _connection(self) -> Any:
