@@ -4,13 +4,18 @@ Redis Cluster slots."""
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 import redis.cluster
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
+import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, Outcome, RedisStore, StoreUnavailable
@@ -109,3 +114,72 @@ def test_cluster_booking_in_the_global_slot(cluster_client: redis.cluster.RedisC
     replay = store.admit([tenant, glob], KEY, booking=booked.booking, now_us=T0 + 1_000_000)
     assert replay.outcome is Outcome.DENIED  # the booking was deleted in every slot
     assert not cluster_client.keys("*~b:*", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+
+
+@pytest.fixture(params=["lean", "redis-py"])
+def io_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the store talks to Redis: its own reply parser (with hiredis), and redis-py's
+    connection methods (used without hiredis, and over TLS)."""
+    if request.param == "redis-py":
+        monkeypatch.setattr(throttle.store.redis, "_hiredis", None)
+    return str(request.param)
+
+
+def _replies(link: Any, count: int) -> list[Any]:
+    """``count`` replies from a link, reading whenever its socket is readable."""
+    got: list[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < count and time.monotonic() < deadline:
+        if select.select([link.fileno()], [], [], 1)[0]:
+            got += link.ready()
+    return got
+
+
+def test_pipelined_replies_come_back_in_order(
+    io_way: str, redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """Several admissions in flight on one link: the replies come back in the order sent, and
+    an error reply (a script Redis does not know) stands in its place as an exception."""
+    store = RedisStore(redis_client, keyspace)
+    store.load_scripts()
+    pipeline = store.pipeline()
+    assert pipeline is not None
+    link, encode = pipeline
+    limit = Limit("req", "10/s", burst=3)
+    prepared = [store.prepare([limit], KEY, now_us=T0) for _ in range(4)]
+    frames = [encode(p) for p in prepared]
+    frames[2] = frames[2].replace(store._admit_script.sha.encode(), b"0" * 40)
+    for frame in frames:
+        link.send(frame)
+    replies = _replies(link, 4)
+    assert isinstance(replies[2], NoScriptError)
+    ran = [
+        store.finish(p, r).outcome
+        for i, (p, r) in enumerate(zip(prepared, replies, strict=True))
+        if i != 2
+    ]
+    # The third never ran, so the fourth found room: three admissions fill the burst of 3.
+    assert ran == [Outcome.ADMITTED] * 3
+    assert store.admit([limit], KEY, now_us=T0).outcome is Outcome.DENIED
+    link.close()
+
+
+def test_a_killed_connection_is_reported_and_replaced(
+    io_way: str, redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """CLIENT KILL of the store's connection: the pipelined link reports it as a connection
+    error; the direct path's next admission after the error connects again."""
+    store = RedisStore(redis_client, keyspace)
+    limit = Limit("req", "100/s")
+    assert store.admit([limit], KEY).allowed
+    pipeline = store.pipeline()
+    assert pipeline is not None
+    link, encode = pipeline
+    link.send(encode(store.prepare([limit], KEY)))
+    assert len(_replies(link, 1)) == 1
+    redis_client.client_kill_filter(_type="normal", skipme=True)
+    with pytest.raises(redis.ConnectionError):
+        _replies(link, 1)
+    with pytest.raises(StoreUnavailable):
+        store.admit([limit], KEY)
+    assert store.admit([limit], KEY).allowed

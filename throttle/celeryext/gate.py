@@ -12,7 +12,6 @@ while Redis does not answer a circuit breaker skips it for ``throttle_store_retr
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from throttle import signals
+from throttle._tokens import token_hex
 from throttle.celeryext import headers as H
 from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSettings
 from throttle.celeryext.spec import TaskSpec, options_of, spec_from_options
@@ -112,7 +112,7 @@ class Call:
     #: The enforced limits' costs.
     cost: dict[str, float] = field(default_factory=dict)
     #: The token the next copy carries if this one is deferred (recorded by the denial).
-    next_token: str = field(default_factory=lambda: secrets.token_hex(8))
+    next_token: str = field(default_factory=lambda: token_hex(8))
 
     @property
     def limits(self) -> tuple[Limit, ...]:

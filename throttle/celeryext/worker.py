@@ -27,7 +27,7 @@ from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.worker.state import task_ready
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from throttle import signals
@@ -170,7 +170,7 @@ class _Pipeline:
         self.run = run
         self.hub = consumer.hub
         self.pending: deque[_Waiting] = deque()
-        self.conn: Any = None
+        self.link: Any = None
         self.fd: int | None = None
         self.encode: Callable[[Prepared], bytes] | None = None
         self.timer: Any = None
@@ -199,7 +199,7 @@ class _Pipeline:
             if not self._connect():
                 return False
             assert self.encode is not None
-            self.conn.send_packed_command((self.encode(prepared),), check_health=False)
+            self.link.send(self.encode(prepared))
         except _UNAVAILABLE as exc:
             self._fail_all(StoreUnavailable(str(exc)))
             self._carry_out(request, gate.conclude(step, StoreUnavailable(str(exc))))
@@ -210,17 +210,16 @@ class _Pipeline:
         return True
 
     def _connect(self) -> bool:
-        if self.conn is not None:
+        if self.link is not None:
             return True
         store = self.ext.store()
         pipeline = store.pipeline() if isinstance(store, RedisStore) else None
         if pipeline is None:
             return False
-        self.conn, self.encode = pipeline
-        self.conn.connect()
-        # Remember the descriptor: after an error redis-py drops the socket object, and the
-        # loop must forget this descriptor before a new socket can reuse its number.
-        self.fd = self.conn._sock.fileno()
+        self.link, self.encode = pipeline
+        # Remember the descriptor: after an error the socket object is dropped, and the loop
+        # must forget this descriptor before a new socket can reuse its number.
+        self.fd = self.link.fileno()
         self.hub.add_reader(self.fd, self._on_readable)
         return True
 
@@ -231,27 +230,25 @@ class _Pipeline:
             # loop would call back here for ever.
             self._reset()
             return
-        while self.pending:
-            try:
-                if not self.conn.can_read(timeout=0):
-                    return
-                reply = self.conn.read_response()
-            except NoScriptError:
-                # Redis lost the script (a restart, SCRIPT FLUSH): nothing ran; load it again
-                # and decide this request the direct way.
-                waiting = self.pending.popleft()
-                self._direct(waiting)
-                continue
-            except ResponseError as exc:
-                waiting = self.pending.popleft()
-                self._carry_out(waiting.request, gate.conclude(waiting.call, StoreError(str(exc))))
-                continue
-            except _UNAVAILABLE as exc:
-                self._fail_all(StoreUnavailable(str(exc)))
+        try:
+            replies = self.link.ready()
+        except _UNAVAILABLE as exc:
+            self._fail_all(StoreUnavailable(str(exc)))
+            return
+        store = self.ext.store()
+        for reply in replies:
+            if not self.pending:  # a reply nobody asked for: the connection is not ours
+                self._reset()
                 return
             waiting = self.pending.popleft()
-            store = self.ext.store()
+            if isinstance(reply, NoScriptError):
+                # Redis lost the script (a restart, SCRIPT FLUSH): nothing ran; load it again
+                # and decide this request the direct way.
+                self._direct(waiting)
+                continue
             try:
+                if isinstance(reply, RedisError):
+                    raise StoreError(str(reply))
                 outcome: Decision | Exception = store.finish(waiting.prepared, reply)
             except StoreError as exc:
                 outcome = exc
@@ -303,9 +300,9 @@ class _Pipeline:
             with contextlib.suppress(Exception):
                 self.hub.remove(self.fd)
             self.fd = None
-        if self.conn is not None:
-            self.conn.disconnect()
-            self.conn = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
     def close(self) -> None:
         """The consumer stops: requests still waiting are left unacknowledged (the broker

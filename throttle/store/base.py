@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from throttle._tokens import token_urlsafe
 from throttle.errors import ConfigurationError, CostError, StoreError
 from throttle.identity import Bucket, Keyspace, total_key
 from throttle.limits import Limit, check_cost
@@ -334,7 +335,7 @@ class BaseStore(Store):
             booking = self.keyspace.check_booking_id(booking)
             bmode = "old"
         elif reserve:
-            booking = secrets.token_urlsafe(12)
+            booking = token_urlsafe(12)
             bmode = "new"
         else:
             bmode = ""

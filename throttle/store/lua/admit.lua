@@ -63,19 +63,18 @@ if bmode ~= '' then
   end
 end
 
-local tkeys = {}
+-- One MGET reads every token bucket and the guard (the most common admission makes no other
+-- read): redis.call is the dominant cost of a script.
+local reads = {}
 local k = 1
 for i = 1, n do
   if ARGV[9 + (i - 1) * 5 + 1] == 't' then
-    tkeys[#tkeys + 1] = KEYS[k]
+    reads[#reads + 1] = KEYS[k]
     k = k + 1
   else
     k = k + 2
   end
 end
--- One MGET reads every token bucket and the guard (the most common admission makes no other
--- read): redis.call is the dominant cost of a script.
-local reads = {unpack(tkeys)}
 if gkey then reads[#reads + 1] = gkey end
 local tvals = {}
 if #reads > 0 then tvals = redis.call('MGET', unpack(reads)) end
@@ -99,7 +98,8 @@ k = 1
 for i = 1, n do
   local a = 9 + (i - 1) * 5
   local e = {algo = ARGV[a + 1], period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
-             cost = tonumber(ARGV[a + 5]), key = KEYS[k]}
+             cost = tonumber(ARGV[a + 5]), key = KEYS[k], T = 0, tau = 0, tat = 0, new_tat = 0,
+             free_at = 0, booked = false, totalkey = false, total = 0}
   if e.algo == 't' then
     e.T = e.period / e.count
     e.tau = tonumber(ARGV[a + 4]) * e.T
