@@ -19,6 +19,7 @@ from throttle import (
     Outcome,
     RedisStore,
 )
+from throttle.identity import Fingerprint
 from throttle.store.base import BaseStore, Guard
 from throttle.testing import ManualClock
 
@@ -284,6 +285,30 @@ def test_admission_arguments_are_checked(store: BaseStore) -> None:
         store.admit([limit], KEY, horizon=-1)
     with pytest.raises(ConfigurationError, match="identity"):
         store.admit([limit], "tenant")  # type: ignore[arg-type]
+
+
+def test_a_repeated_admission_is_checked_like_the_first(store: BaseStore) -> None:
+    """Admissions remember what their limits, identity and costs come to; values that compare
+    equal to remembered ones but mean something else are still told apart: a bool cost is an
+    error, a Fingerprint is not the string it is spelt as, a long key is its own bucket."""
+    limit = Limit("req", "10/s", burst=10)
+    tokens = Limit("tokens", "1000/s", burst=1000)
+    for _ in range(2):
+        assert store.admit([limit], KEY, cost=1, now_us=T0).allowed
+        assert store.admit([limit, tokens], KEY, cost={"tokens": 5}, now_us=T0).allowed
+    with pytest.raises(CostError):
+        store.admit([limit], KEY, cost=True, now_us=T0)
+    with pytest.raises(CostError):
+        store.admit([limit, tokens], KEY, cost={"tokens": True}, now_us=T0)
+    with pytest.raises(CostError):
+        store.admit([limit, tokens], KEY, cost={"tokens": 5000}, now_us=T0)
+    spelt = store.keyspace.fingerprint("api_key", KEY["api_key"])
+    assert store.admit([limit], {"api_key": spelt}, now_us=T0).limits[0].remaining == 9
+    assert store.admit([limit], {"api_key": Fingerprint(spelt)}, now_us=T0).limits[0].remaining == 5
+    long_key = "k" * 1000
+    for left in (9, 8):
+        assert store.admit([limit], {"api_key": long_key}, now_us=T0).limits[0].remaining == left
+    assert store.admit([limit], KEY, now_us=T0).limits[0].remaining == 4
 
 
 def test_redis_keys_expire_when_full_again(redis_client: redis.Redis, keyspace: Keyspace) -> None:

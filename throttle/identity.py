@@ -65,7 +65,15 @@ class Keyspace:
     """Turns (limit, identity) into bucket keys, under ``prefix``, with fingerprints keyed by
     ``secret``. Thread-safe; fingerprints of short values are cached."""
 
-    __slots__ = ("_buckets", "_cache_size", "_fingerprint", "_secret", "prefix", "signing_key")
+    __slots__ = (
+        "_buckets",
+        "_cache_size",
+        "_fingerprint",
+        "_mac",
+        "_secret",
+        "prefix",
+        "signing_key",
+    )
 
     def __init__(self, secret: bytes | str, *, prefix: str = "throttle", cache_size: int = 65536):
         if isinstance(secret, str):
@@ -85,6 +93,7 @@ class Keyspace:
             )
         self.prefix = prefix
         self._secret = secret
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
         self._fingerprint = functools.lru_cache(maxsize=cache_size)(self._compute)
@@ -124,7 +133,9 @@ class Keyspace:
             raw = b"b" + value
         else:
             raw = b"i" + str(value).encode()
-        digest = hmac.new(self._secret, dimension.encode() + b"\0" + raw, hashlib.sha256).digest()
+        mac = self._mac.copy()  # the keyed state, computed once: cheaper than hmac.new
+        mac.update(dimension.encode() + b"\0" + raw)
+        digest = mac.digest()
         return base64.urlsafe_b64encode(digest[:12]).decode()
 
     def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:

@@ -54,6 +54,8 @@ class Outcome(StrEnum):
 
 
 _ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
+_PLANS = 4096  # admission plans remembered per store (each a few hundred bytes)
+_PLAN_VALUE_LEN = 256  # identity values longer than this are not remembered
 # The script's outcome as bytes (Redis) or str (engine), to the member.
 _OUTCOMES: dict[object, Outcome] = {
     **{o.value: o for o in Outcome},
@@ -97,6 +99,23 @@ class Charge(NamedTuple):
     limit: Limit
     bucket: Bucket
     cost: float
+
+
+class _Checked(NamedTuple):
+    """A list of limits found valid, kept alive so that the ids it is remembered by stay its."""
+
+    limits: tuple[Limit, ...]
+    names: frozenset[str]
+    dims: tuple[str, ...]  # every dimension any of them is keyed by
+
+
+class _Plan(NamedTuple):
+    """What an admission's limits, identity and costs come to: the same every time they recur."""
+
+    charges: tuple[Charge, ...]
+    keys: tuple[str, ...]  # the buckets' keys (a sliding window has two)
+    argv: tuple[str, ...]  # the count of limits, then each limit's wire form and cost
+    anchor: str  # the hash tag of the booking and guard keys
 
 
 class Prepared(NamedTuple):
@@ -201,7 +220,10 @@ class BaseStore(Store):
         self.keyspace = keyspace
         self._grace = str(round(booking_grace * _US))
         self._nonce = _Nonces()
-        self._checked: dict[tuple[int, ...], tuple[tuple[Limit, ...], frozenset[str]]] = {}
+        self._checked: dict[tuple[int, ...], _Checked] = {}
+        self._plans: dict[Hashable, _Plan] = {}
+        self._plan_hits = 0  # since the plans were last cleared
+        self._plan_pause = 0  # admissions left before plans are remembered again
 
     # -- subclasses run the scripts ----------------------------------------------------------
 
@@ -254,12 +276,15 @@ class BaseStore(Store):
         )
 
     def _checked_names(self, limits: Sequence[Limit]) -> frozenset[str]:
-        """The names of a valid list of limits. A list checked once is remembered by the
-        identity of its limits (which the cache keeps alive), so the hot path skips the checks."""
+        return self._check(limits).names
+
+    def _check(self, limits: Sequence[Limit]) -> _Checked:
+        """A valid list of limits, described. A list checked once is remembered by the identity
+        of its limits (which the cache keeps alive), so the hot path skips the checks."""
         key = tuple(map(id, limits))
         known = self._checked.get(key)
         if known is not None:
-            return known[1]
+            return known
         if not limits:
             raise ConfigurationError("limits", "at least one limit is needed")
         names: set[str] = set()
@@ -271,9 +296,68 @@ class BaseStore(Store):
             names.add(limit.name)
         if len(self._checked) >= 1024:  # limit lists are configuration: a few at most
             self._checked.clear()
-        frozen = frozenset(names)
-        self._checked[key] = (tuple(limits), frozen)
-        return frozen
+        dims = tuple(dict.fromkeys(d for limit in limits for d in limit.per))
+        checked = self._checked[key] = _Checked(tuple(limits), frozenset(names), dims)
+        return checked
+
+    def _plan(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        cost: float | Mapping[str, float],
+    ) -> _Plan:
+        """The charges of an admission and the script arguments that do not change from one
+        call to the next. Recent plans are remembered, keyed by the limits' identity and the
+        identity's and costs' values, when every value is of a type whose equality is safe to
+        key on (a str or None; an int or float cost): ``1`` and ``True`` are equal as dict keys
+        but not as costs, and a ``Fingerprint`` equals the string it is spelt as."""
+        memo = None
+        if self._plan_pause:
+            self._plan_pause -= 1
+        else:
+            memo = self._plan_key(limits, identity, cost)
+            if memo is not None:
+                plan = self._plans.get(memo)
+                if plan is not None:
+                    self._plan_hits += 1
+                    return plan
+        charges = self.charges(limits, identity, cost)
+        keys, argv = _limit_args(charges)
+        plan = _Plan(charges, tuple(keys), tuple(argv), _anchor(charges))
+        if memo is not None:
+            if len(self._plans) >= _PLANS:
+                # Full. Few hits since the last time means the admissions seldom recur (many
+                # identities, or costs that vary per call): stop remembering for a while.
+                if self._plan_hits < _PLANS:
+                    self._plan_pause = 16 * _PLANS
+                self._plans.clear()
+                self._plan_hits = 0
+            self._plans[memo] = plan
+        return plan
+
+    def _plan_key(
+        self, limits: Sequence[Limit], identity: Mapping[str, object], cost: object
+    ) -> Hashable | None:
+        if type(identity) is not dict:
+            return None
+        ids = tuple(map(id, limits))
+        checked = self._checked.get(ids)
+        if checked is None:  # not validated yet: the slow path does it
+            return None
+        values = tuple([identity.get(d) for d in checked.dims])
+        for v in values:
+            if v is not None and (type(v) is not str or len(v) > _PLAN_VALUE_LEN):
+                return None
+        if type(cost) is int or type(cost) is float:
+            return (ids, values, cost)
+        if type(cost) is not dict:
+            return None
+        flat: list[object] = []
+        for name, c in cost.items():
+            if type(c) is not int and type(c) is not float:
+                return None
+            flat += (name, c)
+        return (ids, values, tuple(flat))
 
     def admit(
         self,
@@ -328,7 +412,7 @@ class BaseStore(Store):
         that send the run themselves (pipelined on a connection of their own) and then pass the
         reply to :meth:`finish`. An admission that spans several shards cannot be one run: it
         comes back as a tuple that only :meth:`admit` understands."""
-        charges = self.charges(limits, identity, cost)
+        plan = self._plan(limits, identity, cost)
         if horizon is not None and not _positive(horizon, zero=True):
             raise ConfigurationError("horizon", f"must be seconds >= 0 or None, got {horizon!r}")
         if booking is not None:
@@ -352,12 +436,17 @@ class BaseStore(Store):
         ]
         work_id = None if guard is None else guard.work_id
         if self.sharded:
-            groups = self._group(charges)
+            groups = self._group(plan.charges)
             if len(groups) > 1:
                 return (groups, head, booking, nonce, work_id)
-            charges = groups[0]
-        keys, argv = self._admit_args(charges, head, booking, work_id)
-        return Prepared(charges, keys, argv, booking, nonce)
+            keys, argv = self._admit_args(groups[0], head, booking, work_id)
+            return Prepared(groups[0], keys, argv, booking, nonce)
+        keys = [*plan.keys]
+        if booking is not None:
+            keys.append(self.keyspace.booking_key(plan.anchor, booking))
+        if guard is not None:
+            keys.append(self.keyspace.guard_key(plan.anchor, guard.work_id))
+        return Prepared(plan.charges, keys, [*head, *plan.argv], booking, nonce)
 
     def finish(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
         """The decision of a prepared admission, from the script's reply."""
@@ -396,14 +485,8 @@ class BaseStore(Store):
         booking: str | None,
         work_id: str | None = None,
     ) -> tuple[list[str], list[str]]:
-        keys: list[str] = []
-        argv = [*head, str(len(charges))]
-        for c in charges:
-            keys.append(c.bucket.key)
-            if c.limit.algorithm == "sliding_window":
-                keys.append(total_key(c.bucket))
-            argv += c.limit.wire
-            argv.append(fmt(c.cost))
+        keys, tail = _limit_args(charges)
+        argv = [*head, *tail]
         if head[3]:
             assert booking is not None
             keys.append(self.keyspace.booking_key(_anchor(charges), booking))
@@ -546,6 +629,20 @@ class BaseStore(Store):
                 keys.append(total_key(c.bucket))
             argv += [*c.limit.wire[:3], fmt(c.cost), fmt(delta)]
         self._run_settle(keys, argv)
+
+
+def _limit_args(charges: Sequence[Charge]) -> tuple[list[str], list[str]]:
+    """The keys of the charges' buckets, and the count of limits followed by each limit's wire
+    form and cost: the part of the admission script's arguments that the limits make."""
+    keys: list[str] = []
+    argv = [str(len(charges))]
+    for c in charges:
+        keys.append(c.bucket.key)
+        if c.limit.algorithm == "sliding_window":
+            keys.append(total_key(c.bucket))
+        argv += c.limit.wire
+        argv.append(fmt(c.cost))
+    return keys, argv
 
 
 def _anchor(charges: Sequence[Charge]) -> str:
