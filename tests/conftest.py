@@ -91,7 +91,7 @@ def store(request: pytest.FixtureRequest, keyspace: Keyspace, clock: ManualClock
     if request.param == "redis":
         return RedisStore(request.getfixturevalue("redis_client"), keyspace)
     if request.param == "cluster":
-        return RedisStore(request.getfixturevalue("cluster_client"), keyspace)
+        return RedisStore(request.getfixturevalue("cluster_client"), keyspace, clock=clock)
     return MemoryStore(keyspace, clock=clock)
 
 

@@ -33,13 +33,21 @@ class ReferenceStore(BaseStore):
         self.engine = Engine()
         self.now = float(T0)  # the latest time a call passed in, for writes that pass none
 
-    def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+    def _run(self, script: str, keys: list[str], argv: list[str]) -> Any:
         self.now = float(argv[0])
-        return self.engine.admit(keys, argv, self.now)
+        return getattr(self.engine, script)(keys, argv, self.now)
+
+    def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        return self._run("admit", keys, argv)
 
     def _run_settle(self, keys: list[str], argv: list[str]) -> object:
-        self.now = float(argv[0])
-        return self.engine.settle(keys, argv, self.now)
+        return self._run("settle", keys, argv)
+
+    def _run_load(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        return self._run("load", keys, argv)
+
+    def _run_upstream(self, keys: list[str], argv: list[str]) -> object:
+        return self._run("upstream", keys, argv)
 
     def _delete(self, keys: list[str]) -> None:
         self.engine.delete(*keys)
@@ -69,6 +77,7 @@ def limits(draw: st.DrawFn) -> list[Limit]:
                 per=per,
                 algorithm=algorithm,
                 max_cost=capacity,
+                adaptive=draw(st.booleans()),
             )
         )
     return out
@@ -100,8 +109,22 @@ ops = st.lists(
                     st.sampled_from([None, "a", "b", "c"]),
                 ),
             ),
+            st.booleans(),  # adaptive
         ),
         st.tuples(st.just("guard"), st.integers(0, 1), st.sampled_from(["a", "b"])),
+        st.tuples(
+            st.just("load"),
+            st.sampled_from(["target", "target", "override", "clear"]),
+            st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.75, 0.9, 1.0]),
+        ),
+        st.tuples(
+            st.just("upstream"),
+            st.integers(0, 1),  # api key
+            st.sampled_from(["throttled", "ok"]),
+            st.one_of(st.none(), st.sampled_from([0.0, 0.25, 2.5, 30.0, 200.0])),  # delay
+            st.one_of(st.none(), st.sampled_from([0, 0.5, 1, 3])),  # remaining in limit l0
+            st.integers(1, 5),  # successes
+        ),
         st.tuples(st.just("settle"), st.integers(0, 30), st.sampled_from([0, 0.5, 2, 7])),
     ),
     min_size=1,
@@ -115,7 +138,7 @@ def _observable(d: Decision) -> tuple[object, ...]:
 
 
 @settings(
-    max_examples=200,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -153,7 +176,47 @@ def test_lua_memory_and_reference_agree(
             for store in stores:
                 store.set_guard(limit_set, TENANT, Guard(f"w{op[1]}", op[2]), ttl=10**6)
             continue
-        _, key, agent, cost, reserve, booking_no, horizon, guard = op
+        if op[0] == "load":
+            _, what, value = op
+            loads = []
+            for store in stores:
+                if what == "target":
+                    loads.append(
+                        store.report_load(
+                            value, floor=0.2, step=0.25, relax=2.0, ttl=10**6, now_us=now
+                        )
+                    )
+                elif what == "override":
+                    loads.append(store.override_load_factor(max(value, 0.1), now_us=now))
+                else:
+                    loads.append(store.override_load_factor(None, now_us=now))
+            assert loads[1:] == loads[:-1]
+            continue
+        if op[0] == "upstream":
+            _, key, what, delay, left, successes = op
+            identity = {"api_key": f"k{key}", "agent_id": "a0", "tier": "gold"}
+            factors = []
+            for store in stores:
+                remaining = {} if left is None else {"l0": left}
+                if what == "ok":
+                    factors.append(
+                        store.upstream_ok(
+                            identity,
+                            successes=successes,
+                            limits=limit_set,
+                            remaining=remaining,
+                            now_us=now,
+                        )
+                    )
+                    continue
+                factors.append(
+                    store.upstream_throttled(
+                        limit_set, identity, delay=delay, remaining=remaining, ttl=10**6, now_us=now
+                    )
+                )
+            assert factors[1:] == factors[:-1]
+            continue
+        _, key, agent, cost, reserve, booking_no, horizon, guard, adaptive = op
         identity = {"api_key": f"k{key}", "agent_id": f"a{agent}", "tier": "gold"}
         costs = {lim.name: min(cost, lim.max_cost) for lim in limit_set}
         decisions = []
@@ -170,6 +233,7 @@ def test_lua_memory_and_reference_agree(
                     booking=booking,
                     horizon=horizon,
                     guard=None if guard is None else Guard(f"w{guard[0]}", guard[1], guard[2]),
+                    adaptive=adaptive,
                     now_us=now,
                 )
             )

@@ -180,6 +180,30 @@ class Keyspace:
         """The key of a booking made in the slot of ``tag``."""
         return f"{self.prefix}:{tag}:~b:{booking_id}"
 
+    def load_factor_key(self) -> str:
+        """The cluster-wide load factor in force (a string holding a number in (0, 1])."""
+        return f"{self.prefix}:{{~load}}:factor"
+
+    def load_state_key(self) -> str:
+        """The computed load factor and when it last changed (a hash)."""
+        return f"{self.prefix}:{{~load}}:state"
+
+    def load_override_key(self) -> str:
+        """An operator's load factor override (a string)."""
+        return f"{self.prefix}:{{~load}}:override"
+
+    def tenant_tag(self, identity: Mapping[str, object], anonymous: str = "anonymous") -> str:
+        """The hash tag of the tenant (``api_key``) of ``identity``: the slot its buckets live
+        in. An identity without an API key is the ``anonymous`` tenant."""
+        value = identity.get("api_key")
+        if value is None:
+            return "{" + self._fingerprint("api_key", _Anonymous(anonymous)) + "}"
+        return "{" + self.fingerprint("api_key", value) + "}"
+
+    def upstream_key(self, tag: str) -> str:
+        """The upstream factor of the tenant whose hash tag is ``tag``."""
+        return f"{self.prefix}:{tag}:~u"
+
     def guard_key(self, tag: str, work_id: str) -> str:
         """The key holding the live deferral token of one unit of work (a task id)."""
         return f"{self.prefix}:{tag}:~d:{work_id}"

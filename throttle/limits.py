@@ -135,6 +135,10 @@ class Limit:
     ``anonymous``
         The value used for a dimension the caller's identity lacks: work with no API key is
         throttled together under this value, never silently unthrottled.
+    ``adaptive``
+        Whether the limit tightens with the adaptive factors (worker load, and for a limit
+        keyed by ``api_key`` its tenant's upstream factor) when an admission asks for them.
+        ``False`` keeps it fixed (an admin tier, a hard budget).
     """
 
     name: str
@@ -145,12 +149,18 @@ class Limit:
     algorithm: Algorithm = "token_bucket"
     max_cost: float = 1.0
     anonymous: str = "anonymous"
+    adaptive: bool = True
     #: True when the limit has no tenant (``api_key``) dimension: one bucket shared by all
     #: tenants, or one per value of a non-tenant dimension such as ``model``.
     is_global: bool = field(default=False, compare=False)
     #: The parameters as the store scripts take them: algorithm code, period in microseconds,
     #: count, burst. Computed once here so the hot path only formats the cost.
     wire: tuple[str, str, str, str] = field(default=("", "", "", ""), compare=False, repr=False)
+    #: The same for an admission that applies the adaptive factors: the algorithm code says
+    #: which factors this limit follows.
+    wire_adaptive: tuple[str, str, str, str] = field(
+        default=("", "", "", ""), compare=False, repr=False
+    )
 
     def __init__(
         self,
@@ -163,6 +173,7 @@ class Limit:
         algorithm: str = "token_bucket",
         max_cost: float = 1.0,
         anonymous: str = "anonymous",
+        adaptive: bool = True,
         dimensions: tuple[str, ...] | list[str] = (),
     ) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -212,6 +223,22 @@ class Limit:
             raise ConfigurationError(
                 f"{where}: anonymous", f"must be a non-empty string, got {anonymous!r}"
             )
+        if not isinstance(adaptive, bool):
+            raise ConfigurationError(
+                f"{where}: adaptive", f"must be True or False, got {adaptive!r}"
+            )
+        code = "t" if algorithm == "token_bucket" else "w"
+        wire = (
+            code,
+            f"{parsed_rate.period * 1_000_000:.17g}",
+            f"{parsed_rate.count:.17g}",
+            f"{capacity:.17g}",
+        )
+        if adaptive:
+            follows = code + ("k" if "api_key" in dims else "a")
+            wire_adaptive = (follows, wire[1], wire[2], wire[3])
+        else:
+            wire_adaptive = wire
         # frozen dataclass: assign through object.__setattr__ once, here.
         for attr, value in (
             ("name", name),
@@ -222,16 +249,10 @@ class Limit:
             ("algorithm", algorithm),
             ("max_cost", float(max_cost)),
             ("anonymous", anonymous),
+            ("adaptive", adaptive),
             ("is_global", "api_key" not in dims),
-            (
-                "wire",
-                (
-                    "t" if algorithm == "token_bucket" else "w",
-                    f"{parsed_rate.period * 1_000_000:.17g}",
-                    f"{parsed_rate.count:.17g}",
-                    f"{capacity:.17g}",
-                ),
-            ),
+            ("wire", wire),
+            ("wire_adaptive", wire_adaptive),
         ):
             object.__setattr__(self, attr, value)
 

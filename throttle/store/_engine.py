@@ -34,6 +34,13 @@ def _member_cost(member: str) -> float:
     return float(member.split(":", 1)[0])
 
 
+def _factor(value: float | None) -> float:
+    """A stored factor as the script reads it: outside (0, 1] (or missing) counts as 1."""
+    if value is None or not value > 0 or value > 1:
+        return 1.0
+    return value
+
+
 def _num(arg: str) -> float | None:
     """Lua's ``tonumber`` for the arguments we pass: None for ''."""
     return float(arg) if arg != "" else None
@@ -100,6 +107,14 @@ class Engine:
     def set(self, key: str, value: float, ttl_ms: int, now: float) -> None:
         self.strings[key] = float(fmt(value))
         self.expires[key] = now + ttl_ms * 1000
+
+    def set_persistent(self, key: str, value: float) -> None:
+        self.delete(key)
+        self.strings[key] = float(fmt(value))
+
+    def hget(self, key: str, field: str, now: float) -> float | None:
+        self._alive(key, now)
+        return self.hashes.get(key, {}).get(field)
 
     def get_text(self, key: str, now: float) -> str | None:
         self._alive(key, now)
@@ -170,7 +185,8 @@ class Engine:
         bmode = argv[3]
         nonce = argv[5]
         grace = float(argv[6])
-        n = int(argv[8])
+        fspec = argv[8]
+        n = int(argv[9])
         tail = len(keys) - 1
         gkey: str | None = None
         gcur = gnext = ""
@@ -194,18 +210,35 @@ class Engine:
         booked: dict[str, float] = {}
         if bmode != "":
             bkey = keys[tail]
+            tail -= 1
             if bmode == "old":
                 self._alive(bkey, now)
                 booked = dict(self.hashes.get(bkey, {}))
+        fload = fup = 1.0
+        if fspec != "":
+            lsrc, usrc = fspec.split(" ")
+            if usrc == "k":
+                fup = _factor(self.get(keys[tail], now))
+                tail -= 1
+            if lsrc == "k":
+                fload = _factor(self.get(keys[tail], now))
+            elif lsrc != "-":
+                fload = _factor(float(lsrc))
 
         entries: list[_Entry] = []
         k = 0
         for i in range(n):
-            a = 9 + i * 5
-            e = _Entry(argv[a], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
+            a = 10 + i * 5
+            kind = argv[a]
+            e = _Entry(kind[0], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
+            f = 1.0
+            if len(kind) > 1:
+                f = fload * fup if kind[1] == "k" else fload
             if e.algo == "t":
                 e.T = e.period / e.count
                 e.tau = float(argv[a + 3]) * e.T
+                if f != 1:
+                    e.T = e.T / f
                 stored = self.get(e.key, now)
                 e.tat = stored if stored is not None else now
                 base = e.tat
@@ -215,6 +248,8 @@ class Engine:
                 e.free_at = e.new_tat - e.tau
                 k += 1
             else:
+                if f != 1:
+                    e.count = e.count * f
                 e.totalkey = keys[k + 1]
                 e.total = self._window_total(e.key, e.totalkey, now, e.period)
                 if e.total + e.cost <= e.count:
@@ -362,3 +397,115 @@ class Engine:
                         changed += 1
                     self._window_store(key, totalkey, total, now, period)
         return changed
+
+    # -- load.lua ----------------------------------------------------------------------------
+
+    def load(self, keys: Sequence[str], argv: Sequence[str], now: float) -> list[str]:
+        op = argv[1]
+        computed = self.hget(keys[1], "computed", now)
+        changed = self.hget(keys[1], "changed", now)
+        kept = self.hget(keys[1], "ttl", now)
+        computed = 1.0 if computed is None else computed
+        changed = 0.0 if changed is None else changed
+        ttl = 1 if kept is None else int(kept)
+        override = self.get(keys[2], now)
+        if op == "target":
+            ttl = int(argv[6])
+            floor, step, relax = float(argv[3]), float(argv[4]), float(argv[5])
+            target = min(float(argv[2]), 1.0)
+            if target < floor:
+                target = floor
+            if target < computed:
+                computed = target
+                changed = now
+            elif target > computed and now - changed >= relax:
+                computed = computed + step
+                if computed > target:
+                    computed = target
+                changed = now
+            self.hashes[keys[1]] = {
+                "computed": float(fmt(computed)),
+                "changed": changed,
+                "ttl": float(ttl),
+            }
+            self.expires[keys[1]] = now + ttl * 1000
+        elif op == "override":
+            override = min(float(argv[2]), 1.0)
+            self.set_persistent(keys[2], override)
+        elif op == "clear":
+            override = None
+            self.delete(keys[2])
+        self._alive(keys[1], now)
+        if keys[1] not in self.hashes:
+            computed = 1.0
+        force = override if override is not None else computed
+        if op != "read":
+            if override is not None:
+                self.set_persistent(keys[0], force)
+            elif force < 1:
+                self.set(keys[0], force, ttl, now)
+            else:
+                self.delete(keys[0])
+        return [fmt(force), fmt(computed), "" if override is None else fmt(override)]
+
+    # -- upstream.lua ------------------------------------------------------------------------
+
+    def upstream(self, keys: Sequence[str], argv: Sequence[str], now: float) -> str:
+        op = argv[1]
+        change, floor, ttl = float(argv[2]), float(argv[3]), int(argv[4])
+        nonce = argv[5]
+        n = int(argv[6])
+        f = _factor(self.get(keys[0], now))
+        if op == "throttled":
+            f = f * change
+            if f < floor:
+                f = floor
+        else:
+            f = f + change
+        if f >= 1:
+            f = 1.0
+            self.delete(keys[0])
+        else:
+            self.set(keys[0], f, ttl, now)
+        k = 1
+        for i in range(n):
+            a = 7 + i * 6
+            kind, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
+            what, value = argv[a + 4], argv[a + 5]
+            key = keys[k]
+            algo = kind[0]
+            follows = kind[1:] == "k" and f != 1
+            if algo == "t":
+                k += 1
+                if what != "-":
+                    T = period / count
+                    tau = float(argv[a + 3]) * T
+                    if follows:
+                        T = T / f
+                    if what == "p":
+                        lead = tau - T
+                        if lead < 0:
+                            lead = 0.0
+                        floor_tat = now + float(value) + lead
+                    else:
+                        floor_tat = now + tau - float(value) * T
+                    stored = self.get(key, now)
+                    tat = stored if stored is not None else now
+                    if tat < floor_tat:
+                        self.set(key, floor_tat, _ttl_ms(floor_tat, now), now)
+            else:
+                totalkey = keys[k + 1]
+                k += 2
+                if what != "-":
+                    total = self._window_total(key, totalkey, now, period)
+                    capacity = count * f if follows else count
+                    amount = float(value)
+                    if what == "p":
+                        self.zadd(key, now + amount - period, fmt(count) + ":" + nonce + ":p")
+                        total = total + count
+                    elif total + amount < capacity:
+                        fill = capacity - total - amount
+                        self.zadd(key, now, fmt(fill) + ":" + nonce + ":r")
+                        total = total + fill
+                    self._window_store(key, totalkey, total, now, period)
+        return fmt(f)

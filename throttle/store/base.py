@@ -32,6 +32,7 @@ __all__ = [
     "Decision",
     "Guard",
     "LimitState",
+    "LoadFactor",
     "Outcome",
     "Prepared",
     "Receipt",
@@ -93,6 +94,15 @@ class Guard(NamedTuple):
     ttl: float = 3600.0
 
 
+class LoadFactor(NamedTuple):
+    """The cluster-wide load factor: the one in force (the override when there is one, else
+    the computed one), the one the workers' reports give, and the operator's override."""
+
+    in_force: float
+    computed: float
+    override: float | None
+
+
 class Charge(NamedTuple):
     """One limit's part of an admission: the bucket and the units it is charged."""
 
@@ -115,7 +125,9 @@ class _Plan(NamedTuple):
     charges: tuple[Charge, ...]
     keys: tuple[str, ...]  # the buckets' keys (a sliding window has two)
     argv: tuple[str, ...]  # the count of limits, then each limit's wire form and cost
+    argv_adaptive: tuple[str, ...]  # the same for an adaptive admission
     anchor: str  # the hash tag of the booking and guard keys
+    follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
 
 
 class Prepared(NamedTuple):
@@ -177,6 +189,7 @@ class Store(ABC):
         booking: str | None = None,
         horizon: float | None = None,
         guard: Guard | None = None,
+        adaptive: bool = False,
         now_us: int | None = None,
     ) -> Decision: ...
 
@@ -235,6 +248,12 @@ class BaseStore(Store):
 
     @abstractmethod
     def _delete(self, keys: list[str]) -> None: ...
+
+    @abstractmethod
+    def _run_load(self, keys: list[str], argv: list[str]) -> Sequence[Any]: ...
+
+    @abstractmethod
+    def _run_upstream(self, keys: list[str], argv: list[str]) -> object: ...
 
     @abstractmethod
     def _set_text(self, key: str, value: str, ttl: float) -> None: ...
@@ -322,8 +341,12 @@ class BaseStore(Store):
                     self._plan_hits += 1
                     return plan
         charges = self.charges(limits, identity, cost)
-        keys, argv = _limit_args(charges)
-        plan = _Plan(charges, tuple(keys), tuple(argv), _anchor(charges))
+        keys, argv = _limit_args(charges, False)
+        follows = _follows(charges)
+        adaptive_argv = _limit_args(charges, True)[1] if follows else argv
+        plan = _Plan(
+            charges, tuple(keys), tuple(argv), tuple(adaptive_argv), _anchor(charges), follows
+        )
         if memo is not None:
             if len(self._plans) >= _PLANS:
                 # Full. Few hits since the last time means the admissions seldom recur (many
@@ -369,6 +392,7 @@ class BaseStore(Store):
         booking: str | None = None,
         horizon: float | None = None,
         guard: Guard | None = None,
+        adaptive: bool = False,
         now_us: int | None = None,
     ) -> Decision:
         """Admit one unit of work against every limit in ``limits``, all or nothing.
@@ -379,7 +403,10 @@ class BaseStore(Store):
         ``retry_after`` and the booked limit admits it without charging again (other limits are
         checked then). A slot further than ``horizon`` seconds is not booked. With ``guard``, a
         copy of the work whose token is not the live one is answered :attr:`Outcome.STALE` and
-        nothing changes. ``now_us`` replaces the store's clock (tests only).
+        nothing changes. With ``adaptive``, every limit that is ``adaptive`` refills at its rate
+        times the factors in force: the cluster-wide load factor (see :meth:`set_load_factor`),
+        and for a limit keyed by ``api_key`` its tenant's upstream factor. ``now_us`` replaces
+        the store's clock (tests only).
         """
         prepared = self.prepare(
             limits,
@@ -389,12 +416,13 @@ class BaseStore(Store):
             booking=booking,
             horizon=horizon,
             guard=guard,
+            adaptive=adaptive,
             now_us=now_us,
         )
         if isinstance(prepared, Prepared):
             return self.finish(prepared, self._run_admit(prepared.keys, prepared.argv))
         groups, head, booking_id, nonce, work_id = prepared
-        return self._admit_sharded(groups, head, booking_id, nonce, now_us, work_id)
+        return self._admit_sharded(groups, head, booking_id, nonce, now_us, work_id, adaptive)
 
     def prepare(
         self,
@@ -406,6 +434,7 @@ class BaseStore(Store):
         booking: str | None = None,
         horizon: float | None = None,
         guard: Guard | None = None,
+        adaptive: bool = False,
         now_us: int | None = None,
     ) -> Prepared | tuple[Any, ...]:
         """Validate an admission and encode its one script run, without running it: for callers
@@ -439,14 +468,36 @@ class BaseStore(Store):
             groups = self._group(plan.charges)
             if len(groups) > 1:
                 return (groups, head, booking, nonce, work_id)
-            keys, argv = self._admit_args(groups[0], head, booking, work_id)
+            keys, argv = self._admit_args(groups[0], head, booking, work_id, adaptive)
             return Prepared(groups[0], keys, argv, booking, nonce)
         keys = [*plan.keys]
+        if adaptive and plan.follows:
+            fspec = self._factor_spec(plan.follows, plan.anchor, keys)
+            argv = [*head, fspec, *plan.argv_adaptive]
+        else:
+            argv = [*head, "", *plan.argv]
         if booking is not None:
             keys.append(self.keyspace.booking_key(plan.anchor, booking))
         if guard is not None:
             keys.append(self.keyspace.guard_key(plan.anchor, guard.work_id))
-        return Prepared(plan.charges, keys, [*head, *plan.argv], booking, nonce)
+        return Prepared(plan.charges, keys, argv, booking, nonce)
+
+    def _factor_spec(self, follows: str, anchor: str, keys: list[str]) -> str:
+        """ARGV[9] of the admission script for limits that follow the factors (``follows`` is
+        "a" when they follow the load factor only, "k" when one also follows its tenant's
+        upstream factor); the factor keys the script reads are appended to ``keys``."""
+        load = self._load_source()
+        if load == "k":
+            keys.append(self.keyspace.load_factor_key())
+        if follows == "k":
+            keys.append(self.keyspace.upstream_key(anchor))
+            return f"{load} k"
+        return f"{load} -"
+
+    def _load_source(self) -> str:
+        """How the script gets the load factor: "k" to read its key (every store whose keys
+        can share one script run), or the factor itself as a number."""
+        return "k"
 
     def finish(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
         """The decision of a prepared admission, from the script's reply."""
@@ -484,9 +535,12 @@ class BaseStore(Store):
         head: list[str],
         booking: str | None,
         work_id: str | None = None,
+        adaptive: bool = False,
     ) -> tuple[list[str], list[str]]:
-        keys, tail = _limit_args(charges)
-        argv = [*head, *tail]
+        follows = _follows(charges) if adaptive else ""
+        keys, tail = _limit_args(charges, bool(follows))
+        fspec = self._factor_spec(follows, _anchor(charges), keys) if follows else ""
+        argv = [*head, fspec, *tail]
         if head[3]:
             assert booking is not None
             keys.append(self.keyspace.booking_key(_anchor(charges), booking))
@@ -503,6 +557,7 @@ class BaseStore(Store):
         nonce: str,
         now_us: int | None,
         work_id: str | None,
+        adaptive: bool = False,
     ) -> Decision:
         """One script run per slot, in order; a later denial refunds the earlier charges.
 
@@ -513,13 +568,13 @@ class BaseStore(Store):
         head = [*head[:4], "0", *head[5:]]
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
-            reply = self._run_admit(*self._admit_args(group, head, booking, work_id))
+            reply = self._run_admit(*self._admit_args(group, head, booking, work_id, adaptive))
             head = [*head[:7], ""]
             if _OUTCOMES.get(reply[0]) not in _ALLOWED:
                 states = []
                 for earlier, earlier_reply in done:
                     self._refund(earlier, earlier_reply, nonce, now_us)
-                    states += self._probe(earlier, head)
+                    states += self._probe(earlier, head, adaptive)
                 decision = self._decision(group, reply, booking, nonce)
                 return Decision(
                     decision.outcome,
@@ -540,11 +595,14 @@ class BaseStore(Store):
             outcome = Outcome.REDEEMED
         return Decision(outcome, 0.0, None, tuple(states), None, Receipt(all_charges, nonce))
 
-    def _probe(self, group: tuple[Charge, ...], head: list[str]) -> list[LimitState]:
+    def _probe(
+        self, group: tuple[Charge, ...], head: list[str], adaptive: bool
+    ) -> list[LimitState]:
         """The states of ``group`` as they are now, read by a zero-cost admission."""
         free = tuple(Charge(c.limit, c.bucket, 0.0) for c in group)
         plain = [head[0], "0", "", "", "0", head[5], head[6], ""]
-        return self._states(free, self._run_admit(*self._admit_args(free, plain, None)))
+        args = self._admit_args(free, plain, None, None, adaptive)
+        return self._states(free, self._run_admit(*args))
 
     def _refund(
         self, group: tuple[Charge, ...], reply: Sequence[Any], nonce: str, now_us: int | None
@@ -587,6 +645,149 @@ class BaseStore(Store):
             states,
             booking if keeps_booking else None,
         )
+
+    # -- adaptive factors ----------------------------------------------------------------------
+
+    def report_load(
+        self,
+        target: float,
+        *,
+        floor: float = 0.1,
+        step: float = 0.25,
+        relax: float = 5.0,
+        ttl: float = 5.0,
+        now_us: int | None = None,
+    ) -> LoadFactor:
+        """Report the load factor a worker's samples call for (in [0, 1]; 1 is no load).
+
+        The computed factor falls to ``target`` at once (never below ``floor``) and rises by at
+        most ``step`` per ``relax`` seconds, however many workers report; it lapses to 1 when
+        nobody has reported for ``ttl`` seconds. An operator's override wins over it.
+        """
+        value = _fraction(target, "target", zero=True)
+        args = [
+            value,
+            _fraction(floor, "floor"),
+            _fraction(step, "step"),
+            str(round(_seconds(relax, "relax", zero=True) * _US)),
+            str(max(1, round(_seconds(ttl, "ttl") * 1000))),
+        ]
+        return self._load("target", args, now_us)
+
+    def override_load_factor(
+        self, factor: float | None, *, now_us: int | None = None
+    ) -> LoadFactor:
+        """Set the load factor cluster-wide (in (0, 1]) until cleared with None."""
+        if factor is None:
+            return self._load("clear", ["", "", "", "", "1"], now_us)
+        return self._load("override", [_fraction(factor, "factor"), "", "", "", "1"], now_us)
+
+    def load_factor(self, *, now_us: int | None = None) -> LoadFactor:
+        """The load factor in force, the computed one and the override."""
+        return self._load("read", ["", "", "", "", "1"], now_us)
+
+    def _load(self, op: str, args: list[str], now_us: int | None) -> LoadFactor:
+        ks = self.keyspace
+        keys = [ks.load_factor_key(), ks.load_state_key(), ks.load_override_key()]
+        argv = ["" if now_us is None else str(int(now_us)), op, *args]
+        force, computed, override = (_text(v) for v in self._run_load(keys, argv))
+        return LoadFactor(float(force), float(computed), float(override) if override else None)
+
+    def upstream_throttled(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        delay: float | None = None,
+        remaining: Mapping[str, float] | None = None,
+        decrease: float = 0.5,
+        floor: float = 0.05,
+        ttl: float = 3600.0,
+        adaptive: bool = True,
+        now_us: int | None = None,
+    ) -> float:
+        """The provider throttled a call of this tenant (``identity['api_key']``).
+
+        Its upstream factor is multiplied by ``decrease``, never below ``floor``, and returns
+        to 1 after ``ttl`` seconds without news. Its buckets of ``limits`` are paused for
+        ``delay`` seconds (nothing passes before the pause ends; then one unit is free and the
+        bucket refills), and each limit named in ``remaining`` is brought down to that many
+        free units. Limits without ``api_key`` (shared by every tenant) are left alone. With
+        ``adaptive`` (as the tenant's admissions are made), units are counted at the new factor.
+        Returns the new upstream factor.
+        """
+        head = [_fraction(decrease, "decrease"), _fraction(floor, "floor")]
+        wait = None if delay is None else round(_seconds(delay, "delay", zero=True) * _US)
+        return self._upstream(
+            "throttled", head, limits, identity, wait, remaining, ttl, adaptive, now_us
+        )
+
+    def upstream_ok(
+        self,
+        identity: Mapping[str, object],
+        *,
+        successes: int = 1,
+        step: float = 0.05,
+        limits: Sequence[Limit] = (),
+        remaining: Mapping[str, float] | None = None,
+        ttl: float = 3600.0,
+        adaptive: bool = True,
+        now_us: int | None = None,
+    ) -> float:
+        """Calls of this tenant succeeded: its upstream factor rises by ``step`` per success, up
+        to 1; each of ``limits`` named in ``remaining`` (what the provider's last answer said is
+        left) is brought down to that many free units. Returns the new upstream factor."""
+        if not isinstance(successes, int) or isinstance(successes, bool) or successes < 1:
+            raise ConfigurationError("successes", f"must be an integer >= 1, got {successes!r}")
+        change = fmt(float(_fraction(step, "step")) * successes)
+        return self._upstream(
+            "ok", [change, "1"], limits, identity, None, remaining, ttl, adaptive, now_us
+        )
+
+    def _upstream(
+        self,
+        op: str,
+        head: list[str],
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        wait: int | None,
+        remaining: Mapping[str, float] | None,
+        ttl: float,
+        adaptive: bool,
+        now_us: int | None,
+    ) -> float:
+        left = dict(remaining or {})
+        names = self._checked_names(limits) if limits else frozenset()
+        unknown = set(left) - names
+        if unknown:
+            raise ConfigurationError("remaining", f"names limits not given: {sorted(unknown)}")
+        for name, units in left.items():
+            if not _positive(units, zero=True):
+                raise ConfigurationError("remaining", f"{name}: must be units >= 0, got {units!r}")
+        tenant = [lim for lim in limits if not lim.is_global]
+        tag = self.keyspace.tenant_tag(identity)
+        keys = [self.keyspace.upstream_key(tag)]
+        argv = [
+            "" if now_us is None else str(int(now_us)),
+            op,
+            *head,
+            str(max(1, round(_seconds(ttl, "ttl") * 1000))),
+            self._nonce(),
+            str(len(tenant)),
+        ]
+        for limit in tenant:
+            bucket = self.keyspace.bucket(limit, identity)
+            keys.append(bucket.key)
+            if limit.algorithm == "sliding_window":
+                keys.append(total_key(bucket))
+            if limit.name in left:
+                what, value = "r", fmt(float(left[limit.name]))
+            elif wait is not None:
+                what, value = "p", str(wait)
+            else:
+                what, value = "-", "0"
+            argv += [*(limit.wire_adaptive if adaptive else limit.wire), what, value]
+        return float(_text(self._run_upstream(keys, argv)))
 
     # -- settlement --------------------------------------------------------------------------
 
@@ -631,7 +832,7 @@ class BaseStore(Store):
         self._run_settle(keys, argv)
 
 
-def _limit_args(charges: Sequence[Charge]) -> tuple[list[str], list[str]]:
+def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], list[str]]:
     """The keys of the charges' buckets, and the count of limits followed by each limit's wire
     form and cost: the part of the admission script's arguments that the limits make."""
     keys: list[str] = []
@@ -640,9 +841,16 @@ def _limit_args(charges: Sequence[Charge]) -> tuple[list[str], list[str]]:
         keys.append(c.bucket.key)
         if c.limit.algorithm == "sliding_window":
             keys.append(total_key(c.bucket))
-        argv += c.limit.wire
+        argv += c.limit.wire_adaptive if adaptive else c.limit.wire
         argv.append(fmt(c.cost))
     return keys, argv
+
+
+def _follows(charges: Sequence[Charge]) -> str:
+    """Which factors the charges' limits follow: "k" when one follows its tenant's upstream
+    factor, "a" when some follow the load factor only, "" when none is adaptive."""
+    kinds = {c.limit.wire_adaptive[0][1:] for c in charges}
+    return "k" if "k" in kinds else "a" if "a" in kinds else ""
 
 
 def _anchor(charges: Sequence[Charge]) -> str:
@@ -661,6 +869,25 @@ def _guard_arg(guard: Guard) -> str:
         if token is not None and (not token or not token.isascii() or " " in token or ">" in token):
             raise ConfigurationError("guard", "tokens are non-empty ASCII without spaces or '>'")
     return f"{guard.token or '-'} {guard.next or '-'} {max(1, round(guard.ttl * 1000))}"
+
+
+def _fraction(value: object, name: str, *, zero: bool = False) -> str:
+    """A factor in (0, 1] (or [0, 1] with ``zero``) as the scripts take it."""
+    if not _positive(value, zero=zero) or value > 1:  # type: ignore[operator]
+        low = "[0" if zero else "(0"
+        raise ConfigurationError(name, f"must be a number in {low}, 1], got {value!r}")
+    return fmt(float(value))  # type: ignore[arg-type]
+
+
+def _seconds(value: object, name: str, *, zero: bool = False) -> float:
+    if not _positive(value, zero=zero):
+        low = ">= 0" if zero else "> 0"
+        raise ConfigurationError(name, f"must be seconds {low}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _usage(limit: Limit, actual: object) -> float:

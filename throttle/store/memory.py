@@ -55,6 +55,14 @@ class MemoryStore(BaseStore):
             self._maybe_sweep(now)
             return self._engine.settle(keys, argv, now)
 
+    def _run_load(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        with self._lock:
+            return self._engine.load(keys, argv, self._now(argv[0]))
+
+    def _run_upstream(self, keys: list[str], argv: list[str]) -> object:
+        with self._lock:
+            return self._engine.upstream(keys, argv, self._now(argv[0]))
+
     def _delete(self, keys: list[str]) -> None:
         with self._lock:
             self._engine.delete(*keys)

@@ -30,8 +30,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from throttle.errors import StoreError, StoreUnavailable
+from throttle.clock import Clock, SystemClock
+from throttle.errors import ConfigurationError, StoreError, StoreUnavailable
 from throttle.identity import Keyspace
+from throttle.store._engine import fmt
 from throttle.store.base import BaseStore, Prepared
 
 _hiredis: Any
@@ -56,6 +58,10 @@ class RedisStore(BaseStore):
 
     ``client`` is a ``redis.Redis`` or ``redis.cluster.RedisCluster``. Its pool settings are
     reused; its ``decode_responses`` setting does not matter.
+
+    On a cluster the load factor lives in a slot of its own, which an admission's script cannot
+    read: adaptive admissions there use the factor as last read, at most ``load_refresh``
+    seconds old (by ``clock``).
     """
 
     def __init__(
@@ -64,15 +70,24 @@ class RedisStore(BaseStore):
         keyspace: Keyspace,
         *,
         booking_grace: float = 600.0,
+        clock: Clock | None = None,
+        load_refresh: float = 1.0,
     ) -> None:
         super().__init__(keyspace, booking_grace=booking_grace)
+        if not isinstance(load_refresh, int | float) or not load_refresh > 0:
+            raise ConfigurationError("load_refresh", f"must be seconds > 0, got {load_refresh!r}")
         self.client = client
+        self.clock: Clock = clock or SystemClock()
+        self._load_refresh_us = round(load_refresh * 1_000_000)
+        self._load_read = (-1 << 62, "1")  # (when, the factor as read)
         self._cluster = self.sharded = isinstance(client, RedisCluster)
         # Script objects handle NOSCRIPT by loading and retrying (on every node of a cluster).
         # redis-py before 8 annotates Script for Redis only, though it runs on RedisCluster too.
         registrar: Any = client
         self._admit_script = Script(registrar, script_source("admit"))
         self._settle_script = Script(registrar, script_source("settle"))
+        self._load_script = Script(registrar, script_source("load"))
+        self._upstream_script = Script(registrar, script_source("upstream"))
         lua = resources.files("throttle.store") / "lua"
         self._heartbeat_script = Script(registrar, (lua / "heartbeat.lua").read_text())
         self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
@@ -83,6 +98,24 @@ class RedisStore(BaseStore):
     def _slot(self, tag: str) -> Hashable:
         return key_slot(tag.encode()) if self._cluster else None
 
+    def _load_source(self) -> str:
+        if not self._cluster:
+            return "k"
+        now = self.clock.now_us()
+        read_at, value = self._load_read
+        if now - read_at >= self._load_refresh_us:
+            try:
+                raw = self.client.get(self.keyspace.load_factor_key())
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+            value = "1" if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+            try:
+                value = fmt(float(value))
+            except ValueError:  # not written by throttle: no factor
+                value = "1"
+            self._load_read = (now, value)
+        return value
+
     def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
         reply = self._run(self._admit_script, keys, argv)
         if not isinstance(reply, list):
@@ -91,6 +124,15 @@ class RedisStore(BaseStore):
 
     def _run_settle(self, keys: list[str], argv: list[str]) -> object:
         return self._run(self._settle_script, keys, argv)
+
+    def _run_load(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        reply = self._run(self._load_script, keys, argv)
+        if not isinstance(reply, list) or len(reply) != 3:
+            raise StoreError(f"unexpected reply from the load script: {reply!r}")
+        return reply
+
+    def _run_upstream(self, keys: list[str], argv: list[str]) -> object:
+        return self._run(self._upstream_script, keys, argv)
 
     def _delete(self, keys: list[str]) -> None:
         try:
@@ -118,7 +160,12 @@ class RedisStore(BaseStore):
     def load_scripts(self) -> None:
         """Load the scripts on the server (after ``SCRIPT FLUSH`` or a restart emptied it)."""
         try:
-            for script in (self._admit_script, self._settle_script):
+            for script in (
+                self._admit_script,
+                self._settle_script,
+                self._load_script,
+                self._upstream_script,
+            ):
                 sha: Any = self.client.script_load(script.script)
                 script.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
         except _UNAVAILABLE as exc:

@@ -5,6 +5,9 @@
 -- KEYS  for each limit, in ARGV order: token bucket "t": its state key (a string holding the
 --       theoretical arrival time, TAT, in us); sliding window "w": its log (a sorted set of
 --       "<cost>:<nonce>" scored by time in us) and its running total (a string);
+--       then, when ARGV[9] reads it ('k' first), the load factor key (a string: the
+--       cluster-wide factor in (0, 1]); then, when ARGV[9] reads it ('k' second), the
+--       tenant's upstream factor key (a string, in (0, 1]); missing keys mean 1;
 --       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us);
 --       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token,
 --       or '<old>><new>' while a deferral from copy <old> to copy <new> is under way).
@@ -24,9 +27,17 @@
 --           changed. A denial records '<token>><next>'; whichever of the two copies is
 --           admitted or deferred first then owns the work, the other is stale. An empty guard
 --           key lets any copy through (new work, or a store that lost its data).
---       [9] n: number of limits
---       then 5 per limit: algorithm ('t' or 'w'), period_us, count (units per period),
---       burst (units; ignored by 'w'), cost (units, 0 <= cost <= capacity)
+--       [9] factors: '' for none (every factor 1), else '<load> <upstream>', each 'k' (read
+--           it from its key), '-' (none: 1) or a number (the load factor only: given by a
+--           caller that cannot read the key, on Redis Cluster)
+--       [10] n: number of limits
+--       then 5 per limit: kind, period_us, count (units per period), burst (units; ignored
+--       by 'w'), cost (units, 0 <= cost <= capacity). kind is the algorithm, 't' (token
+--       bucket) or 'w' (sliding window), alone for a limit that ignores the factors, followed
+--       by 'a' for one that follows the load factor, or by 'k' for one that follows the load
+--       factor times its tenant's upstream factor. A factor f scales the refill rate: a token
+--       bucket's emission interval becomes T / f (its burst, in time, is unchanged, so in
+--       units it shrinks by f too), a window's count becomes count * f.
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
 --          then 4 per limit: remaining in millionths of a unit (rounded), us until full,
 --          us until it admits the cost, 1 if the booking presented paid for this limit (it
@@ -44,7 +55,8 @@ local horizon = tonumber(ARGV[3])
 local bmode = ARGV[4]
 local nonce = ARGV[6]
 local grace = tonumber(ARGV[7])
-local n = tonumber(ARGV[9])
+local fspec = ARGV[9]
+local n = tonumber(ARGV[10])
 local tail = #KEYS
 local gkey, gcur, gnext, gttl
 local claimed = false
@@ -57,10 +69,20 @@ local bkey = nil
 local booked = {}
 if bmode ~= '' then
   bkey = KEYS[tail]
+  tail = tail - 1
   if bmode == 'old' then
     local flat = redis.call('HGETALL', bkey)
     for j = 1, #flat, 2 do booked[flat[j]] = tonumber(flat[j + 1]) end
   end
+end
+local lsrc, usrc, lkey, ukey = '-', '-', nil, nil
+if fspec ~= '' then
+  lsrc, usrc = string.match(fspec, '^(%S+) (%S+)$')
+  if usrc == 'k' then
+    ukey = KEYS[tail]
+    tail = tail - 1
+  end
+  if lsrc == 'k' then lkey = KEYS[tail] end
 end
 
 -- One MGET reads every token bucket and the guard (the most common admission makes no other
@@ -68,16 +90,28 @@ end
 local reads = {}
 local k = 1
 for i = 1, n do
-  if ARGV[9 + (i - 1) * 5 + 1] == 't' then
+  if string.sub(ARGV[10 + (i - 1) * 5 + 1], 1, 1) == 't' then
     reads[#reads + 1] = KEYS[k]
     k = k + 1
   else
     k = k + 2
   end
 end
+local nt = #reads
+if lkey then reads[#reads + 1] = lkey end
+if ukey then reads[#reads + 1] = ukey end
 if gkey then reads[#reads + 1] = gkey end
 local tvals = {}
 if #reads > 0 then tvals = redis.call('MGET', unpack(reads)) end
+-- A factor outside (0, 1] (never written by throttle) counts as 1.
+local function factor(v)
+  v = tonumber(v)
+  if v == nil or not (v > 0) or v > 1 then return 1 end
+  return v
+end
+local fload, fup = 1, 1
+if lkey then fload = factor(tvals[nt + 1]) elseif lsrc ~= '-' then fload = factor(lsrc) end
+if ukey then fup = factor(tvals[#reads - (gkey and 1 or 0)]) end
 if gkey then
   local live = tvals[#reads]
   if live then
@@ -96,13 +130,20 @@ local L = {}
 local t = 0
 k = 1
 for i = 1, n do
-  local a = 9 + (i - 1) * 5
-  local e = {algo = ARGV[a + 1], period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
+  local a = 10 + (i - 1) * 5
+  local kind = ARGV[a + 1]
+  local e = {algo = kind, period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
              cost = tonumber(ARGV[a + 5]), key = KEYS[k], T = 0, tau = 0, tat = 0, new_tat = 0,
              free_at = 0, booked = false, totalkey = false, total = 0}
+  local f = 1
+  if #kind > 1 then
+    e.algo = string.sub(kind, 1, 1)
+    if string.sub(kind, 2, 2) == 'k' then f = fload * fup else f = fload end
+  end
   if e.algo == 't' then
     e.T = e.period / e.count
     e.tau = tonumber(ARGV[a + 4]) * e.T
+    if f ~= 1 then e.T = e.T / f end
     t = t + 1
     e.tat = tonumber(tvals[t]) or now
     local base = e.tat
@@ -111,6 +152,7 @@ for i = 1, n do
     e.free_at = e.new_tat - e.tau
     k = k + 1
   else
+    if f ~= 1 then e.count = e.count * f end
     e.totalkey = KEYS[k + 1]
     e.total = window_total(e.key, e.totalkey, now, e.period)
     if e.total + e.cost <= e.count then

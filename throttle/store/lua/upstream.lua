@@ -1,0 +1,93 @@
+-- SPDX-License-Identifier: MIT
+-- upstream.lua: what the upstream provider said about one tenant (an API key), applied to
+-- that tenant's shared state: its upstream factor (multiplicative decrease when throttled,
+-- additive increase on success) and, when throttled, a pause of its buckets until the
+-- provider's delay is over, or a bucket brought down to what the provider says remains.
+--
+-- KEYS  [1] the tenant's upstream factor (a string, a number in (0, 1]; absent means 1)
+--       then for each limit, as in admit.lua: 't' its state key; 'w' its log and its total
+--       All keys share the tenant's hash tag.
+-- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
+--       [2] op: 'throttled' (the factor is multiplied by [3], never below [4]) or 'ok' (the
+--           factor rises by [3], up to 1)
+--       [3] change, [4] floor
+--       [5] ttl_ms: how long a factor below 1 lasts without news (then it is 1 again)
+--       [6] nonce: suffix of the log entries this call writes
+--       [7] n: number of limits
+--       then 6 per limit: kind (as in admit.lua: 't' or 'w', then 'k' for a limit that follows
+--       this tenant's upstream factor, or 'a'), period_us, count, burst, what ('p': pause for
+--       [6] us: nothing passes before it ends, then one unit is free and the bucket refills;
+--       'r': at most [6] units are free now; '-' nothing) and its value. For a 'k' limit the
+--       units are counted at the new upstream factor (the load factor is not applied here, so
+--       under load a pause lasts a little longer than asked, never shorter).
+-- Returns the tenant's upstream factor now, as a string (%.17g).
+
+local now = clock(ARGV[1])
+local op = ARGV[2]
+local change, floor, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local nonce = ARGV[6]
+local n = tonumber(ARGV[7])
+
+local f = tonumber(redis.call('GET', KEYS[1]))
+if f == nil or not (f > 0) or f > 1 then f = 1 end
+if op == 'throttled' then
+  f = f * change
+  if f < floor then f = floor end
+else
+  f = f + change
+end
+if f >= 1 then
+  f = 1
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], f, 'PX', ttl)
+end
+
+local k = 2
+for i = 1, n do
+  local a = 7 + (i - 1) * 6
+  local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local what, value = ARGV[a + 5], tonumber(ARGV[a + 6])
+  local key = KEYS[k]
+  local algo = string.sub(kind, 1, 1)
+  local follows = string.sub(kind, 2, 2) == 'k' and f ~= 1
+  if algo == 't' then
+    k = k + 1
+    if what ~= '-' then
+      local T = period / count
+      local tau = tonumber(ARGV[a + 4]) * T
+      if follows then T = T / f end
+      local floor_tat
+      if what == 'p' then
+        local lead = tau - T
+        if lead < 0 then lead = 0 end
+        floor_tat = now + value + lead
+      else
+        floor_tat = now + tau - value * T
+      end
+      local tat = tonumber(redis.call('GET', key)) or now
+      if tat < floor_tat then
+        redis.call('SET', key, floor_tat, 'PX', ttl_ms(floor_tat, now))
+      end
+    end
+  else
+    local totalkey = KEYS[k + 1]
+    k = k + 2
+    if what ~= '-' then
+      local total = window_total(key, totalkey, now, period)
+      local capacity = count
+      if follows then capacity = count * f end
+      if what == 'p' then
+        -- A full window's worth, dated so that it leaves the window when the pause ends.
+        redis.call('ZADD', key, now + value - period, fmt(count) .. ':' .. nonce .. ':p')
+        total = total + count
+      elseif total + value < capacity then
+        local fill = capacity - total - value
+        redis.call('ZADD', key, now, fmt(fill) .. ':' .. nonce .. ':r')
+        total = total + fill
+      end
+      window_store(key, totalkey, total, now, period)
+    end
+  end
+end
+return fmt(f)
