@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint pytest demo bench bench-decision bench-gate clean
+.PHONY: test lint pytest demo bench bench-decision bench-gate bench-adaptive clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,16 @@ test: lint pytest
 demo: $(STAMP)
 	@echo "make demo: the agent-platform demo is not built yet (see the 'Operate it' issue)."
 
-bench: bench-decision bench-gate
+bench: bench-decision bench-gate bench-adaptive
 
 bench-decision: $(STAMP)
 	$(BIN)/python benchmarks/decision.py $(BENCH_ARGS)
 
 bench-gate: $(STAMP)
 	$(BIN)/python benchmarks/gate.py $(BENCH_ARGS)
+
+bench-adaptive: $(STAMP)
+	$(BIN)/python benchmarks/adaptive.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

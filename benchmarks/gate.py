@@ -58,14 +58,11 @@ How to read it
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import multiprocessing
-import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,15 +71,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import celery
 import psutil
 import redis
-from _common import ROOT, redis_server, table, verdict  # beside this script
-from celery import Celery
+from _common import Workers, redis_server, table, verdict  # beside this script
 
 APP = "benchmarks.gateapp"
 PREFIX = "bench"
@@ -127,168 +122,16 @@ class Urls:
         return cls(*(urlunsplit(parts._replace(path=f"/{db}")) for db in (0, 1, 2)))
 
 
-# -- worker processes -------------------------------------------------------------------------
-
-
-_LIVE: set[int] = set()  # pids of worker main processes not yet stopped
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for pid in list(_LIVE):
-        _kill_tree(pid)
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    _LIVE.discard(pid)
-
-
-class Workers:
-    """``celery worker`` subprocesses of ``benchmarks.gateapp`` with one configuration."""
-
-    def __init__(self, urls: Urls, conf: dict[str, Any], logdir: Path, tag: str) -> None:
-        self.env = {
-            **os.environ,
-            "GATE_BENCH_BROKER": urls.broker,
-            "GATE_BENCH_BACKEND": urls.backend,
-            "GATE_BENCH_STORE": urls.store,
-            "GATE_BENCH_CONF": json.dumps(conf),
-            "GATE_BENCH_PREFIX": PREFIX,
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        }
-        self.logdir = logdir
-        self.tag = tag
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        # No result backend on the client: it reads results straight from Redis, and does not
-        # subscribe to a result channel per task it sends.
-        self.client = Celery(f"bench-{tag}", broker=urls.broker, set_as_current=False)
-        self.client.conf.update(broker_connection_retry_on_startup=True)
-
-    @property
-    def nodes(self) -> list[str]:
-        return list(self.procs)
-
-    def start(self, count: int, *, concurrency: int = 2, queue: str | None = None) -> list[str]:
-        """Start ``count`` workers together; return their node names once all answer."""
-        host = os.uname().nodename
-        for n in range(count):
-            name = f"{self.tag}{n}"
-            node = f"{name}@{host}"
-            command = [
-                sys.executable,
-                *("-m", "celery", "-A", APP, "worker", "-P", "prefork"),
-                *("-c", str(concurrency), "-n", node, "-l", "WARNING"),
-                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
-            ]
-            if queue:
-                command += ["-Q", queue]
-            with open(self.logdir / f"{name}.log", "ab") as log:
-                proc = subprocess.Popen(
-                    command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-                )
-            self.procs[node] = proc
-            _LIVE.add(proc.pid)
-        self._wait_ready(timeout=90)
-        return self.nodes
-
-    def _wait_ready(self, timeout: float) -> None:
-        waiting = set(self.procs)
-        deadline = time.monotonic() + timeout
-        while waiting:
-            for node in waiting:
-                proc = self.procs[node]
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"worker {node} exited with {proc.returncode}:\n{self.log(node)}"
-                    )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers {sorted(waiting)} did not answer within {timeout} s")
-            for reply in self.client.control.ping(destination=sorted(waiting), timeout=0.5):
-                waiting -= set(reply)
-
-    def log(self, node: str) -> str:
-        path = self.logdir / f"{node.split('@')[0]}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def control(self, command: str, **arguments: Any) -> dict[str, Any]:
-        """A control command to every worker, with its replies by node (waits for all)."""
-        replies = self.client.control.broadcast(
-            command,
-            arguments=arguments,
-            destination=self.nodes,
-            reply=True,
-            limit=len(self.nodes),
-            timeout=3.0,
-        )
-        return {node: body for reply in replies or () for node, body in reply.items()}
-
-    def scheduled(self) -> dict[str, int]:
-        """``celery inspect scheduled``: countdown/ETA requests each worker holds."""
-        inspect = self.client.control.inspect(
-            destination=self.nodes, limit=len(self.nodes), timeout=3.0
-        )
-        return {node: len(entries) for node, entries in (inspect.scheduled() or {}).items()}
-
-    def rss(self) -> dict[str, int]:
-        """Resident memory per worker: its main process plus its pool children, in bytes."""
-        out = {}
-        for node, proc in self.procs.items():
-            total = 0
-            with contextlib.suppress(psutil.NoSuchProcess):
-                main = psutil.Process(proc.pid)
-                for process in [main, *main.children(recursive=True)]:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        total += process.memory_info().rss
-            out[node] = total
-        return out
-
-    def kill(self) -> None:
-        """SIGKILL every worker and its pool children (after an error or an interrupt)."""
-        for proc in self.procs.values():
-            _kill_tree(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        self.procs.clear()
-        with contextlib.suppress(Exception):
-            self.client.close()
-
-    def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL for whatever is left after 30 s."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _kill_tree(proc.pid)
-                proc.wait(timeout=10)
-            _kill_tree(proc.pid)  # orphaned pool children, if any
-            _LIVE.discard(proc.pid)
-        self.procs.clear()
-        self.client.close()
-
-    def __enter__(self) -> Workers:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.stop()
-        else:
-            self.kill()
+def gate_workers(urls: Urls, conf: dict[str, Any], logdir: Path, tag: str) -> Workers:
+    """Workers of ``benchmarks.gateapp`` with one configuration."""
+    env = {
+        "GATE_BENCH_BROKER": urls.broker,
+        "GATE_BENCH_BACKEND": urls.backend,
+        "GATE_BENCH_STORE": urls.store,
+        "GATE_BENCH_CONF": json.dumps(conf),
+        "GATE_BENCH_PREFIX": PREFIX,
+    }
+    return Workers(APP, env, urls.broker, logdir, tag)
 
 
 def send(
@@ -367,7 +210,7 @@ def measure_overhead(urls: Urls, settings: Settings, logdir: Path) -> Overhead:
     store.flushall()
     names = {"gated": "gateapp.noop_gated", "ungated": "gateapp.noop"}
     out = Overhead()
-    with Workers(urls, {}, logdir, "overhead") as workers:
+    with gate_workers(urls, {}, logdir, "overhead") as workers:
         workers.start(1, queue=IDLE_QUEUE)
         for kind in ("gated", "ungated"):
             run_batch(workers, backend, names[kind], settings.warmup)
@@ -447,7 +290,7 @@ def measure_window(urls: Urls, settings: Settings, logdir: Path, task: str) -> W
     conf = {"throttle_limits": {"open": OPEN_LIMIT, "bench": COMPARE_LIMIT}}
     tag = task.split(".")[-1]
     peak_scheduled = peak_bucket = 0
-    with Workers(urls, conf, logdir, f"w{tag}") as workers:
+    with gate_workers(urls, conf, logdir, f"w{tag}") as workers:
         workers.start(3)
         send(workers, f"gateapp.{task}", COMPARE_TASKS)
         first: float | None = None
@@ -506,7 +349,7 @@ def measure_backlog(urls: Urls, settings: Settings, logdir: Path) -> Backlog:
     store.flushall()
     conf = {"throttle_limits": {"open": OPEN_LIMIT, "bench": BACKLOG_LIMIT}}
     count = settings.backlog
-    with Workers(urls, conf, logdir, "backlog") as workers:
+    with gate_workers(urls, conf, logdir, "backlog") as workers:
         workers.start(3)
         idle_rss = max(workers.rss().values())
         peak_rss, peak_scheduled = idle_rss, 0

@@ -18,10 +18,12 @@ KEY = {"api_key": "tenant-1"}
 OTHER = {"api_key": "tenant-2"}
 
 
-def _admitted(store: BaseStore, limits: list[Limit], identity: dict[str, str], at: int) -> int:
-    """How many admissions pass back to back at one moment (adaptive)."""
+def _admitted(
+    store: BaseStore, limits: list[Limit], identity: dict[str, str], at: int, adaptive: bool = True
+) -> int:
+    """How many admissions pass back to back at one moment."""
     count = 0
-    while store.admit(limits, identity, adaptive=True, now_us=at).allowed:
+    while store.admit(limits, identity, adaptive=adaptive, now_us=at).allowed:
         count += 1
         assert count < 1000
     return count
@@ -186,3 +188,23 @@ def test_a_pause_of_a_bucket_smaller_than_one_unit_ends_on_time(store: BaseStore
     store.upstream_throttled([half], KEY, delay=1.0, adaptive=False, now_us=T0)
     assert store.admit([half], KEY, cost=0.5, now_us=T0).retry_after == 1.0
     assert store.admit([half], KEY, cost=0.5, now_us=T0 + US).allowed
+
+
+def test_a_pause_and_a_remaining_count_together(store: BaseStore) -> None:
+    """Said at once, the later of a pause and a remaining count holds; a limit left out of
+    ``paused`` only follows its remaining count."""
+    req = Limit("req", "10/s", burst=10)
+    tok = Limit("tok", "100/s", burst=100)
+    store.upstream_throttled(
+        [req, tok],
+        KEY,
+        delay=1.0,
+        remaining={"req": 5, "tok": 30},
+        paused=["req"],
+        adaptive=False,
+        now_us=T0,
+    )
+    assert store.admit([req], KEY, now_us=T0).retry_after == 1.0
+    assert _admitted(store, [tok], KEY, T0, adaptive=False) == 30
+    with pytest.raises(ConfigurationError, match="paused"):
+        store.upstream_throttled([req], KEY, delay=1.0, paused=["tok"])

@@ -49,6 +49,9 @@ class ReferenceStore(BaseStore):
     def _run_upstream(self, keys: list[str], argv: list[str]) -> object:
         return self._run("upstream", keys, argv)
 
+    def _run_sample(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        return self._run("sample", keys, argv)
+
     def _delete(self, keys: list[str]) -> None:
         self.engine.delete(*keys)
 

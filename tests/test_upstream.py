@@ -266,3 +266,4 @@ def test_upstream_throttled_carries_its_delay_and_survives_a_result_backend() ->
     assert (type(back), back.delay, back.limits) == (UpstreamThrottled, 30.0, ("llm-tokens",))
     assert str(back) == "the upstream provider throttled the call (retry after 30 s)"
     assert feedback_from(raised) == raised.feedback
+    assert feedback_from(UpstreamThrottled(7, headers={"Retry-After": "30"})).delay == 7.0  # type: ignore[union-attr]

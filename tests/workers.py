@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 import psutil
+import redis
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +108,13 @@ class Workers:
             proc = self.procs[node]
             if proc.poll() is not None:
                 raise RuntimeError(f"worker {node} exited with {proc.returncode}: {self.log(node)}")
-            if self.client.control.ping(destination=[node], timeout=0.5):
-                return
+            try:
+                if self.client.control.ping(destination=[node], timeout=0.5):
+                    return
+            except redis.ConnectionError:
+                # A pooled connection the server dropped earlier in the run: kombu raises
+                # once and connects again on the next ping.
+                continue
         raise RuntimeError(f"worker {node} did not answer within {timeout} s: {self.log(node)}")
 
     def log(self, node: str) -> str:

@@ -5,6 +5,7 @@ The admission core (limits, identities, stores) is usable without Celery; ``Thro
 installs the Celery gate.
 """
 
+from throttle.adaptive import UpstreamThrottled
 from throttle.celeryext import Throttle, ThrottleExhausted, limit, report_usage
 from throttle.clock import Clock, SystemClock
 from throttle.errors import (
@@ -51,6 +52,7 @@ __all__ = [
     "Throttle",
     "ThrottleError",
     "ThrottleExhausted",
+    "UpstreamThrottled",
     "__version__",
     "limit",
     "report_usage",

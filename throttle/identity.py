@@ -188,6 +188,10 @@ class Keyspace:
         """The computed load factor and when it last changed (a hash)."""
         return f"{self.prefix}:{{~load}}:state"
 
+    def load_samples_key(self) -> str:
+        """The workers' live load samples (a hash: worker -> time and sample)."""
+        return f"{self.prefix}:{{~load}}:samples"
+
     def load_override_key(self) -> str:
         """An operator's load factor override (a string)."""
         return f"{self.prefix}:{{~load}}:override"

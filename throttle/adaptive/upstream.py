@@ -31,7 +31,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -119,14 +119,18 @@ class UpstreamThrottled(ThrottleError):
             limits = (limits,)
         self.limits = tuple(str(name) for name in limits)
         self.headers = kept
-        self.feedback = parse_headers(kept or {})
         self.retry_after = _seconds(retry_after, "retry_after", DEFAULT_MAX_DELAY)
+        said = parse_headers(kept or {})
+        #: What the provider said, with ``retry_after`` in place of its Retry-After when given.
+        self.feedback = (
+            said if self.retry_after is None else replace(said, retry_after=self.retry_after)
+        )
         super().__init__(retry_after, kept, self.limits)
 
     @property
     def delay(self) -> float | None:
         """The wait the provider asked for: ``retry_after``, else what the headers say."""
-        return self.retry_after if self.retry_after is not None else self.feedback.delay
+        return self.feedback.delay
 
     def __str__(self) -> str:
         delay = self.delay

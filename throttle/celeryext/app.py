@@ -25,10 +25,18 @@ from celery import Celery
 from celery.signals import before_task_publish, task_postrun
 from redis.cluster import RedisCluster
 
+from throttle.adaptive.sampler import LoadSampler
+from throttle.celeryext import control as _control  # noqa: F401  (registers the commands)
 from throttle.celeryext import headers as H
 from throttle.celeryext.gate import Gate
 from throttle.celeryext.settings import ThrottleSettings, load_settings
-from throttle.celeryext.worker import GateStep, install_pool_fallback, task_base
+from throttle.celeryext.worker import (
+    GateStep,
+    LoadStep,
+    install_pool_fallback,
+    task_base,
+    throttle_headers,
+)
 from throttle.clock import Clock, SystemClock
 from throttle.errors import ThrottleError
 from throttle.identity import Keyspace
@@ -67,6 +75,9 @@ class Throttle:
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
+        app.steps["worker"].add(LoadStep)
+        #: The running load sampler of this worker process (set by its bootstep).
+        self.sampler: LoadSampler | None = None
         # Tasks created from now on get the pool-side fallback at once (eager mode may run a
         # task before the app is finalized); those with their own base class get it when the
         # app finalizes.
@@ -75,6 +86,10 @@ class Throttle:
             app.Task._throttle_base = True
         before_task_publish.connect(self._seal_identity, weak=False)
         task_postrun.connect(self._settle, weak=False)
+        task_postrun.connect(self._count_success, weak=False)
+        #: Successes per tenant since the last report (this process): tag -> (identity, n).
+        self._successes: dict[str, tuple[dict[str, object], int]] = {}
+        self._successes_sent = self.clock.now_us()
         app.on_after_finalize.connect(self._register_tasks, weak=False)
         if app.finalized:
             self._register_tasks()
@@ -135,6 +150,49 @@ class Throttle:
         task_id = headers.get("id")
         if isinstance(raw, Mapping) and isinstance(task_id, str):
             headers[H.IDENTITY] = H.seal_identity(raw, task_id, self.keyspace)
+
+    def _count_success(
+        self, sender: Any = None, task: Any = None, state: str | None = None, **_: Any
+    ) -> None:
+        """A throttled task succeeded: count it for its tenant's upstream factor (additive
+        increase), and report the counts at most once per ``throttle_load_interval``."""
+        task = task or sender
+        adaptive = self.settings.adaptive
+        if state != "SUCCESS" or task is None or getattr(task, "app", None) is not self.app:
+            return
+        if not adaptive.enabled or getattr(task.request, H.ADMITTED, None) is None:
+            return
+        try:
+            spec = self.gate.spec_for(task)
+            if spec is None:
+                return
+            request = task.request
+            identity = self.gate.identity(
+                spec,
+                request.id,
+                tuple(request.args or ()),
+                dict(request.kwargs or {}),
+                throttle_headers(request),
+            )
+            tag = self.keyspace.tenant_tag(identity)
+        except ThrottleError:
+            return
+        seen = self._successes.get(tag)
+        self._successes[tag] = (identity, 1 if seen is None else seen[1] + 1)
+        now = self.clock.now_us()
+        if now - self._successes_sent < adaptive.interval * 1_000_000:
+            return
+        pending, self._successes = self._successes, {}
+        self._successes_sent = now
+        store = self.store()
+        for who, count in pending.values():
+            try:
+                store.upstream_ok(
+                    who, successes=count, step=adaptive.upstream_step, ttl=adaptive.upstream_ttl
+                )
+            except ThrottleError as exc:
+                logger.debug("upstream successes not reported: %s", exc)
+                return
 
     def _settle(self, sender: Any = None, task: Any = None, **_: Any) -> None:
         """After the task body: settle its estimate with the usage it reported."""

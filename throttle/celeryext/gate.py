@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from throttle import signals
 from throttle._tokens import token_hex
+from throttle.adaptive.upstream import Feedback
 from throttle.celeryext import headers as H
 from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSettings
 from throttle.celeryext.spec import TaskSpec, options_of, spec_from_options
@@ -238,11 +239,33 @@ class Gate:
         spec = self.spec_for(task)
         if spec is None:
             return Verdict(Action.RUN)
+        call = self._call(spec, task_id, args, kwargs, headers)
+        try:
+            call.costs = spec.costs(args, kwargs)
+        except Exception as exc:  # a user callable
+            return call.verdict(Action.FAIL, error=_cost_failure(task.name, exc))
+        if not call.policies:
+            admitted = {H.ADMITTED: {"tier": call.tier}}
+            return self._after(call, call.verdict(Action.RUN, headers=admitted))
+        names = {p.name for p in call.policies}
+        call.cost = {n: c for n, c in call.costs.items() if n in names}
+        if self.clock.now_us() < self._down_until:
+            return self._after(call, self._fallback(call))
+        return call
+
+    def _call(
+        self,
+        spec: TaskSpec,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+    ) -> Call:
         identity = self.identity(spec, task_id, args, kwargs, headers)
         tier = str(identity.get("tier", DEFAULT_TIER))
         policies = self.policies(spec, tier)
         api_key = identity.get("api_key")
-        call = Call(
+        return Call(
             task_id=task_id,
             identity=identity,
             tier=tier,
@@ -253,17 +276,58 @@ class Gate:
             policies=[p for p in policies if p.mode == "enforce"],
             shadow=[p for p in policies if p.mode == "shadow"],
         )
+
+    def upstream(
+        self,
+        task: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+        feedback: Feedback,
+        named: Sequence[str] = (),
+    ) -> Verdict | None:
+        """The provider throttled a call this task made: tell the store (the tenant's upstream
+        factor falls, the limits ``named``, else the task's own, pause for the provider's delay,
+        limits with an ``upstream`` kind follow what it says remains), and defer the task by
+        that delay. None when the task is not throttled."""
+        spec = self.spec_for(task)
+        if spec is None:
+            return None
+        call = self._call(spec, task_id, args, kwargs, headers)
+        own = {p.name: p for p in (*call.policies, *call.shadow)}
+        chosen = [n for n in named if n in self.settings.limit_names] or list(own)
+        for name in named:
+            if name not in self.settings.limit_names:
+                logger.warning("task %s: UpstreamThrottled names unknown limit %r", task_id, name)
+        policies = {n: own.get(n) or self.settings.policy(n, call.tier) for n in chosen}
+        for policy in own.values():
+            if policy.upstream is not None and policy.upstream in feedback.remaining:
+                policies.setdefault(policy.name, policy)
+        remaining = {
+            p.name: feedback.remaining[p.upstream]
+            for p in policies.values()
+            if p.upstream is not None and p.upstream in feedback.remaining
+        }
+        adaptive = self.settings.adaptive
+        delay = feedback.delay
+        wait = adaptive.upstream_delay if delay is None else delay
         try:
-            call.costs = spec.costs(args, kwargs)
-        except Exception as exc:  # a user callable
-            return call.verdict(Action.FAIL, error=_cost_failure(task.name, exc))
-        if not call.policies:
-            return self._after(call, call.verdict(Action.RUN, headers={H.ADMITTED: {"tier": tier}}))
-        names = {p.name for p in call.policies}
-        call.cost = {n: c for n, c in call.costs.items() if n in names}
-        if self.clock.now_us() < self._down_until:
-            return self._after(call, self._fallback(call))
-        return call
+            self._store().upstream_throttled(
+                [p.limit for p in policies.values()],
+                call.identity,
+                delay=wait,
+                remaining=remaining,
+                paused=chosen,
+                decrease=adaptive.upstream_decrease,
+                floor=adaptive.upstream_floor,
+                ttl=adaptive.upstream_ttl,
+                adaptive=adaptive.enabled,
+            )
+        except ThrottleError as exc:
+            logger.warning("task %s: upstream throttling not recorded: %s", task_id, exc)
+        bound = chosen[0] if chosen else None
+        return self._defer(call, wait, "upstream", bound, None, call.next_token)
 
     def conclude(self, call: Call, outcome: Decision | Exception) -> Verdict:
         """The verdict for a call, from the store's decision or the error it raised."""
@@ -292,6 +356,7 @@ class Gate:
             "booking": call.booking,
             "horizon": self.settings.horizon,
             "guard": Guard(call.task_id, call.token, call.next_token, self.settings.guard_ttl),
+            "adaptive": self.settings.adaptive.enabled,
         }
 
     def prepare(self, call: Call) -> Prepared | None:
@@ -443,7 +508,9 @@ class Gate:
         limits = [p.limit for p in policies]
         cost = {n: c for n, c in costs.items() if n in {lim.name for lim in limits}}
         try:
-            decision = self._store().admit(limits, identity, cost=cost)
+            decision = self._store().admit(
+                limits, identity, cost=cost, adaptive=self.settings.adaptive.enabled
+            )
         except ThrottleError as exc:
             logger.debug("shadow limits not evaluated for task %s: %s", task_id, exc)
             return

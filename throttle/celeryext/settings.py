@@ -17,10 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from throttle.adaptive.policy import LoadPolicy
 from throttle.errors import ConfigurationError
 from throttle.limits import Limit
 
-__all__ = ["DEFAULT_TIER", "LimitPolicy", "ThrottleSettings", "load_settings", "redact_url"]
+__all__ = [
+    "DEFAULT_TIER",
+    "AdaptiveSettings",
+    "LimitPolicy",
+    "ThrottleSettings",
+    "load_settings",
+    "redact_url",
+]
 
 StoreErrorPolicy = Literal["open", "closed", "local"]
 STORE_ERROR_POLICIES: Final = ("open", "closed", "local")
@@ -41,6 +49,8 @@ _LIMIT_KEYS: Final = frozenset(
         "anonymous",
         "mode",
         "on_store_error",
+        "adaptive",
+        "upstream",
     }
 )
 _TIER_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -56,6 +66,9 @@ class LimitPolicy:
     mode: str = "enforce"
     #: What the gate does with this limit while Redis does not answer.
     on_store_error: StoreErrorPolicy = "local"
+    #: What the upstream provider calls the quantity this limit counts ("requests", "tokens",
+    #: an IETF policy name): its "remaining" answers bring this limit's bucket down.
+    upstream: str | None = None
 
     @property
     def name(self) -> str:
@@ -82,6 +95,7 @@ class ThrottleSettings:
     store_retry: float
     guard_ttl: float
     heartbeat_interval: float
+    adaptive: AdaptiveSettings = field(default_factory=lambda: AdaptiveSettings())
 
     def policy(self, name: str, tier: str = DEFAULT_TIER) -> LimitPolicy:
         """The policy of limit ``name`` in ``tier`` (an unknown tier falls back to default)."""
@@ -122,6 +136,15 @@ KNOWN: Final[dict[str, tuple[object, str]]] = {
         "(visibility timeout + restore sweep + 2 x max_defer), at least an hour",
     ),
     "throttle_heartbeat_interval": (5.0, "seconds > 0"),
+    "throttle_adaptive": (
+        {},
+        "a dict with any of: enabled (bool), cpu and memory ([[percent, factor], ...]), busy "
+        "([[share, factor], ...]), signals ({name: callable or 'module:function'} returning a "
+        "load in [0, 1]), signal_thresholds, floor, step (in (0, 1]), relax (seconds), "
+        "upstream_decrease, upstream_step, upstream_floor (in (0, 1]), upstream_ttl, "
+        "upstream_delay (seconds)",
+    ),
+    "throttle_load_interval": (1.0, "seconds > 0"),
 }
 
 
@@ -179,6 +202,7 @@ def load_settings(conf: Any) -> ThrottleSettings:
         store_retry=_seconds(get, "throttle_store_retry"),
         guard_ttl=guard_ttl,
         heartbeat_interval=_seconds(get, "throttle_heartbeat_interval"),
+        adaptive=_adaptive(get("throttle_adaptive"), _seconds(get, "throttle_load_interval")),
     )
 
 
@@ -228,6 +252,108 @@ def _tiers(
     return tiers
 
 
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """``throttle_adaptive`` and ``throttle_load_interval``, validated."""
+
+    enabled: bool = True
+    policy: LoadPolicy = field(default_factory=LoadPolicy)
+    #: Custom load signals: name -> callable returning a load in [0, 1].
+    signals: Mapping[str, Callable[[], float]] = field(default_factory=dict)
+    interval: float = 1.0
+    #: A provider's 429 multiplies the key's upstream factor by this, never below the floor;
+    #: each success adds step; ttl seconds without news bring it back to 1.
+    upstream_decrease: float = 0.5
+    upstream_step: float = 0.05
+    upstream_floor: float = 0.05
+    upstream_ttl: float = 3600.0
+    #: The deferral when a 429 does not say how long to wait.
+    upstream_delay: float = 1.0
+
+
+_ADAPTIVE_KEYS: Final = frozenset(
+    {
+        "enabled",
+        "cpu",
+        "memory",
+        "busy",
+        "signals",
+        "signal_thresholds",
+        "floor",
+        "step",
+        "relax",
+        "upstream_decrease",
+        "upstream_step",
+        "upstream_floor",
+        "upstream_ttl",
+        "upstream_delay",
+    }
+)
+
+
+def _adaptive(value: object, interval: float) -> AdaptiveSettings:
+    key = "throttle_adaptive"
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(key, f"got {value!r}", KNOWN[key][1])
+    unknown = set(value) - _ADAPTIVE_KEYS
+    if unknown:
+        raise ConfigurationError(
+            f"{key}.{sorted(unknown)[0]}", "unknown field", ", ".join(sorted(_ADAPTIVE_KEYS))
+        )
+    enabled = value.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigurationError(f"{key}.enabled", f"got {enabled!r}", "True or False")
+    signals_conf = value.get("signals", {})
+    if not isinstance(signals_conf, Mapping):
+        raise ConfigurationError(
+            f"{key}.signals", f"got {signals_conf!r}", "{name: callable or 'module:function'}"
+        )
+    signals = {
+        str(name): _callable(target, f"{key}.signals[{name!r}]")
+        for name, target in signals_conf.items()
+    }
+    numbers: dict[str, float] = {}
+    for name, low in (
+        ("upstream_decrease", "fraction"),
+        ("upstream_step", "fraction"),
+        ("upstream_floor", "fraction"),
+        ("upstream_ttl", "seconds"),
+        ("upstream_delay", "seconds"),
+    ):
+        if name not in value:
+            continue
+        raw = value[name]
+        ok = isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw)
+        ok = ok and raw > 0 and (raw <= 1 or low == "seconds")
+        if not ok:
+            accepted = "a number in (0, 1]" if low == "fraction" else "seconds > 0"
+            raise ConfigurationError(f"{key}.{name}", f"got {raw!r}", accepted)
+        numbers[name] = float(raw)
+    return AdaptiveSettings(
+        enabled=enabled,
+        policy=LoadPolicy.from_settings(value, key),
+        signals=signals,
+        interval=interval,
+        **numbers,
+    )
+
+
+def _callable(value: object, where: str) -> Callable[[], float]:
+    """A callable, or one named by 'module:attribute'."""
+    if callable(value):
+        return value
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigurationError(where, f"got {value!r}", "a callable or 'module:function'")
+    module_name, _, attr = value.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(where, f"cannot import {value!r}: {exc}") from exc
+    if not callable(target):
+        raise ConfigurationError(where, f"{value!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
 def _expect(key: str, value: object, ok: object) -> None:
     """Raise the standard error for setting ``key`` unless ``ok``."""
     if not ok:
@@ -258,7 +384,16 @@ def build_policy(
         raise ConfigurationError(
             f"{where}.on_store_error", f"unknown policy {policy!r}", ", ".join(STORE_ERROR_POLICIES)
         )
-    kwargs = {k: v for k, v in spec.items() if k not in ("rate", "mode", "on_store_error")}
+    upstream = spec.get("upstream")
+    if upstream is not None and (not isinstance(upstream, str) or not upstream):
+        raise ConfigurationError(
+            f"{where}.upstream",
+            f"got {upstream!r}",
+            "the provider's name for what this limit counts: 'requests', 'tokens', ...",
+        )
+    kwargs = {
+        k: v for k, v in spec.items() if k not in ("rate", "mode", "on_store_error", "upstream")
+    }
     try:
         limit = Limit(name, spec["rate"], dimensions=dimensions, **kwargs)
     except ConfigurationError as exc:
@@ -269,7 +404,7 @@ def build_policy(
         ) from exc
     except TypeError as exc:
         raise ConfigurationError(where, str(exc)) from exc
-    return LimitPolicy(limit, mode, policy)
+    return LimitPolicy(limit, mode, policy, upstream)
 
 
 def redact_url(url: str) -> str:
@@ -372,17 +507,7 @@ def _check_visibility(conf: Any, max_defer: float) -> None:
 
 
 def _resolver(value: object) -> Callable[[Mapping[str, object]], str | None] | None:
-    if value is None or callable(value):
-        return value
-    _expect("throttle_tier_resolver", value, isinstance(value, str) and ":" in value)
-    assert isinstance(value, str)
-    module_name, _, attr = value.partition(":")
-    try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(
-            "throttle_tier_resolver", f"cannot import {value!r}: {exc}"
-        ) from exc
-    if not callable(target):
-        raise ConfigurationError("throttle_tier_resolver", f"{value!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    if value is None:
+        return None
+    _expect("throttle_tier_resolver", value, callable(value) or isinstance(value, str))
+    return _callable(value, "throttle_tier_resolver")  # type: ignore[return-value]

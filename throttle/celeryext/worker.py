@@ -23,14 +23,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from celery import Task as CeleryTask
 from celery import bootsteps
 from celery.exceptions import Ignore
-from celery.worker.state import task_ready
+from celery.worker.state import active_requests, task_ready
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from throttle import signals
+from throttle.adaptive.sampler import LoadSampler
+from throttle.adaptive.upstream import Feedback, UpstreamThrottled, feedback_from
 from throttle.celeryext import headers as H
 from throttle.celeryext.gate import Action, Call, Verdict
 from throttle.celeryext.spec import options_of_class
@@ -41,7 +44,7 @@ from throttle.store.base import Prepared
 if TYPE_CHECKING:
     from throttle.celeryext.app import Throttle
 
-__all__ = ["GateStep", "install_pool_fallback"]
+__all__ = ["GateStep", "LoadStep", "install_pool_fallback"]
 
 logger = logging.getLogger("throttle.gate")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -92,6 +95,8 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.pipeline is not None:
             self.pipeline.close()
 
+    terminate = stop  # see LoadStep.terminate
+
     def _beat(self) -> None:
         """Count the live workers (for local fallback buckets), and notice Redis is back."""
         try:
@@ -101,6 +106,45 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         self.ext.gate.live_workers = count
         self.ext.gate.store_answered()
+
+
+class LoadStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: sample this host's load in a background thread and report it (see
+    :mod:`throttle.adaptive.sampler`). Off when ``throttle_adaptive`` says ``enabled: False``."""
+
+    label = "throttle load"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.ext = extension(worker.app)
+        self.sampler: LoadSampler | None = None
+
+    def include_if(self, worker: Any) -> bool:
+        return bool(extension(worker.app).settings.adaptive.enabled)
+
+    def start(self, worker: Any) -> None:
+        adaptive = self.ext.settings.adaptive
+        slots = max(1, int(getattr(worker, "concurrency", 1) or 1))
+        self.sampler = LoadSampler(
+            self.ext.store,
+            f"{worker.hostname}:{os.getpid()}",
+            adaptive.policy,
+            interval=adaptive.interval,
+            busy=lambda: len(active_requests) / slots,
+            signals=adaptive.signals,
+        )
+        self.ext.sampler = self.sampler
+        self.sampler.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.sampler = None
+
+    # A step without an ``obj`` is not stopped when the worker terminates (cold shutdown,
+    # or the end of an in-process test worker): stop the thread then too.
+    terminate = stop
 
 
 def apply_in_consumer(ext: Throttle, consumer: Any, request: Any, run: Callable[[Any], Any]) -> Any:
@@ -336,17 +380,14 @@ def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict)
         logger.exception("task %s: could not publish its deferred copy; requeued", request.id)
         request.reject(requeue=True)
         return
-    if verdict.guard is not None:
-        try:
-            ext.store().set_guard(
-                verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
-            )
-        except ThrottleError as exc:
-            # The new copy's token is not recorded: it will be dropped as stale. Keep the old
-            # copy alive instead of acknowledging it.
-            logger.warning("task %s: could not record its deferral (%s); requeued", request.id, exc)
-            request.reject(requeue=True)
-            return
+    try:
+        record_guard(ext, verdict)
+    except ThrottleError as exc:
+        # The new copy's token is not recorded: it will be dropped as stale. Keep the old
+        # copy alive instead of acknowledging it.
+        logger.warning("task %s: could not record its deferral (%s); requeued", request.id, exc)
+        request.reject(requeue=True)
+        return
     request.acknowledge()
     _announce(ext, request.task, request.id, verdict, consumer.event_dispatcher)
 
@@ -392,7 +433,8 @@ def _announce(ext: Throttle, task: Any, task_id: str, verdict: Verdict, dispatch
 
 
 def install_pool_fallback(cls: type) -> None:
-    """Give a throttled task class a ``before_start`` that admits it where no gate did."""
+    """Give a throttled task class a ``before_start`` that admits it where no gate did, and a
+    ``__call__`` that turns the provider's "too many requests" into a deferral."""
     if cls.__dict__.get("_throttle_fallback", False):
         return
     previous = cls.before_start  # type: ignore[attr-defined]
@@ -403,8 +445,100 @@ def install_pool_fallback(cls: type) -> None:
         _pool_check(self, task_id, args, kwargs)
         previous(self, task_id, args, kwargs)
 
+    previous_call = cls.__call__
+    own_call = previous_call is not CeleryTask.__call__
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:  # a plain function call: no message to defer
+            return previous_call(self, *args, **kwargs)
+        while True:
+            try:
+                if own_call:
+                    return previous_call(self, *args, **kwargs)
+                # As Celery runs a task without a __call__ of its own: the worker has pushed
+                # the request already.
+                return self.run(*args, **kwargs)
+            except Exception as exc:
+                feedback = feedback_from(exc)
+                if feedback is None or not _upstream_deferral(self, exc, feedback, args, kwargs):
+                    raise
+            # Eager mode waited out the provider's delay: admit the task again, then run it.
+            setattr(self.request, H.ADMITTED, None)
+            _pool_check(self, self.request.id, args, kwargs)
+
     cls.before_start = before_start  # type: ignore[attr-defined]
+    cls.__call__ = __call__  # type: ignore[method-assign]
     cls._throttle_fallback = True  # type: ignore[attr-defined]
+
+
+def _upstream_deferral(
+    task: Any, exc: Exception, feedback: Feedback, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """The provider throttled the task's call: record it and defer the task (raises Ignore once
+    the next copy is published). In eager mode, wait here and return True to run it again.
+    False lets the exception fail the task (not throttled, or deferred too often)."""
+    ext = extension(task.app)
+    req = task.request
+    headers = throttle_headers(req)
+    named = exc.limits if isinstance(exc, UpstreamThrottled) else ()
+    verdict = ext.gate.upstream(task, req.id, tuple(args), dict(kwargs), headers, feedback, named)
+    if verdict is None or verdict.action is not Action.DEFER:
+        return False
+    _announce(ext, task, req.id, verdict, None)
+    if req.is_eager:
+        ext.sleep(verdict.countdown)
+        req.headers = {**(req.headers or {}), **verdict.headers}
+        for name, value in verdict.headers.items():
+            setattr(req, name, value)
+        record_guard(ext, verdict)
+        return True
+    try:
+        _republish(ext, task, args, kwargs, {**headers, **verdict.headers}, verdict)
+    except ThrottleError as err:
+        # The next copy will be dropped as stale when it arrives; this one is done with (its
+        # call was refused upstream), so let the task fail with the provider's error.
+        logger.warning("task %s: could not record its deferral (%s)", req.id, err)
+        return False
+    raise Ignore()
+
+
+def _republish(
+    ext: Throttle,
+    task: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    headers: dict[str, Any],
+    verdict: Verdict,
+) -> None:
+    """From the pool side: publish the running task's next copy, then record its guard."""
+    req = task.request
+    task.signature_from_request(
+        req,
+        args=args,
+        kwargs=kwargs,
+        countdown=verdict.countdown,
+        retries=req.retries or 0,
+        headers={k: v for k, v in headers.items() if k not in H.INTERNAL},
+    ).apply_async()
+    record_guard(ext, verdict)
+
+
+def record_guard(ext: Throttle, verdict: Verdict) -> None:
+    """Record a deferral's next copy as the live one (after it is published)."""
+    if verdict.guard is not None:
+        ext.store().set_guard(
+            verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+        )
+
+
+def throttle_headers(req: Any) -> dict[str, Any]:
+    """The message headers of the request, with the throttle headers Celery moved onto it."""
+    headers = {**(req.headers or {})}
+    for name in (H.TOKEN, H.BOOKING, H.DEFERRALS, H.IDENTITY):
+        value = getattr(req, name, None)
+        if value is not None:
+            headers[name] = value
+    return headers
 
 
 def task_base(base: type) -> type:
@@ -426,11 +560,7 @@ def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str
     if getattr(req, H.ADMITTED, None) is not None:
         return  # the gate let it through
     ext = extension(task.app)
-    headers = {**(req.headers or {})}
-    for name in (H.TOKEN, H.BOOKING, H.DEFERRALS, H.IDENTITY):
-        value = getattr(req, name, None)
-        if value is not None:
-            headers[name] = value
+    headers = throttle_headers(req)
     eager = bool(req.is_eager)
     while True:
         verdict = ext.gate.check(task, task_id, tuple(args), dict(kwargs), headers)
@@ -445,24 +575,10 @@ def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str
         if not eager:
             # A worker without the gate: defer from here, as the gate would have.
             headers.update(verdict.headers)
-            task.signature_from_request(
-                req,
-                args=args,
-                kwargs=kwargs,
-                countdown=verdict.countdown,
-                retries=req.retries or 0,
-                headers={k: v for k, v in headers.items() if k not in H.INTERNAL},
-            ).apply_async()
-            if verdict.guard is not None:
-                ext.store().set_guard(
-                    verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
-                )
+            _republish(ext, task, args, kwargs, headers, verdict)
             raise Ignore()
         # Eager mode runs the task here and now: wait for the slot, then check again with the
         # booking and token the next copy would have carried.
         ext.sleep(verdict.countdown)
         headers.update(verdict.headers)
-        if verdict.guard is not None:
-            ext.store().set_guard(
-                verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
-            )
+        record_guard(ext, verdict)

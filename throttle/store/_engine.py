@@ -83,6 +83,7 @@ class Engine:
         self.zsets: dict[str, dict[str, float]] = {}
         self.hashes: dict[str, dict[str, float]] = {}
         self.texts: dict[str, str] = {}
+        self.text_hashes: dict[str, dict[str, str]] = {}
         self.expires: dict[str, float] = {}
 
     # -- the Redis commands the scripts use -------------------------------------------------
@@ -98,6 +99,7 @@ class Engine:
             self.zsets.pop(key, None)
             self.hashes.pop(key, None)
             self.texts.pop(key, None)
+            self.text_hashes.pop(key, None)
             self.expires.pop(key, None)
 
     def get(self, key: str, now: float) -> float | None:
@@ -147,7 +149,7 @@ class Engine:
     def live_keys(self, now: float) -> list[str]:
         for key in list(self.expires):
             self._alive(key, now)
-        return [*self.strings, *self.zsets, *self.hashes, *self.texts]
+        return [*self.strings, *self.zsets, *self.hashes, *self.texts, *self.text_hashes]
 
     # -- helpers shared by both scripts (lua/common.lua) -------------------------------------
 
@@ -471,24 +473,28 @@ class Engine:
         for i in range(n):
             a = 7 + i * 6
             kind, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
-            what, value = argv[a + 4], argv[a + 5]
+            pause = _num(argv[a + 4])
+            left = _num(argv[a + 5])
             key = keys[k]
             algo = kind[0]
             follows = kind[1:] == "k" and f != 1
             if algo == "t":
                 k += 1
-                if what != "-":
+                if pause is not None or left is not None:
                     T = period / count
                     tau = float(argv[a + 3]) * T
                     if follows:
                         T = T / f
-                    if what == "p":
+                    floor_tat = now
+                    if pause is not None:
                         lead = tau - T
                         if lead < 0:
                             lead = 0.0
-                        floor_tat = now + float(value) + lead
-                    else:
-                        floor_tat = now + tau - float(value) * T
+                        floor_tat = now + pause + lead
+                    if left is not None:
+                        low = now + tau - left * T
+                        if low > floor_tat:
+                            floor_tat = low
                     stored = self.get(key, now)
                     tat = stored if stored is not None else now
                     if tat < floor_tat:
@@ -496,16 +502,37 @@ class Engine:
             else:
                 totalkey = keys[k + 1]
                 k += 2
-                if what != "-":
+                if pause is not None or left is not None:
                     total = self._window_total(key, totalkey, now, period)
                     capacity = count * f if follows else count
-                    amount = float(value)
-                    if what == "p":
-                        self.zadd(key, now + amount - period, fmt(count) + ":" + nonce + ":p")
-                        total = total + count
-                    elif total + amount < capacity:
-                        fill = capacity - total - amount
+                    if left is not None and total + left < capacity:
+                        fill = capacity - total - left
                         self.zadd(key, now, fmt(fill) + ":" + nonce + ":r")
                         total = total + fill
+                    if pause is not None:
+                        self.zadd(key, now + pause - period, fmt(count) + ":" + nonce + ":p")
+                        total = total + count
                     self._window_store(key, totalkey, total, now, period)
         return fmt(f)
+
+    # -- sample.lua --------------------------------------------------------------------------
+
+    def sample(self, keys: Sequence[str], argv: Sequence[str], now: float) -> list[str]:
+        key = keys[0]
+        max_age = float(argv[3])
+        self._alive(key, now)
+        samples = self.text_hashes.setdefault(key, {})
+        if argv[2] != "":
+            samples[argv[1]] = f"{int(now)} {argv[2]}"
+        live = []
+        for member, value in list(samples.items()):
+            at, _, sample = value.partition(" ")
+            if not at.isdigit() or now - float(at) > max_age:
+                del samples[member]
+            else:
+                live.append(sample)
+        if live:
+            self.expires[key] = now + (math.ceil(max_age / 1000) + MARGIN_MS) * 1000
+        elif not samples:
+            self.delete(key)
+        return live

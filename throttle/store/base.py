@@ -15,7 +15,7 @@ import math
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -254,6 +254,9 @@ class BaseStore(Store):
 
     @abstractmethod
     def _run_upstream(self, keys: list[str], argv: list[str]) -> object: ...
+
+    @abstractmethod
+    def _run_sample(self, keys: list[str], argv: list[str]) -> Sequence[Any]: ...
 
     @abstractmethod
     def _set_text(self, key: str, value: str, ttl: float) -> None: ...
@@ -674,6 +677,24 @@ class BaseStore(Store):
         ]
         return self._load("target", args, now_us)
 
+    def record_sample(
+        self, worker: str, sample: str | None, *, max_age: float, now_us: int | None = None
+    ) -> list[str]:
+        """Record ``worker``'s latest load ``sample`` (any text; None records nothing) and
+        return every worker's sample recorded within the last ``max_age`` seconds, on the
+        store's clock; older ones are dropped."""
+        if not isinstance(worker, str) or not worker:
+            raise ConfigurationError("worker", f"must be a non-empty string, got {worker!r}")
+        if sample is not None and (not isinstance(sample, str) or not sample):
+            raise ConfigurationError("sample", "must be a non-empty string or None")
+        argv = [
+            "" if now_us is None else str(int(now_us)),
+            worker,
+            sample or "",
+            str(round(_seconds(max_age, "max_age") * _US)),
+        ]
+        return [_text(v) for v in self._run_sample([self.keyspace.load_samples_key()], argv)]
+
     def override_load_factor(
         self, factor: float | None, *, now_us: int | None = None
     ) -> LoadFactor:
@@ -700,6 +721,7 @@ class BaseStore(Store):
         *,
         delay: float | None = None,
         remaining: Mapping[str, float] | None = None,
+        paused: Collection[str] | None = None,
         decrease: float = 0.5,
         floor: float = 0.05,
         ttl: float = 3600.0,
@@ -709,17 +731,18 @@ class BaseStore(Store):
         """The provider throttled a call of this tenant (``identity['api_key']``).
 
         Its upstream factor is multiplied by ``decrease``, never below ``floor``, and returns
-        to 1 after ``ttl`` seconds without news. Its buckets of ``limits`` are paused for
-        ``delay`` seconds (nothing passes before the pause ends; then one unit is free and the
-        bucket refills), and each limit named in ``remaining`` is brought down to that many
-        free units. Limits without ``api_key`` (shared by every tenant) are left alone. With
-        ``adaptive`` (as the tenant's admissions are made), units are counted at the new factor.
-        Returns the new upstream factor.
+        to 1 after ``ttl`` seconds without news. Its buckets of ``limits`` (of those named in
+        ``paused``, when given) are paused for ``delay`` seconds (nothing passes before the
+        pause ends; then one unit is free and the bucket refills), and each limit named in
+        ``remaining`` is brought down to that many free units (both may apply to one limit:
+        the later of the two wins). Limits without ``api_key`` (shared by every tenant) are left
+        alone. With ``adaptive`` (as the tenant's admissions are made), units are counted at the
+        new factor. Returns the new upstream factor.
         """
         head = [_fraction(decrease, "decrease"), _fraction(floor, "floor")]
         wait = None if delay is None else round(_seconds(delay, "delay", zero=True) * _US)
         return self._upstream(
-            "throttled", head, limits, identity, wait, remaining, ttl, adaptive, now_us
+            "throttled", head, limits, identity, wait, paused, remaining, ttl, adaptive, now_us
         )
 
     def upstream_ok(
@@ -741,7 +764,7 @@ class BaseStore(Store):
             raise ConfigurationError("successes", f"must be an integer >= 1, got {successes!r}")
         change = fmt(float(_fraction(step, "step")) * successes)
         return self._upstream(
-            "ok", [change, "1"], limits, identity, None, remaining, ttl, adaptive, now_us
+            "ok", [change, "1"], limits, identity, None, None, remaining, ttl, adaptive, now_us
         )
 
     def _upstream(
@@ -751,6 +774,7 @@ class BaseStore(Store):
         limits: Sequence[Limit],
         identity: Mapping[str, object],
         wait: int | None,
+        paused: Collection[str] | None,
         remaining: Mapping[str, float] | None,
         ttl: float,
         adaptive: bool,
@@ -758,9 +782,10 @@ class BaseStore(Store):
     ) -> float:
         left = dict(remaining or {})
         names = self._checked_names(limits) if limits else frozenset()
-        unknown = set(left) - names
-        if unknown:
-            raise ConfigurationError("remaining", f"names limits not given: {sorted(unknown)}")
+        for arg, named in (("remaining", left), ("paused", paused or ())):
+            unknown = set(named) - names
+            if unknown:
+                raise ConfigurationError(arg, f"names limits not given: {sorted(unknown)}")
         for name, units in left.items():
             if not _positive(units, zero=True):
                 raise ConfigurationError("remaining", f"{name}: must be units >= 0, got {units!r}")
@@ -780,13 +805,12 @@ class BaseStore(Store):
             keys.append(bucket.key)
             if limit.algorithm == "sliding_window":
                 keys.append(total_key(bucket))
-            if limit.name in left:
-                what, value = "r", fmt(float(left[limit.name]))
-            elif wait is not None:
-                what, value = "p", str(wait)
-            else:
-                what, value = "-", "0"
-            argv += [*(limit.wire_adaptive if adaptive else limit.wire), what, value]
+            pause = wait is not None and (paused is None or limit.name in paused)
+            argv += [
+                *(limit.wire_adaptive if adaptive else limit.wire),
+                str(wait) if pause else "",
+                fmt(float(left[limit.name])) if limit.name in left else "",
+            ]
         return float(_text(self._run_upstream(keys, argv)))
 
     # -- settlement --------------------------------------------------------------------------

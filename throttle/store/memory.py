@@ -63,6 +63,10 @@ class MemoryStore(BaseStore):
         with self._lock:
             return self._engine.upstream(keys, argv, self._now(argv[0]))
 
+    def _run_sample(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        with self._lock:
+            return self._engine.sample(keys, argv, self._now(argv[0]))
+
     def _delete(self, keys: list[str]) -> None:
         with self._lock:
             self._engine.delete(*keys)

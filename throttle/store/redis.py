@@ -88,6 +88,7 @@ class RedisStore(BaseStore):
         self._settle_script = Script(registrar, script_source("settle"))
         self._load_script = Script(registrar, script_source("load"))
         self._upstream_script = Script(registrar, script_source("upstream"))
+        self._sample_script = Script(registrar, script_source("sample"))
         lua = resources.files("throttle.store") / "lua"
         self._heartbeat_script = Script(registrar, (lua / "heartbeat.lua").read_text())
         self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
@@ -134,6 +135,12 @@ class RedisStore(BaseStore):
     def _run_upstream(self, keys: list[str], argv: list[str]) -> object:
         return self._run(self._upstream_script, keys, argv)
 
+    def _run_sample(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
+        reply = self._run(self._sample_script, keys, argv)
+        if not isinstance(reply, list):
+            raise StoreError(f"unexpected reply from the sample script: {reply!r}")
+        return reply
+
     def _delete(self, keys: list[str]) -> None:
         try:
             self.client.delete(*keys)
@@ -165,6 +172,7 @@ class RedisStore(BaseStore):
                 self._settle_script,
                 self._load_script,
                 self._upstream_script,
+                self._sample_script,
             ):
                 sha: Any = self.client.script_load(script.script)
                 script.sha = sha.decode() if isinstance(sha, bytes) else str(sha)

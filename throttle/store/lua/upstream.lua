@@ -15,9 +15,9 @@
 --       [6] nonce: suffix of the log entries this call writes
 --       [7] n: number of limits
 --       then 6 per limit: kind (as in admit.lua: 't' or 'w', then 'k' for a limit that follows
---       this tenant's upstream factor, or 'a'), period_us, count, burst, what ('p': pause for
---       [6] us: nothing passes before it ends, then one unit is free and the bucket refills;
---       'r': at most [6] units are free now; '-' nothing) and its value. For a 'k' limit the
+--       this tenant's upstream factor, or 'a'), period_us, count, burst, pause_us ('' for
+--       none: nothing passes before it ends, then one unit is free and the bucket refills),
+--       remaining ('' for none: at most this many units are free now). For a 'k' limit the
 --       units are counted at the new upstream factor (the load factor is not applied here, so
 --       under load a pause lasts a little longer than asked, never shorter).
 -- Returns the tenant's upstream factor now, as a string (%.17g).
@@ -47,23 +47,25 @@ local k = 2
 for i = 1, n do
   local a = 7 + (i - 1) * 6
   local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local what, value = ARGV[a + 5], tonumber(ARGV[a + 6])
+  local pause, left = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local key = KEYS[k]
   local algo = string.sub(kind, 1, 1)
   local follows = string.sub(kind, 2, 2) == 'k' and f ~= 1
   if algo == 't' then
     k = k + 1
-    if what ~= '-' then
+    if pause or left then
       local T = period / count
       local tau = tonumber(ARGV[a + 4]) * T
       if follows then T = T / f end
-      local floor_tat
-      if what == 'p' then
+      local floor_tat = now
+      if pause then
         local lead = tau - T
         if lead < 0 then lead = 0 end
-        floor_tat = now + value + lead
-      else
-        floor_tat = now + tau - value * T
+        floor_tat = now + pause + lead
+      end
+      if left then
+        local low = now + tau - left * T
+        if low > floor_tat then floor_tat = low end
       end
       local tat = tonumber(redis.call('GET', key)) or now
       if tat < floor_tat then
@@ -73,18 +75,19 @@ for i = 1, n do
   else
     local totalkey = KEYS[k + 1]
     k = k + 2
-    if what ~= '-' then
+    if pause or left then
       local total = window_total(key, totalkey, now, period)
       local capacity = count
       if follows then capacity = count * f end
-      if what == 'p' then
-        -- A full window's worth, dated so that it leaves the window when the pause ends.
-        redis.call('ZADD', key, now + value - period, fmt(count) .. ':' .. nonce .. ':p')
-        total = total + count
-      elseif total + value < capacity then
-        local fill = capacity - total - value
+      if left and total + left < capacity then
+        local fill = capacity - total - left
         redis.call('ZADD', key, now, fmt(fill) .. ':' .. nonce .. ':r')
         total = total + fill
+      end
+      if pause then
+        -- A full window's worth, dated so that it leaves the window when the pause ends.
+        redis.call('ZADD', key, now + pause - period, fmt(count) .. ':' .. nonce .. ':p')
+        total = total + count
       end
       window_store(key, totalkey, total, now, period)
     end
