@@ -134,9 +134,15 @@ def test_upstream_throttling_pauses_the_tenant_and_halves_its_rate(store: BaseSt
     again = store.admit([limit], KEY, adaptive=True, now_us=T0 + 2 * US)
     assert again.retry_after == pytest.approx(0.2)  # 0.1 s at the full rate, 0.2 s at half
     assert _admitted(store, [limit], OTHER, T0) == 10
-    assert store.upstream_throttled([limit], KEY, now_us=T0) == 0.25
-    assert store.upstream_throttled([limit], KEY, floor=0.2, now_us=T0) == 0.2
-    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0) == pytest.approx(0.7)
+    # The 429s of calls already in flight belong to the same episode: one cut per hold (the
+    # delay, 2 s here; at least 1 s), then the next cut; after a cut with hold=0 the next one
+    # cuts at once.
+    assert store.upstream_throttled([limit], KEY, now_us=T0 + US) == 0.5
+    assert store.upstream_throttled([limit], KEY, now_us=T0 + 2 * US) == 0.25
+    assert store.upstream_throttled([limit], KEY, now_us=T0 + 2 * US) == 0.25
+    assert store.upstream_throttled([limit], KEY, hold=0, now_us=T0 + 3 * US) == 0.125
+    assert store.upstream_throttled([limit], KEY, floor=0.1, now_us=T0 + 3 * US) == 0.1
+    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0) == pytest.approx(0.6)
     assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0) == 1.0
 
 

@@ -214,7 +214,13 @@ def test_lua_memory_and_reference_agree(
                     continue
                 factors.append(
                     store.upstream_throttled(
-                        limit_set, identity, delay=delay, remaining=remaining, ttl=10**6, now_us=now
+                        limit_set,
+                        identity,
+                        delay=delay,
+                        remaining=remaining,
+                        hold=None if delay is None else delay / 2,
+                        ttl=10**6,
+                        now_us=now,
                     )
                 )
             assert factors[1:] == factors[:-1]

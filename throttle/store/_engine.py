@@ -456,12 +456,16 @@ class Engine:
         op = argv[1]
         change, floor, ttl = float(argv[2]), float(argv[3]), int(argv[4])
         nonce = argv[5]
-        n = int(argv[6])
+        hold = float(argv[6])
+        n = int(argv[7])
         f = _factor(self.get(keys[0], now))
         if op == "throttled":
-            f = f * change
-            if f < floor:
-                f = floor
+            held = self.get(keys[1], now)
+            if held is None or now >= held:
+                f = f * change
+                if f < floor:
+                    f = floor
+                self.set(keys[1], now + hold, _ttl_ms(now + hold, now), now)
         else:
             f = f + change
         if f >= 1:
@@ -469,9 +473,9 @@ class Engine:
             self.delete(keys[0])
         else:
             self.set(keys[0], f, ttl, now)
-        k = 1
+        k = 2
         for i in range(n):
-            a = 7 + i * 6
+            a = 8 + i * 6
             kind, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
             pause = _num(argv[a + 4])
             left = _num(argv[a + 5])

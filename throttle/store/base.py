@@ -722,6 +722,7 @@ class BaseStore(Store):
         delay: float | None = None,
         remaining: Mapping[str, float] | None = None,
         paused: Collection[str] | None = None,
+        hold: float | None = None,
         decrease: float = 0.5,
         floor: float = 0.05,
         ttl: float = 3600.0,
@@ -731,7 +732,9 @@ class BaseStore(Store):
         """The provider throttled a call of this tenant (``identity['api_key']``).
 
         Its upstream factor is multiplied by ``decrease``, never below ``floor``, and returns
-        to 1 after ``ttl`` seconds without news. Its buckets of ``limits`` (of those named in
+        to 1 after ``ttl`` seconds without news; further calls within ``hold`` seconds (default:
+        ``delay``, at least one second) do not cut it again, since the 429s of calls already in
+        flight belong to the same episode. Its buckets of ``limits`` (of those named in
         ``paused``, when given) are paused for ``delay`` seconds (nothing passes before the
         pause ends; then one unit is free and the bucket refills), and each limit named in
         ``remaining`` is brought down to that many free units (both may apply to one limit:
@@ -739,8 +742,12 @@ class BaseStore(Store):
         alone. With ``adaptive`` (as the tenant's admissions are made), units are counted at the
         new factor. Returns the new upstream factor.
         """
-        head = [_fraction(decrease, "decrease"), _fraction(floor, "floor")]
         wait = None if delay is None else round(_seconds(delay, "delay", zero=True) * _US)
+        if hold is None:
+            held = max(wait or 0, _US)
+        else:
+            held = round(_seconds(hold, "hold", zero=True) * _US)
+        head = [_fraction(decrease, "decrease"), _fraction(floor, "floor"), str(held)]
         return self._upstream(
             "throttled", head, limits, identity, wait, paused, remaining, ttl, adaptive, now_us
         )
@@ -764,7 +771,7 @@ class BaseStore(Store):
             raise ConfigurationError("successes", f"must be an integer >= 1, got {successes!r}")
         change = fmt(float(_fraction(step, "step")) * successes)
         return self._upstream(
-            "ok", [change, "1"], limits, identity, None, None, remaining, ttl, adaptive, now_us
+            "ok", [change, "1", "0"], limits, identity, None, None, remaining, ttl, adaptive, now_us
         )
 
     def _upstream(
@@ -791,13 +798,16 @@ class BaseStore(Store):
                 raise ConfigurationError("remaining", f"{name}: must be units >= 0, got {units!r}")
         tenant = [lim for lim in limits if not lim.is_global]
         tag = self.keyspace.tenant_tag(identity)
-        keys = [self.keyspace.upstream_key(tag)]
+        keys = [self.keyspace.upstream_key(tag), self.keyspace.upstream_key(tag) + ":hold"]
+        change, floor, held = head
         argv = [
             "" if now_us is None else str(int(now_us)),
             op,
-            *head,
+            change,
+            floor,
             str(max(1, round(_seconds(ttl, "ttl") * 1000))),
             self._nonce(),
+            held,
             str(len(tenant)),
         ]
         for limit in tenant:

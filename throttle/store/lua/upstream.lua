@@ -5,6 +5,8 @@
 -- provider's delay is over, or a bucket brought down to what the provider says remains.
 --
 -- KEYS  [1] the tenant's upstream factor (a string, a number in (0, 1]; absent means 1)
+--       [2] until when (us) the factor is not cut again: the 429s of calls already in flight
+--           when the first one came belong to the same episode and cut it once
 --       then for each limit, as in admit.lua: 't' its state key; 'w' its log and its total
 --       All keys share the tenant's hash tag.
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
@@ -13,7 +15,8 @@
 --       [3] change, [4] floor
 --       [5] ttl_ms: how long a factor below 1 lasts without news (then it is 1 again)
 --       [6] nonce: suffix of the log entries this call writes
---       [7] n: number of limits
+--       [7] hold_us: after a cut, how long further 429s do not cut again
+--       [8] n: number of limits
 --       then 6 per limit: kind (as in admit.lua: 't' or 'w', then 'k' for a limit that follows
 --       this tenant's upstream factor, or 'a'), period_us, count, burst, pause_us ('' for
 --       none: nothing passes before it ends, then one unit is free and the bucket refills),
@@ -26,13 +29,18 @@ local now = clock(ARGV[1])
 local op = ARGV[2]
 local change, floor, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local nonce = ARGV[6]
-local n = tonumber(ARGV[7])
+local hold = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 
 local f = tonumber(redis.call('GET', KEYS[1]))
 if f == nil or not (f > 0) or f > 1 then f = 1 end
 if op == 'throttled' then
-  f = f * change
-  if f < floor then f = floor end
+  local held = tonumber(redis.call('GET', KEYS[2]))
+  if held == nil or now >= held then
+    f = f * change
+    if f < floor then f = floor end
+    redis.call('SET', KEYS[2], now + hold, 'PX', ttl_ms(now + hold, now))
+  end
 else
   f = f + change
 end
@@ -43,9 +51,9 @@ else
   redis.call('SET', KEYS[1], f, 'PX', ttl)
 end
 
-local k = 2
+local k = 3
 for i = 1, n do
-  local a = 7 + (i - 1) * 6
+  local a = 8 + (i - 1) * 6
   local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local pause, left = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local key = KEYS[k]
