@@ -343,3 +343,30 @@ def test_the_sampler_stops_with_its_worker(redis_server: RedisServer) -> None:
         assert thread is not None
         assert thread.is_alive()
     assert not thread.is_alive()
+
+
+def test_report_upstream_brings_the_bucket_down(
+    redis_server: RedisServer, redis_client: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """A task reports a successful answer's headers: its limit with upstream="requests"
+    follows the provider's remaining count down, for the whole tenant. (The load factor is
+    off: this machine's own load would tighten the count further.)"""
+    app = make_app(
+        redis_server,
+        throttle_limits={"llm": {"rate": "10/m", "burst": 10, "upstream": "requests"}},
+        throttle_adaptive={"cpu": [], "memory": []},
+    )
+    ext = throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.call", throttle=["llm"])
+    def call(*, api_key: str) -> float:
+        said = throttle.report_upstream({"x-ratelimit-remaining-requests": "2"})
+        return said.remaining["requests"]
+
+    worker(app)
+    assert call.delay(api_key="tenant").get(timeout=TIMEOUT) == 2
+    store, limit = ext.store(), ext.settings.policy("llm").limit
+    allowed = [store.admit([limit], {"api_key": "tenant"}, adaptive=True).allowed for _ in range(4)]
+    assert allowed == [True, True, False, False]
+    with pytest.raises(throttle.ThrottleError, match="inside a running task"):
+        throttle.report_upstream({})

@@ -185,7 +185,7 @@ def test_upstream_arguments_are_checked(store: BaseStore) -> None:
     with pytest.raises(ConfigurationError, match="remaining"):
         store.upstream_throttled([limit], KEY, remaining={"other": 1})
     with pytest.raises(ConfigurationError, match="successes"):
-        store.upstream_ok(KEY, successes=0)
+        store.upstream_ok(KEY, successes=-1)
 
 
 def test_a_pause_of_a_bucket_smaller_than_one_unit_ends_on_time(store: BaseStore) -> None:

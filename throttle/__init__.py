@@ -6,7 +6,7 @@ installs the Celery gate.
 """
 
 from throttle.adaptive import UpstreamThrottled
-from throttle.celeryext import Throttle, ThrottleExhausted, limit, report_usage
+from throttle.celeryext import Throttle, ThrottleExhausted, limit, report_upstream, report_usage
 from throttle.clock import Clock, SystemClock
 from throttle.errors import (
     ConfigurationError,
@@ -55,5 +55,6 @@ __all__ = [
     "UpstreamThrottled",
     "__version__",
     "limit",
+    "report_upstream",
     "report_usage",
 ]

@@ -8,6 +8,6 @@ the top-level ``throttle`` package.
 from throttle.celeryext.app import Throttle
 from throttle.celeryext.gate import ThrottleExhausted
 from throttle.celeryext.spec import limit
-from throttle.celeryext.usage import report_usage
+from throttle.celeryext.usage import report_upstream, report_usage
 
-__all__ = ["Throttle", "ThrottleExhausted", "limit", "report_usage"]
+__all__ = ["Throttle", "ThrottleExhausted", "limit", "report_upstream", "report_usage"]

@@ -291,24 +291,17 @@ class Gate:
         factor falls, the limits ``named``, else the task's own, pause for the provider's delay,
         limits with an ``upstream`` kind follow what it says remains), and defer the task by
         that delay. None when the task is not throttled."""
-        spec = self.spec_for(task)
-        if spec is None:
+        found = self._answered(task, task_id, args, kwargs, headers, feedback)
+        if found is None:
             return None
-        call = self._call(spec, task_id, args, kwargs, headers)
-        own = {p.name: p for p in (*call.policies, *call.shadow)}
+        call, own, remaining = found
         chosen = [n for n in named if n in self.settings.limit_names] or list(own)
         for name in named:
             if name not in self.settings.limit_names:
                 logger.warning("task %s: UpstreamThrottled names unknown limit %r", task_id, name)
         policies = {n: own.get(n) or self.settings.policy(n, call.tier) for n in chosen}
-        for policy in own.values():
-            if policy.upstream is not None and policy.upstream in feedback.remaining:
-                policies.setdefault(policy.name, policy)
-        remaining = {
-            p.name: feedback.remaining[p.upstream]
-            for p in policies.values()
-            if p.upstream is not None and p.upstream in feedback.remaining
-        }
+        for name in remaining:
+            policies.setdefault(name, own[name])
         adaptive = self.settings.adaptive
         delay = feedback.delay
         wait = adaptive.upstream_delay if delay is None else delay
@@ -328,6 +321,58 @@ class Gate:
             logger.warning("task %s: upstream throttling not recorded: %s", task_id, exc)
         bound = chosen[0] if chosen else None
         return self._defer(call, wait, "upstream", bound, None, call.next_token)
+
+    def follow(
+        self,
+        task: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+        feedback: Feedback,
+    ) -> None:
+        """The provider's answer to a call this task made said how much remains: each of the
+        task's limits with an ``upstream`` kind it gives a count for follows it down."""
+        found = self._answered(task, task_id, args, kwargs, headers, feedback)
+        if found is None or not found[2]:
+            return
+        call, own, remaining = found
+        adaptive = self.settings.adaptive
+        try:
+            self._store().upstream_ok(
+                call.identity,
+                successes=0,
+                limits=[own[name].limit for name in remaining],
+                remaining=remaining,
+                ttl=adaptive.upstream_ttl,
+                adaptive=adaptive.enabled,
+            )
+        except ThrottleError as exc:
+            logger.warning("task %s: provider's remaining count not recorded: %s", task_id, exc)
+
+    def _answered(
+        self,
+        task: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: Mapping[str, Any],
+        feedback: Feedback,
+    ) -> tuple[Call, dict[str, LimitPolicy], dict[str, float]] | None:
+        """For a provider's answer to a call of ``task``: the call, the task's own policies by
+        name, and the remaining counts the answer gives for those with an ``upstream`` kind."""
+        spec = self.spec_for(task)
+        if spec is None:
+            return None
+        call = self._call(spec, task_id, args, kwargs, headers)
+        own = {p.name: p for p in (*call.policies, *call.shadow)}
+        said = feedback.remaining
+        remaining = {
+            name: said[p.upstream]
+            for name, p in own.items()
+            if p.upstream is not None and p.upstream in said
+        }
+        return call, own, remaining
 
     def conclude(self, call: Call, outcome: Decision | Exception) -> Verdict:
         """The verdict for a call, from the store's decision or the error it raised."""

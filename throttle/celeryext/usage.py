@@ -4,13 +4,40 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from celery import current_task
 
+from throttle.adaptive.upstream import Feedback, parse_headers
 from throttle.errors import CostError, ThrottleError
 
-__all__ = ["report_usage"]
+__all__ = ["report_upstream", "report_usage"]
+
+
+def report_upstream(headers: Mapping[str, Any] | Iterable[tuple[Any, Any]]) -> Feedback:
+    """Report the rate-limit headers of the provider's answer to the running task's call
+    (``response.headers``), when it was not a 429 (those the gate sees for itself).
+
+    Each of the task's limits with an ``upstream`` kind that the headers give a remaining
+    count for follows it down, for every worker: when the provider says fewer remain than our
+    bucket holds, the bucket comes down to that. Returns what the headers said. Never raises
+    for what the provider sent, nor when the store cannot be reached (that is logged).
+    """
+    task = _running_task("report_upstream")
+    from throttle.celeryext.worker import extension, throttle_headers
+
+    feedback = parse_headers(headers)
+    request = task.request
+    extension(task.app).gate.follow(
+        task,
+        request.id,
+        tuple(request.args or ()),
+        dict(request.kwargs or {}),
+        throttle_headers(request),
+        feedback,
+    )
+    return feedback
 
 
 def report_usage(usage: Mapping[str, float]) -> None:
@@ -20,9 +47,7 @@ def report_usage(usage: Mapping[str, float]) -> None:
     ends, successfully or not, the total replaces the estimate it was admitted with: the
     difference is refunded or charged (see :meth:`throttle.store.BaseStore.settle`).
     """
-    task = current_task
-    if task is None or task.request is None or task.request.id is None:
-        raise ThrottleError("report_usage() must be called from inside a running task")
+    task = _running_task("report_usage")
     if not isinstance(usage, Mapping):
         raise CostError("usage", usage, "report_usage() takes a mapping of limit name to units")
     for name, value in usage.items():
@@ -37,3 +62,10 @@ def report_usage(usage: Mapping[str, float]) -> None:
     for name, value in usage.items():
         total[name] = total.get(name, 0.0) + float(value)
     task.request.throttle_usage = total
+
+
+def _running_task(caller: str) -> Any:
+    task = current_task._get_current_object()  # None outside a task (the proxy is never None)
+    if task is None or task.request is None or task.request.id is None:
+        raise ThrottleError(f"{caller}() must be called from inside a running task")
+    return task

@@ -764,11 +764,12 @@ class BaseStore(Store):
         adaptive: bool = True,
         now_us: int | None = None,
     ) -> float:
-        """Calls of this tenant succeeded: its upstream factor rises by ``step`` per success, up
-        to 1; each of ``limits`` named in ``remaining`` (what the provider's last answer said is
-        left) is brought down to that many free units. Returns the new upstream factor."""
-        if not isinstance(successes, int) or isinstance(successes, bool) or successes < 1:
-            raise ConfigurationError("successes", f"must be an integer >= 1, got {successes!r}")
+        """Calls of this tenant succeeded: its upstream factor rises by ``step`` per success,
+        up to 1 (``successes=0`` changes nothing there); each of ``limits`` named in
+        ``remaining`` (what the provider's last answer said is left) is brought down to that
+        many free units. Returns the new upstream factor."""
+        if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
+            raise ConfigurationError("successes", f"must be an integer >= 0, got {successes!r}")
         change = fmt(float(_fraction(step, "step")) * successes)
         return self._upstream(
             "ok", [change, "1", "0"], limits, identity, None, None, remaining, ttl, adaptive, now_us
