@@ -21,6 +21,9 @@ import psutil
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The workers' log level (their logs go to a temporary directory): BENCH_WORKER_LOGLEVEL=DEBUG
+#: shows every deferral and its reason when a run needs explaining.
+LOGLEVEL = os.environ.get("BENCH_WORKER_LOGLEVEL", "WARNING")
 
 
 @contextmanager
@@ -119,7 +122,7 @@ class Workers:
             command = [
                 sys.executable,
                 *("-m", "celery", "-A", self.app, "worker", "-P", "prefork"),
-                *("-c", str(concurrency), "-n", node, "-l", "WARNING"),
+                *("-c", str(concurrency), "-n", node, "-l", LOGLEVEL),
                 *("--without-gossip", "--without-mingle", "--without-heartbeat"),
             ]
             if queue:
