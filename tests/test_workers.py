@@ -6,6 +6,8 @@ the limits are far from what the machine can do, and every check waits on result
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -284,7 +286,8 @@ def test_a_real_worker_samples_its_host_with_psutil(
     urls: dict[str, str], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """A prefork worker's load sampler reads real CPU and memory figures with psutil, records
-    them in the store for the cluster, and reports them through inspect throttle_status."""
+    them in the store for the cluster, and reports them through inspect throttle_status; the
+    factor is set and cleared with `celery control throttle_factor` from the command line."""
     conf = {"throttle_load_interval": 0.2}
     with Workers(**urls, conf=conf, logdir=tmp_path) as workers:
         node = workers.start("sampled")
@@ -306,3 +309,29 @@ def test_a_real_worker_samples_its_host_with_psutil(
         assert status["factor"]["in_force"] <= 1.0
         recorded = redis_client.hgetall("throttle:{~load}:samples")
         assert list(recorded) == [sample["worker"].encode()]
+        # The same through the command line, as an operator would.
+        for args, expected in (
+            (["control", "throttle_factor", "0.5"], '"in_force": 0.5'),
+            (["inspect", "throttle_status"], '"override": 0.5'),
+            (["control", "throttle_factor", "clear"], '"override": null'),
+        ):
+            command = [
+                "-m",
+                "celery",
+                "-A",
+                "tests.workerapp",
+                *args,
+                "-d",
+                node,
+                "--timeout",
+                "10",
+            ]
+            done = subprocess.run(
+                [sys.executable, *command],
+                env=workers.env,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+            assert done.returncode == 0, done.stderr
+            assert expected in done.stdout, done.stdout
