@@ -142,8 +142,20 @@ def test_upstream_throttling_pauses_the_tenant_and_halves_its_rate(store: BaseSt
     assert store.upstream_throttled([limit], KEY, now_us=T0 + 2 * US) == 0.25
     assert store.upstream_throttled([limit], KEY, hold=0, now_us=T0 + 3 * US) == 0.125
     assert store.upstream_throttled([limit], KEY, floor=0.1, now_us=T0 + 3 * US) == 0.1
-    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0) == pytest.approx(0.6)
-    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0) == 1.0
+    # Successes do not raise it during the last cut's hold (until T0 + 4 s), then they do.
+    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0 + 3 * US) == 0.1
+    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0 + 4 * US) == pytest.approx(0.6)
+    assert store.upstream_ok(KEY, successes=10, step=0.05, now_us=T0 + 4 * US) == 1.0
+
+
+def test_after_a_cut_successes_wait_out_the_quiet_period(store: BaseStore) -> None:
+    """With quiet=10, the backlog booked right after a cut is booked at the lower rate: the
+    factor rises only 10 s after the cut's hold ends."""
+    limit = Limit("req", "10/s", burst=10)
+    assert store.upstream_throttled([limit], KEY, delay=1.0, quiet=10.0, now_us=T0) == 0.5
+    for at in (2, 5, 10.9):
+        assert store.upstream_ok(KEY, successes=5, quiet=10.0, now_us=T0 + round(at * US)) == 0.5
+    assert store.upstream_ok(KEY, successes=5, quiet=10.0, now_us=T0 + 11 * US) == 0.75
 
 
 def test_the_bucket_follows_the_provider_down(store: BaseStore) -> None:

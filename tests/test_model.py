@@ -208,6 +208,7 @@ def test_lua_memory_and_reference_agree(
                             successes=successes,
                             limits=limit_set,
                             remaining=remaining,
+                            quiet=2.0,
                             now_us=now,
                         )
                     )
@@ -219,6 +220,7 @@ def test_lua_memory_and_reference_agree(
                         delay=delay,
                         remaining=remaining,
                         hold=None if delay is None else delay / 2,
+                        quiet=2.0,
                         ttl=10**6,
                         now_us=now,
                     )

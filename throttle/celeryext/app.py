@@ -188,7 +188,11 @@ class Throttle:
         for who, count in pending.values():
             try:
                 store.upstream_ok(
-                    who, successes=count, step=adaptive.upstream_step, ttl=adaptive.upstream_ttl
+                    who,
+                    successes=count,
+                    step=adaptive.upstream_step,
+                    quiet=adaptive.upstream_quiet,
+                    ttl=adaptive.upstream_ttl,
                 )
             except ThrottleError as exc:
                 logger.debug("upstream successes not reported: %s", exc)

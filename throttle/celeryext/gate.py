@@ -312,6 +312,7 @@ class Gate:
                 delay=wait,
                 remaining=remaining,
                 paused=chosen,
+                quiet=adaptive.upstream_quiet,
                 decrease=adaptive.upstream_decrease,
                 floor=adaptive.upstream_floor,
                 ttl=adaptive.upstream_ttl,

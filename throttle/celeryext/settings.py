@@ -142,7 +142,7 @@ KNOWN: Final[dict[str, tuple[object, str]]] = {
         "([[share, factor], ...]), signals ({name: callable or 'module:function'} returning a "
         "load in [0, 1]), signal_thresholds, floor, step (in (0, 1]), relax (seconds), "
         "upstream_decrease, upstream_step, upstream_floor (in (0, 1]), upstream_ttl, "
-        "upstream_delay (seconds)",
+        "upstream_quiet, upstream_delay (seconds)",
     ),
     "throttle_load_interval": (1.0, "seconds > 0"),
 }
@@ -267,6 +267,9 @@ class AdaptiveSettings:
     upstream_step: float = 0.05
     upstream_floor: float = 0.05
     upstream_ttl: float = 3600.0
+    #: After a cut (and its hold), successes do not raise the factor for this long: the work
+    #: deferred meanwhile is booked at the lower rate.
+    upstream_quiet: float = 10.0
     #: The deferral when a 429 does not say how long to wait.
     upstream_delay: float = 1.0
 
@@ -286,6 +289,7 @@ _ADAPTIVE_KEYS: Final = frozenset(
         "upstream_step",
         "upstream_floor",
         "upstream_ttl",
+        "upstream_quiet",
         "upstream_delay",
     }
 )
@@ -318,6 +322,7 @@ def _adaptive(value: object, interval: float) -> AdaptiveSettings:
         ("upstream_step", "fraction"),
         ("upstream_floor", "fraction"),
         ("upstream_ttl", "seconds"),
+        ("upstream_quiet", "seconds"),
         ("upstream_delay", "seconds"),
     ):
         if name not in value:

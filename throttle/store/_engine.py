@@ -456,17 +456,17 @@ class Engine:
         op = argv[1]
         change, floor, ttl = float(argv[2]), float(argv[3]), int(argv[4])
         nonce = argv[5]
-        hold = float(argv[6])
-        n = int(argv[7])
+        hold, quiet = float(argv[6]), float(argv[7])
+        n = int(argv[8])
         f = _factor(self.get(keys[0], now))
+        held = self.get(keys[1], now)
         if op == "throttled":
-            held = self.get(keys[1], now)
             if held is None or now >= held:
                 f = f * change
                 if f < floor:
                     f = floor
-                self.set(keys[1], now + hold, _ttl_ms(now + hold, now), now)
-        else:
+                self.set(keys[1], now + hold, _ttl_ms(now + hold + quiet, now), now)
+        elif held is None or now >= held + quiet:
             f = f + change
         if f >= 1:
             f = 1.0
@@ -475,7 +475,7 @@ class Engine:
             self.set(keys[0], f, ttl, now)
         k = 2
         for i in range(n):
-            a = 8 + i * 6
+            a = 9 + i * 6
             kind, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
             pause = _num(argv[a + 4])
             left = _num(argv[a + 5])

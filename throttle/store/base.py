@@ -723,6 +723,7 @@ class BaseStore(Store):
         remaining: Mapping[str, float] | None = None,
         paused: Collection[str] | None = None,
         hold: float | None = None,
+        quiet: float = 0.0,
         decrease: float = 0.5,
         floor: float = 0.05,
         ttl: float = 3600.0,
@@ -734,7 +735,8 @@ class BaseStore(Store):
         Its upstream factor is multiplied by ``decrease``, never below ``floor``, and returns
         to 1 after ``ttl`` seconds without news; further calls within ``hold`` seconds (default:
         ``delay``, at least one second) do not cut it again, since the 429s of calls already in
-        flight belong to the same episode. Its buckets of ``limits`` (of those named in
+        flight belong to the same episode; for ``quiet`` seconds after that, successes do not
+        raise it yet. Its buckets of ``limits`` (of those named in
         ``paused``, when given) are paused for ``delay`` seconds (nothing passes before the
         pause ends; then one unit is free and the bucket refills), and each limit named in
         ``remaining`` is brought down to that many free units (both may apply to one limit:
@@ -747,7 +749,12 @@ class BaseStore(Store):
             held = max(wait or 0, _US)
         else:
             held = round(_seconds(hold, "hold", zero=True) * _US)
-        head = [_fraction(decrease, "decrease"), _fraction(floor, "floor"), str(held)]
+        head = [
+            _fraction(decrease, "decrease"),
+            _fraction(floor, "floor"),
+            str(held),
+            str(round(_seconds(quiet, "quiet", zero=True) * _US)),
+        ]
         return self._upstream(
             "throttled", head, limits, identity, wait, paused, remaining, ttl, adaptive, now_us
         )
@@ -760,19 +767,30 @@ class BaseStore(Store):
         step: float = 0.05,
         limits: Sequence[Limit] = (),
         remaining: Mapping[str, float] | None = None,
+        quiet: float = 0.0,
         ttl: float = 3600.0,
         adaptive: bool = True,
         now_us: int | None = None,
     ) -> float:
         """Calls of this tenant succeeded: its upstream factor rises by ``step`` per success,
-        up to 1 (``successes=0`` changes nothing there); each of ``limits`` named in
-        ``remaining`` (what the provider's last answer said is left) is brought down to that
-        many free units. Returns the new upstream factor."""
+        up to 1 (``successes=0`` changes nothing there; nor do successes during the hold of
+        the last cut and ``quiet`` seconds after it: pass the cuts' ``quiet``); each of
+        ``limits`` named in ``remaining`` (what the provider's last answer said is left) is
+        brought down to that many free units. Returns the new upstream factor."""
         if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
             raise ConfigurationError("successes", f"must be an integer >= 0, got {successes!r}")
         change = fmt(float(_fraction(step, "step")) * successes)
         return self._upstream(
-            "ok", [change, "1", "0"], limits, identity, None, None, remaining, ttl, adaptive, now_us
+            "ok",
+            [change, "1", "0", str(round(_seconds(quiet, "quiet", zero=True) * _US))],
+            limits,
+            identity,
+            None,
+            None,
+            remaining,
+            ttl,
+            adaptive,
+            now_us,
         )
 
     def _upstream(
@@ -800,7 +818,7 @@ class BaseStore(Store):
         tenant = [lim for lim in limits if not lim.is_global]
         tag = self.keyspace.tenant_tag(identity)
         keys = [self.keyspace.upstream_key(tag), self.keyspace.upstream_key(tag) + ":hold"]
-        change, floor, held = head
+        change, floor, held, quieted = head
         argv = [
             "" if now_us is None else str(int(now_us)),
             op,
@@ -809,6 +827,7 @@ class BaseStore(Store):
             str(max(1, round(_seconds(ttl, "ttl") * 1000))),
             self._nonce(),
             held,
+            quieted,
             str(len(tenant)),
         ]
         for limit in tenant:

@@ -16,7 +16,9 @@
 --       [5] ttl_ms: how long a factor below 1 lasts without news (then it is 1 again)
 --       [6] nonce: suffix of the log entries this call writes
 --       [7] hold_us: after a cut, how long further 429s do not cut again
---       [8] n: number of limits
+--       [8] quiet_us: after that, how long successes do not raise the factor yet (the backlog
+--           booked meanwhile is booked at the lower rate; the rise comes after)
+--       [9] n: number of limits
 --       then 6 per limit: kind (as in admit.lua: 't' or 'w', then 'k' for a limit that follows
 --       this tenant's upstream factor, or 'a'), period_us, count, burst, pause_us ('' for
 --       none: nothing passes before it ends, then one unit is free and the bucket refills),
@@ -29,19 +31,19 @@ local now = clock(ARGV[1])
 local op = ARGV[2]
 local change, floor, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local nonce = ARGV[6]
-local hold = tonumber(ARGV[7])
-local n = tonumber(ARGV[8])
+local hold, quiet = tonumber(ARGV[7]), tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 
 local f = tonumber(redis.call('GET', KEYS[1]))
 if f == nil or not (f > 0) or f > 1 then f = 1 end
+local held = tonumber(redis.call('GET', KEYS[2]))
 if op == 'throttled' then
-  local held = tonumber(redis.call('GET', KEYS[2]))
   if held == nil or now >= held then
     f = f * change
     if f < floor then f = floor end
-    redis.call('SET', KEYS[2], now + hold, 'PX', ttl_ms(now + hold, now))
+    redis.call('SET', KEYS[2], now + hold, 'PX', ttl_ms(now + hold + quiet, now))
   end
-else
+elseif held == nil or now >= held + quiet then
   f = f + change
 end
 if f >= 1 then
@@ -53,7 +55,7 @@ end
 
 local k = 3
 for i = 1, n do
-  local a = 8 + (i - 1) * 6
+  local a = 9 + (i - 1) * 6
   local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local pause, left = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local key = KEYS[k]
