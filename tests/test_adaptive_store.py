@@ -226,3 +226,31 @@ def test_a_pause_and_a_remaining_count_together(store: BaseStore) -> None:
     assert _admitted(store, [tok], KEY, T0, adaptive=False) == 30
     with pytest.raises(ConfigurationError, match="paused"):
         store.upstream_throttled([req], KEY, delay=1.0, paused=["tok"])
+
+
+def test_a_cost_the_bucket_holds_stays_admissible_at_any_factor(
+    store: BaseStore, clock: ManualClock
+) -> None:
+    """At factor 0.5 a bucket of burst 1 still admits a cost of 1, at half the rate, instead
+    of denying it for ever."""
+    single = Limit("one", "1/s", burst=1)
+    store.override_load_factor(0.5, now_us=T0)
+    _fresh_factor(store, clock)
+    assert store.admit([single], KEY, adaptive=True, now_us=T0).allowed
+    denied = store.admit([single], KEY, adaptive=True, now_us=T0 + US)
+    assert denied.retry_after == pytest.approx(1.0)  # 2 s apart at half the rate
+    assert store.admit([single], KEY, adaptive=True, now_us=T0 + 2 * US).allowed
+
+
+def test_a_report_that_changes_nothing_keeps_the_factor_lapsing(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """report_upstream's follow-down (successes=0) does not refresh the cut factor's lifetime:
+    with no real news the factor still goes back to 1 when its ttl runs out."""
+    store = RedisStore(redis_client, keyspace)
+    limit = Limit("req", "10/s", burst=10)
+    store.upstream_throttled([limit], KEY, ttl=100.0)
+    key = keyspace.upstream_key(keyspace.tenant_tag(KEY))
+    assert 99_000 < redis_client.pttl(key) <= 100_000
+    store.upstream_ok(KEY, successes=0, limits=[limit], remaining={"req": 5}, ttl=3600.0)
+    assert redis_client.pttl(key) <= 100_000

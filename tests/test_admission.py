@@ -274,6 +274,26 @@ def test_sliding_window_with_costs_and_bookings(store: BaseStore) -> None:
     assert back.outcome is Outcome.REDEEMED
 
 
+def test_a_hand_over_recorded_before_publishing_leaves_one_live_copy(store: BaseStore) -> None:
+    """Work that was admitted and then deferred anyway (the provider refused its call) records
+    the hand-over "<token>><next>" itself before publishing the next copy: after a crash, the
+    copy that comes first owns the work and the other is stale."""
+    limit = Limit("req", "10/s", burst=10)
+    assert store.admit([limit], KEY, guard=Guard("w", None, "t2"), now_us=T0).allowed
+    store.set_guard([limit], KEY, Guard("w", "->t2"), ttl=60)  # fresh work: its token is "-"
+    assert store.admit([limit], KEY, guard=Guard("w", "t2", "t3"), now_us=T0).allowed
+    stale = store.admit([limit], KEY, guard=Guard("w", None, "t9"), now_us=T0)
+    assert stale.outcome is Outcome.STALE  # the redelivered old copy
+
+
+def test_a_single_limit_needs_no_list(store: BaseStore) -> None:
+    """A lone Limit is taken as a list of one, by admissions and by upstream feedback."""
+    limit = Limit("req", "10/s", burst=10)
+    assert store.admit(limit, KEY, now_us=T0).limits[0].remaining == 9  # type: ignore[arg-type]
+    store.upstream_throttled(limit, KEY, remaining={"req": 2}, adaptive=False, now_us=T0)  # type: ignore[arg-type]
+    assert store.admit(limit, KEY, now_us=T0).limits[0].remaining == 1  # type: ignore[arg-type]
+
+
 def test_admission_arguments_are_checked(store: BaseStore) -> None:
     """Empty or duplicate limit lists and bad horizons are errors, not silent passes."""
     limit = Limit("req", "1/s")

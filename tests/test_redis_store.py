@@ -5,6 +5,7 @@ Redis Cluster slots."""
 from __future__ import annotations
 
 import select
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -183,3 +184,33 @@ def test_a_killed_connection_is_reported_and_replaced(
     with pytest.raises(StoreUnavailable):
         store.admit([limit], KEY)
     assert store.admit([limit], KEY).allowed
+
+
+class _Interrupted(Exception):
+    """Stands for a task's soft time limit arriving while an admission waits for Redis."""
+
+
+def test_an_interrupted_call_does_not_leave_its_reply_to_the_next(
+    io_way: str, own_server: RedisServer
+) -> None:
+    """An exception (a soft time limit, a KeyboardInterrupt) raised while a call waits for its
+    reply closes the connection: the next call reads its own reply, not the abandoned one."""
+    store = RedisStore(own_server.client(), Keyspace(SECRET))
+    small, large = Limit("small", "1/h", burst=10), Limit("large", "1/h", burst=100)
+    store.load_scripts()
+    assert store.admit([large], KEY).limits[0].remaining == pytest.approx(99, abs=0.5)
+
+    def interrupt(*_: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    own_server.client().client_pause(1000)  # the next call waits for its reply
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(_Interrupted):
+            store.admit([small], KEY)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        own_server.client().client_unpause()
+    assert store.admit([large], KEY).limits[0].remaining == pytest.approx(98, abs=0.5)

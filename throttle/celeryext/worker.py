@@ -39,7 +39,7 @@ from throttle.celeryext.gate import Action, Call, Verdict
 from throttle.celeryext.spec import options_of_class
 from throttle.errors import StoreError, StoreUnavailable, ThrottleError
 from throttle.store import Decision, RedisStore
-from throttle.store.base import Prepared
+from throttle.store.base import Guard, Prepared
 
 if TYPE_CHECKING:
     from throttle.celeryext.app import Throttle
@@ -291,6 +291,8 @@ class _Pipeline:
                 self._direct(waiting)
                 continue
             try:
+                if isinstance(reply, RedisConnectionError):  # LOADING, MASTERDOWN, TRYAGAIN
+                    raise StoreUnavailable(str(reply))
                 if isinstance(reply, RedisError):
                     raise StoreError(str(reply))
                 outcome: Decision | Exception = store.finish(waiting.prepared, reply)
@@ -492,13 +494,26 @@ def _upstream_deferral(
             setattr(req, name, value)
         record_guard(ext, verdict)
         return True
+    if verdict.guard is not None:
+        # This copy was admitted, so no denial recorded the hand-over: record it now, before
+        # the next copy exists. A crash from here on leaves two copies whose tokens the guard
+        # names, and whichever comes first owns the work; the other is dropped as stale.
+        current = headers.get(H.TOKEN) or "-"
+        handover = Guard(req.id, f"{current}>{verdict.guard.token}")
+        try:
+            ext.store().set_guard(
+                verdict.limits, verdict.identity, handover, ext.settings.guard_ttl
+            )
+        except ThrottleError as err:
+            # Nothing is published yet: let the task fail with the provider's error.
+            logger.warning("task %s: could not record its deferral (%s)", req.id, err)
+            return False
     try:
         _republish(ext, task, args, kwargs, {**headers, **verdict.headers}, verdict)
     except ThrottleError as err:
-        # The next copy will be dropped as stale when it arrives; this one is done with (its
-        # call was refused upstream), so let the task fail with the provider's error.
+        # The hand-over is recorded: the next copy owns the work when it arrives (and this
+        # message is acknowledged), so the task is deferred all the same.
         logger.warning("task %s: could not record its deferral (%s)", req.id, err)
-        return False
     raise Ignore()
 
 

@@ -241,6 +241,9 @@ class Engine:
                 e.tau = float(argv[a + 3]) * e.T
                 if f != 1:
                     e.T = e.T / f
+                    need = e.cost * e.T
+                    if e.tau < need:
+                        e.tau = need
                 stored = self.get(e.key, now)
                 e.tat = stored if stored is not None else now
                 base = e.tat
@@ -471,7 +474,7 @@ class Engine:
         if f >= 1:
             f = 1.0
             self.delete(keys[0])
-        else:
+        elif op == "throttled" or change > 0:
             self.set(keys[0], f, ttl, now)
         k = 2
         for i in range(n):

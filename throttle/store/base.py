@@ -444,6 +444,8 @@ class BaseStore(Store):
         that send the run themselves (pipelined on a connection of their own) and then pass the
         reply to :meth:`finish`. An admission that spans several shards cannot be one run: it
         comes back as a tuple that only :meth:`admit` understands."""
+        if isinstance(limits, Limit):
+            limits = (limits,)
         plan = self._plan(limits, identity, cost)
         if horizon is not None and not _positive(horizon, zero=True):
             raise ConfigurationError("horizon", f"must be seconds >= 0 or None, got {horizon!r}")
@@ -806,6 +808,8 @@ class BaseStore(Store):
         adaptive: bool,
         now_us: int | None,
     ) -> float:
+        if isinstance(limits, Limit):
+            limits = (limits,)
         left = dict(remaining or {})
         names = self._checked_names(limits) if limits else frozenset()
         for arg, named in (("remaining", left), ("paused", paused or ())):

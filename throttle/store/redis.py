@@ -272,7 +272,7 @@ class _Link:
             while reply is False:
                 reader.feed(self._recv())
                 reply = reader.gets()
-        except _UNAVAILABLE as exc:
+        except BaseException as exc:
             self._broken(exc)
         if isinstance(reply, Exception):
             raise _reply_error(str(reply))
@@ -285,7 +285,7 @@ class _Link:
                 self._sock.sendall(frame)
             else:
                 self.conn.send_packed_command((frame,), check_health=False)
-        except _UNAVAILABLE as exc:
+        except BaseException as exc:
             self._broken(exc)
 
     def ready(self) -> list[Any]:
@@ -308,7 +308,7 @@ class _Link:
             while reply is not False:
                 replies.append(_reply_error(str(reply)) if isinstance(reply, Exception) else reply)
                 reply = reader.gets()
-        except _UNAVAILABLE as exc:
+        except BaseException as exc:
             self._broken(exc)
         return replies
 
@@ -334,8 +334,13 @@ class _Link:
         return data
 
     def _broken(self, exc: BaseException) -> NoReturn:
+        """Anything that interrupts a request or its reply (a lost connection, a timeout, but
+        also a task's soft time limit or a KeyboardInterrupt) leaves the stream at an unknown
+        point: the connection is closed, so no later request can read an earlier one's reply."""
         self.close()
-        if isinstance(exc, RedisError):
+        if _hiredis is not None and isinstance(exc, _hiredis.ProtocolError):
+            raise RedisConnectionError(f"unreadable reply from Redis: {exc}") from exc
+        if isinstance(exc, RedisError) or not isinstance(exc, _UNAVAILABLE):
             raise exc
         # The socket's own errors, worded as redis-py words them.
         if isinstance(exc, TimeoutError):

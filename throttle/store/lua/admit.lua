@@ -37,7 +37,8 @@
 --       by 'a' for one that follows the load factor, or by 'k' for one that follows the load
 --       factor times its tenant's upstream factor. A factor f scales the refill rate: a token
 --       bucket's emission interval becomes T / f (its burst, in time, is unchanged, so in
---       units it shrinks by f too), a window's count becomes count * f.
+--       units it shrinks by f too, but never below the cost at hand), a window's count
+--       becomes count * f.
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
 --          then 4 per limit: remaining in millionths of a unit (rounded), us until full,
 --          us until it admits the cost, 1 if the booking presented paid for this limit (it
@@ -143,7 +144,13 @@ for i = 1, n do
   if e.algo == 't' then
     e.T = e.period / e.count
     e.tau = tonumber(ARGV[a + 4]) * e.T
-    if f ~= 1 then e.T = e.T / f end
+    if f ~= 1 then
+      e.T = e.T / f
+      -- The burst shrinks with the factor, but never below this work's cost: a cost the
+      -- bucket could hold at the full rate must stay admissible at any factor.
+      local need = e.cost * e.T
+      if e.tau < need then e.tau = need end
+    end
     t = t + 1
     e.tat = tonumber(tvals[t]) or now
     local base = e.tat

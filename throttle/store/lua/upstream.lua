@@ -49,7 +49,8 @@ end
 if f >= 1 then
   f = 1
   redis.call('DEL', KEYS[1])
-else
+elseif op == 'throttled' or change > 0 then
+  -- (a report that changes nothing must not keep a cut factor from lapsing)
   redis.call('SET', KEYS[1], f, 'PX', ttl)
 end
 
