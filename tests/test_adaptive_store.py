@@ -254,3 +254,25 @@ def test_a_report_that_changes_nothing_keeps_the_factor_lapsing(
     assert 99_000 < redis_client.pttl(key) <= 100_000
     store.upstream_ok(KEY, successes=0, limits=[limit], remaining={"req": 5}, ttl=3600.0)
     assert redis_client.pttl(key) <= 100_000
+
+
+def test_settlement_and_refunds_follow_the_factor(store: BaseStore, clock: ManualClock) -> None:
+    """Under factor 0.25 an estimate of 2 settled at 0 gives the whole charge back (2.5 units
+    free again, a quarter of the burst of 10); and when a global limit denies, the tenant's
+    charge is given back whole too (on a cluster that is a refund in another slot)."""
+    tokens = Limit("tok", "10/s", burst=10)
+    shared = Limit("all", "1/h", burst=1, per=[], adaptive=False)
+    store.override_load_factor(0.25, now_us=T0)
+    _fresh_factor(store, clock)
+    admitted = store.admit([tokens], KEY, cost=2, adaptive=True, now_us=T0)
+    assert admitted.limits[0].remaining == pytest.approx(0.5)
+    assert admitted.receipt is not None
+    assert admitted.receipt.adaptive
+    store.settle(admitted.receipt, {"tok": 0}, now_us=T0)
+    probe = store.admit([tokens], KEY, cost=0, adaptive=True, now_us=T0)
+    assert probe.limits[0].remaining == pytest.approx(2.5)
+    assert store.admit([shared], OTHER, now_us=T0).allowed  # the shared bucket is now empty
+    denied = store.admit([tokens, shared], KEY, cost={"tok": 2}, adaptive=True, now_us=T0)
+    assert not denied.allowed
+    probe = store.admit([tokens], KEY, cost=0, adaptive=True, now_us=T0)
+    assert probe.limits[0].remaining == pytest.approx(2.5)

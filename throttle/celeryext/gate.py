@@ -596,7 +596,8 @@ class Gate:
             if policy is None:
                 return None
             charges.append(Charge(policy.limit, Bucket(tag, key), float(cost)))
-        return Receipt(tuple(charges), str(admitted["nonce"]))
+        adaptive = bool(admitted.get("adaptive", False))
+        return Receipt(tuple(charges), str(admitted["nonce"]), adaptive)
 
 
 def receipt_header(receipt: Receipt, tier: str) -> dict[str, Any]:
@@ -605,6 +606,7 @@ def receipt_header(receipt: Receipt, tier: str) -> dict[str, Any]:
         "tier": tier,
         "nonce": receipt.nonce,
         "charges": [[c.limit.name, c.bucket.tag, c.bucket.key, c.cost] for c in receipt.charges],
+        "adaptive": receipt.adaptive,
     }
 
 

@@ -179,6 +179,23 @@ class Engine:
         self.pexpire(log, ttl, now)
         return full_at
 
+    def _factors(
+        self, fspec: str, keys: Sequence[str], tail: int, now: float
+    ) -> tuple[float, float]:
+        """The load and upstream factors an admission or a settlement applies: ``fspec`` as in
+        admit.lua's ARGV[9]; their keys end at ``keys[tail]`` (the upstream one last)."""
+        fload = fup = 1.0
+        if fspec != "":
+            lsrc, usrc = fspec.split(" ")
+            if usrc == "k":
+                fup = _factor(self.get(keys[tail], now))
+                tail -= 1
+            if lsrc == "k":
+                fload = _factor(self.get(keys[tail], now))
+            elif lsrc != "-":
+                fload = _factor(float(lsrc))
+        return fload, fup
+
     # -- admit.lua ---------------------------------------------------------------------------
 
     def admit(self, keys: Sequence[str], argv: Sequence[str], now: float) -> Reply:
@@ -216,16 +233,7 @@ class Engine:
             if bmode == "old":
                 self._alive(bkey, now)
                 booked = dict(self.hashes.get(bkey, {}))
-        fload = fup = 1.0
-        if fspec != "":
-            lsrc, usrc = fspec.split(" ")
-            if usrc == "k":
-                fup = _factor(self.get(keys[tail], now))
-                tail -= 1
-            if lsrc == "k":
-                fload = _factor(self.get(keys[tail], now))
-            elif lsrc != "-":
-                fload = _factor(float(lsrc))
+        fload, fup = self._factors(fspec, keys, tail, now)
 
         entries: list[_Entry] = []
         k = 0
@@ -356,17 +364,24 @@ class Engine:
 
     def settle(self, keys: Sequence[str], argv: Sequence[str], now: float) -> int:
         nonce = argv[1]
-        n = int(argv[2])
+        fspec = argv[2]
+        n = int(argv[3])
+        fload, fup = self._factors(fspec, keys, len(keys) - 1, now)
         changed = 0
         k = 0
         for i in range(n):
-            a = 3 + i * 5
-            algo, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
+            a = 4 + i * 5
+            kind, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
+            algo, f = kind[0], 1.0
+            if len(kind) > 1:
+                f = fload * fup if kind[1] == "k" else fload
             charged, delta = float(argv[a + 3]), float(argv[a + 4])
             key = keys[k]
             if algo == "t":
                 k += 1
                 T = period / count
+                if f != 1:
+                    T = T / f
                 stored = self.get(key, now)
                 if delta != 0 and (stored is not None or delta > 0):
                     tat = stored if stored is not None else now

@@ -146,6 +146,8 @@ class Receipt:
 
     charges: tuple[Charge, ...]
     nonce: str
+    #: The admission applied the adaptive factors: settlement does too.
+    adaptive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,7 +508,8 @@ class BaseStore(Store):
 
     def finish(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
         """The decision of a prepared admission, from the script's reply."""
-        return self._decision(prepared.charges, reply, prepared.booking, prepared.nonce)
+        adaptive = prepared.argv[8] != ""
+        return self._decision(prepared.charges, reply, prepared.booking, prepared.nonce, adaptive)
 
     def set_guard(
         self,
@@ -578,9 +581,9 @@ class BaseStore(Store):
             if _OUTCOMES.get(reply[0]) not in _ALLOWED:
                 states = []
                 for earlier, earlier_reply in done:
-                    self._refund(earlier, earlier_reply, nonce, now_us)
+                    self._refund(earlier, earlier_reply, nonce, now_us, adaptive)
                     states += self._probe(earlier, head, adaptive)
-                decision = self._decision(group, reply, booking, nonce)
+                decision = self._decision(group, reply, booking, nonce, adaptive)
                 return Decision(
                     decision.outcome,
                     decision.retry_after,
@@ -598,7 +601,8 @@ class BaseStore(Store):
         outcome = Outcome.ADMITTED
         if any(_OUTCOMES.get(r[0]) is Outcome.REDEEMED for _, r in done):
             outcome = Outcome.REDEEMED
-        return Decision(outcome, 0.0, None, tuple(states), None, Receipt(all_charges, nonce))
+        receipt = Receipt(all_charges, nonce, adaptive)
+        return Decision(outcome, 0.0, None, tuple(states), None, receipt)
 
     def _probe(
         self, group: tuple[Charge, ...], head: list[str], adaptive: bool
@@ -610,12 +614,17 @@ class BaseStore(Store):
         return self._states(free, self._run_admit(*args))
 
     def _refund(
-        self, group: tuple[Charge, ...], reply: Sequence[Any], nonce: str, now_us: int | None
+        self,
+        group: tuple[Charge, ...],
+        reply: Sequence[Any],
+        nonce: str,
+        now_us: int | None,
+        adaptive: bool,
     ) -> None:
         # Limits a booking paid for were not charged by this call: nothing to give back there.
         charged = [c for i, c in enumerate(group) if not _booked(reply, i) and c.cost > 0]
         if charged:
-            self._settle_group(charged, [-c.cost for c in charged], nonce, now_us)
+            self._settle_group(charged, [-c.cost for c in charged], nonce, now_us, adaptive)
 
     # -- the reply ---------------------------------------------------------------------------
 
@@ -629,7 +638,12 @@ class BaseStore(Store):
         return states
 
     def _decision(
-        self, charges: Sequence[Charge], reply: Sequence[Any], booking: str | None, nonce: str
+        self,
+        charges: Sequence[Charge],
+        reply: Sequence[Any],
+        booking: str | None,
+        nonce: str,
+        adaptive: bool = False,
     ) -> Decision:
         try:
             outcome = _OUTCOMES[reply[0]]
@@ -641,7 +655,8 @@ class BaseStore(Store):
         except (IndexError, KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"unexpected reply from the admission script: {reply!r}") from exc
         if outcome in _ALLOWED:
-            return Decision(outcome, 0.0, None, states, None, Receipt(tuple(charges), nonce))
+            receipt = Receipt(tuple(charges), nonce, adaptive)
+            return Decision(outcome, 0.0, None, states, None, receipt)
         keeps_booking = outcome in (Outcome.BOOKED, Outcome.EARLY)
         return Decision(
             outcome,
@@ -875,19 +890,28 @@ class BaseStore(Store):
                 group[0].append(charge)
                 group[1].append(value - charge.cost)
         for group_charges, deltas in changes.values():
-            self._settle_group(group_charges, deltas, receipt.nonce, now_us)
+            self._settle_group(group_charges, deltas, receipt.nonce, now_us, receipt.adaptive)
 
     def _settle_group(
-        self, charges: Sequence[Charge], deltas: Sequence[float], nonce: str, now_us: int | None
+        self,
+        charges: Sequence[Charge],
+        deltas: Sequence[float],
+        nonce: str,
+        now_us: int | None,
+        adaptive: bool = False,
     ) -> None:
+        follows = _follows(charges) if adaptive else ""
         keys: list[str] = []
-        argv = ["" if now_us is None else str(int(now_us)), nonce, str(len(charges))]
+        limit_argv: list[str] = []
         for c, delta in zip(charges, deltas, strict=True):
             keys.append(c.bucket.key)
             if c.limit.algorithm == "sliding_window":
                 keys.append(total_key(c.bucket))
-            argv += [*c.limit.wire[:3], fmt(c.cost), fmt(delta)]
-        self._run_settle(keys, argv)
+            wire = c.limit.wire_adaptive if follows else c.limit.wire
+            limit_argv += [*wire[:3], fmt(c.cost), fmt(delta)]
+        fspec = self._factor_spec(follows, _anchor(charges), keys) if follows else ""
+        now = "" if now_us is None else str(int(now_us))
+        self._run_settle(keys, [now, nonce, fspec, str(len(charges)), *limit_argv])
 
 
 def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], list[str]]:

@@ -104,12 +104,6 @@ if ukey then reads[#reads + 1] = ukey end
 if gkey then reads[#reads + 1] = gkey end
 local tvals = {}
 if #reads > 0 then tvals = redis.call('MGET', unpack(reads)) end
--- A factor outside (0, 1] (never written by throttle) counts as 1.
-local function factor(v)
-  v = tonumber(v)
-  if v == nil or not (v > 0) or v > 1 then return 1 end
-  return v
-end
 local fload, fup = 1, 1
 if lkey then fload = factor(tvals[nt + 1]) elseif lsrc ~= '-' then fload = factor(lsrc) end
 if ukey then fup = factor(tvals[#reads - (gkey and 1 or 0)]) end

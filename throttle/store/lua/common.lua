@@ -21,6 +21,13 @@ local function clock(arg)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- A stored factor: a number in (0, 1]; anything else (never written by throttle) counts as 1.
+local function factor(v)
+  v = tonumber(v)
+  if v == nil or not (v > 0) or v > 1 then return 1 end
+  return v
+end
+
 local function ttl_ms(until_us, now)
   return math.ceil((until_us - now) / 1000) + MARGIN_MS
 end

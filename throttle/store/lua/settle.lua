@@ -2,11 +2,14 @@
 -- settle.lua: correct the charge of an admission once its actual cost is known.
 --
 -- KEYS  for each limit, as in admit.lua: 't' its state key; 'w' its log and its running total.
+--       then, as in admit.lua, the factor keys [3] reads ('k')
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
 --       [2] nonce: the nonce the admission wrote its log members with
---       [3] n: number of limits
---       then 5 per limit: algorithm ('t' or 'w'), period_us, count, charged (units the
---       admission took), delta (actual - charged; negative refunds)
+--       [3] factors, as admit.lua's ARGV[9]: '' when the admission did not apply them
+--       [4] n: number of limits
+--       then 5 per limit: kind (as in admit.lua), period_us, count, charged (units the
+--       admission took), delta (actual - charged; negative refunds). A token bucket that
+--       follows a factor settles at the rate in force now (emission interval T / f).
 -- Effect: token bucket: a refund moves the TAT back, never before now (never above burst); a
 --   charge moves it forward from max(TAT, now), into debt if need be, so later work waits.
 --   Sliding window: the admission's entry keeps its time and takes the new cost; if it has
@@ -15,17 +18,37 @@
 
 local now = clock(ARGV[1])
 local nonce = ARGV[2]
-local n = tonumber(ARGV[3])
+local fspec = ARGV[3]
+local n = tonumber(ARGV[4])
+local fload, fup = 1, 1
+if fspec ~= '' then
+  local lsrc, usrc = string.match(fspec, '^(%S+) (%S+)$')
+  local tail = #KEYS
+  if usrc == 'k' then
+    fup = factor(redis.call('GET', KEYS[tail]))
+    tail = tail - 1
+  end
+  if lsrc == 'k' then
+    fload = factor(redis.call('GET', KEYS[tail]))
+  elseif lsrc ~= '-' then
+    fload = factor(lsrc)
+  end
+end
 local changed = 0
 local k = 1
 for i = 1, n do
-  local a = 3 + (i - 1) * 5
-  local algo, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local a = 4 + (i - 1) * 5
+  local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local algo, f = string.sub(kind, 1, 1), 1
+  if #kind > 1 then
+    if string.sub(kind, 2, 2) == 'k' then f = fload * fup else f = fload end
+  end
   local charged, delta = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local key = KEYS[k]
   if algo == 't' then
     k = k + 1
     local T = period / count
+    if f ~= 1 then T = T / f end
     local stored = tonumber(redis.call('GET', key))
     if delta ~= 0 and (stored ~= nil or delta > 0) then
       local tat = stored or now

@@ -34,8 +34,7 @@ local nonce = ARGV[6]
 local hold, quiet = tonumber(ARGV[7]), tonumber(ARGV[8])
 local n = tonumber(ARGV[9])
 
-local f = tonumber(redis.call('GET', KEYS[1]))
-if f == nil or not (f > 0) or f > 1 then f = 1 end
+local f = factor(redis.call('GET', KEYS[1]))
 local held = tonumber(redis.call('GET', KEYS[2]))
 if op == 'throttled' then
   if held == nil or now >= held then
