@@ -371,3 +371,38 @@ def test_report_upstream_brings_the_bucket_down(
     assert allowed == [True, True, False, False]
     with pytest.raises(throttle.ThrottleError, match="inside a running task"):
         throttle.report_upstream({})
+
+
+def test_a_task_calling_itself_gets_the_providers_error(redis_server: RedisServer) -> None:
+    """A task that calls itself as a plain function inside its own run gets the provider's
+    429 from that call as an exception: it is not taken for the task's own call (nothing is
+    waited for or deferred on its behalf)."""
+    app = make_app(
+        redis_server,
+        throttle_limits={"llm": {"rate": "100/s", "burst": 100}},
+        throttle_max_deferrals=2,
+        task_always_eager=True,
+    )
+    clock = ManualClock(T0)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.advance(seconds)
+
+    throttle.Throttle(app, store=MemoryStore(Keyspace(SECRET), clock=clock), sleep=sleep)
+
+    @app.task(name=f"{app.main}.nested", throttle=["llm"])
+    def nested(depth: int, *, api_key: str) -> str:
+        if depth == 0:
+            try:
+                nested(1, api_key=api_key)
+            except httpx.HTTPStatusError:
+                return "the inner call raised"
+            return "the inner call returned"
+        request = httpx.Request("POST", "http://127.0.0.1:9/")
+        httpx.Response(429, headers={"retry-after": "2"}, request=request).raise_for_status()
+        return "unreachable"
+
+    assert nested.delay(0, api_key="k").get() == "the inner call raised"
+    assert waits == []

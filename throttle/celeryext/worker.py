@@ -48,6 +48,8 @@ __all__ = ["GateStep", "LoadStep", "install_pool_fallback"]
 
 logger = logging.getLogger("throttle.gate")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Set on a request while its task body runs under throttle's __call__.
+_RUNNING = "_throttle_running"
 
 
 def extension(app: Any) -> Throttle:
@@ -451,22 +453,31 @@ def install_pool_fallback(cls: type) -> None:
     own_call = previous_call is not CeleryTask.__call__
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.request.called_directly:  # a plain function call: no message to defer
+        request = self.request
+        if request.called_directly or getattr(request, _RUNNING, False):
+            # A plain function call, or the task calling itself inside its own run: no message
+            # of its own to defer.
             return previous_call(self, *args, **kwargs)
-        while True:
-            try:
-                if own_call:
-                    return previous_call(self, *args, **kwargs)
-                # As Celery runs a task without a __call__ of its own: the worker has pushed
-                # the request already.
-                return self.run(*args, **kwargs)
-            except Exception as exc:
-                feedback = feedback_from(exc)
-                if feedback is None or not _upstream_deferral(self, exc, feedback, args, kwargs):
-                    raise
-            # Eager mode waited out the provider's delay: admit the task again, then run it.
-            setattr(self.request, H.ADMITTED, None)
-            _pool_check(self, self.request.id, args, kwargs)
+        setattr(request, _RUNNING, True)
+        try:
+            while True:
+                try:
+                    if own_call:
+                        return previous_call(self, *args, **kwargs)
+                    # As Celery runs a task without a __call__ of its own: the worker has
+                    # pushed the request already.
+                    return self.run(*args, **kwargs)
+                except Exception as exc:
+                    feedback = feedback_from(exc)
+                    if feedback is None or not _upstream_deferral(
+                        self, exc, feedback, args, kwargs
+                    ):
+                        raise
+                # Eager mode waited out the provider's delay: admit the task again, then run it.
+                setattr(request, H.ADMITTED, None)
+                _pool_check(self, request.id, args, kwargs)
+        finally:
+            setattr(request, _RUNNING, False)
 
     cls.before_start = before_start  # type: ignore[attr-defined]
     cls.__call__ = __call__  # type: ignore[method-assign]

@@ -835,7 +835,13 @@ class BaseStore(Store):
             if not _positive(units, zero=True):
                 raise ConfigurationError("remaining", f"{name}: must be units >= 0, got {units!r}")
         tenant = [lim for lim in limits if not lim.is_global]
-        tag = self.keyspace.tenant_tag(identity)
+        # The tenant's slot as its admissions anchor it (a limit's own `anonymous` value counts
+        # for work without an API key).
+        tag = (
+            self.keyspace.bucket(tenant[0], identity).tag
+            if tenant
+            else self.keyspace.tenant_tag(identity)
+        )
         keys = [self.keyspace.upstream_key(tag), self.keyspace.upstream_key(tag) + ":hold"]
         change, floor, held, quieted = head
         argv = [
