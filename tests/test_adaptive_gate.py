@@ -285,14 +285,14 @@ def test_control_commands(redis_server: RedisServer, worker: Callable[[Celery], 
     assert cleared[0][next(iter(cleared[0]))]["ok"]["override"] is None
 
 
-def test_eager_mode_waits_out_the_provider(redis_server: RedisServer) -> None:
-    """In eager mode a 429 waits (through the injected sleep) for the provider's delay, then
-    the task is admitted and run again."""
+def eager_app(redis_server: RedisServer, **conf: Any) -> tuple[Celery, list[float]]:
+    """An eager app on an in-process store whose clock moves only when the app sleeps; the
+    list records every sleep."""
     app = make_app(
         redis_server,
         throttle_limits={"llm": {"rate": "100/s", "burst": 100}},
-        throttle_max_defer=5.0,
         task_always_eager=True,
+        **conf,
     )
     clock = ManualClock(T0)
     waits: list[float] = []
@@ -303,6 +303,13 @@ def test_eager_mode_waits_out_the_provider(redis_server: RedisServer) -> None:
 
     store = MemoryStore(Keyspace(SECRET), clock=clock)
     throttle.Throttle(app, store=store, clock=clock, sleep=sleep)
+    return app, waits
+
+
+def test_eager_mode_waits_out_the_provider(redis_server: RedisServer) -> None:
+    """In eager mode a 429 waits (through the injected sleep) for the provider's delay, then
+    the task is admitted and run again."""
+    app, waits = eager_app(redis_server, throttle_max_defer=5.0)
     calls: list[int] = []
 
     @app.task(name=f"{app.main}.flaky", throttle=["llm"])
@@ -377,20 +384,7 @@ def test_a_task_calling_itself_gets_the_providers_error(redis_server: RedisServe
     """A task that calls itself as a plain function inside its own run gets the provider's
     429 from that call as an exception: it is not taken for the task's own call (nothing is
     waited for or deferred on its behalf)."""
-    app = make_app(
-        redis_server,
-        throttle_limits={"llm": {"rate": "100/s", "burst": 100}},
-        throttle_max_deferrals=2,
-        task_always_eager=True,
-    )
-    clock = ManualClock(T0)
-    waits: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        clock.advance(seconds)
-
-    throttle.Throttle(app, store=MemoryStore(Keyspace(SECRET), clock=clock), sleep=sleep)
+    app, waits = eager_app(redis_server, throttle_max_deferrals=2)
 
     @app.task(name=f"{app.main}.nested", throttle=["llm"])
     def nested(depth: int, *, api_key: str) -> str:
