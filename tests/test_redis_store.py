@@ -214,3 +214,23 @@ def test_an_interrupted_call_does_not_leave_its_reply_to_the_next(
         signal.signal(signal.SIGALRM, previous)
         own_server.client().client_unpause()
     assert store.admit([large], KEY).limits[0].remaining == pytest.approx(98, abs=0.5)
+
+
+def test_a_resp3_client_is_served_the_redis_py_way(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """A client speaking RESP3 (protocol=3) may get push messages between replies: its
+    admissions, direct and pipelined, go through redis-py's own reading, and work."""
+    client = redis.Redis.from_url(redis_server.url, protocol=3)
+    store = RedisStore(client, Keyspace(SECRET))
+    limit = Limit("req", "10/s", burst=10)
+    assert store.admit([limit], KEY, now_us=T0).limits[0].remaining == 9
+    pipeline = store.pipeline()
+    assert pipeline is not None
+    link, encode = pipeline
+    prepared = store.prepare([limit], KEY, now_us=T0)
+    link.send(encode(prepared))
+    (reply,) = _replies(link, 1)
+    assert store.finish(prepared, reply).limits[0].remaining == 8  # type: ignore[arg-type]
+    assert link._reader is None  # not the lean reader
+    link.close()

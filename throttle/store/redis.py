@@ -243,7 +243,7 @@ class _Link:
     redis-py connects it (TLS, ACL user, timeouts, ``CLIENT SETNAME``). On a plain TCP or Unix
     socket and with ``hiredis``, requests and replies then go straight over the socket through
     a reply parser of our own, which skips the health checks and per-reply bookkeeping of
-    ``read_response`` (about a tenth of a decision's time). Otherwise (TLS, no ``hiredis``, a
+    ``read_response`` (about a tenth of a decision's time). Otherwise (TLS, RESP3, no ``hiredis``, a
     redis-py that does not expose the socket) the connection's own methods are used.
     Error replies come back as redis-py exceptions; a broken or timed-out connection is
     closed and raises ``redis.ConnectionError`` or ``redis.TimeoutError``.
@@ -323,7 +323,14 @@ class _Link:
         conn = self.conn
         conn.connect()
         sock = getattr(conn, "_sock", None)
-        if _hiredis is not None and sock is not None and not isinstance(sock, ssl.SSLSocket):
+        # RESP3 connections can carry push messages between replies: redis-py sorts them out.
+        resp2 = str(getattr(conn, "protocol", 2) or 2) == "2"
+        if (
+            _hiredis is not None
+            and sock is not None
+            and resp2
+            and not isinstance(sock, ssl.SSLSocket)
+        ):
             self._sock, self._reader = sock, _hiredis.Reader()
         self._open = True
 
