@@ -326,7 +326,7 @@ def test_eager_mode_waits_out_the_provider(redis_server: RedisServer) -> None:
     assert waits[0] == 2.0
 
 
-def test_a_limit_that_opts_out_ignores_the_load(redis_server: RedisServer) -> None:
+def test_a_limit_that_opts_out_ignores_the_load() -> None:
     """An admin-tier style limit with adaptive=False keeps its full burst under a 0.25 factor;
     the adaptive one gets a quarter."""
     store = MemoryStore(Keyspace(SECRET), clock=ManualClock(T0))

@@ -282,7 +282,7 @@ class BaseStore(Store):
         """Validate an admission request and resolve it to buckets."""
         if isinstance(limits, Limit):
             limits = (limits,)
-        names = self._checked_names(limits)
+        names = self._check(limits).names
         if not isinstance(identity, Mapping):
             raise ConfigurationError("identity", f"must be a mapping, got {identity!r}")
         if isinstance(cost, Mapping):
@@ -298,9 +298,6 @@ class BaseStore(Store):
         return tuple(
             Charge(lim, bucket(lim, identity), c) for lim, c in zip(limits, costs, strict=True)
         )
-
-    def _checked_names(self, limits: Sequence[Limit]) -> frozenset[str]:
-        return self._check(limits).names
 
     def _check(self, limits: Sequence[Limit]) -> _Checked:
         """A valid list of limits, described. A list checked once is remembered by the identity
@@ -826,7 +823,7 @@ class BaseStore(Store):
         if isinstance(limits, Limit):
             limits = (limits,)
         left = dict(remaining or {})
-        names = self._checked_names(limits) if limits else frozenset()
+        names = self._check(limits).names if limits else frozenset()
         for arg, named in (("remaining", left), ("paused", paused or ())):
             unknown = set(named) - names
             if unknown:

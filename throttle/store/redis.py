@@ -118,27 +118,27 @@ class RedisStore(BaseStore):
         return value
 
     def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
-        reply = self._run(self._admit_script, keys, argv)
-        if not isinstance(reply, list):
-            raise StoreError(f"unexpected reply from the admission script: {reply!r}")
-        return reply
+        return self._run_list(self._admit_script, keys, argv, "admission")
 
     def _run_settle(self, keys: list[str], argv: list[str]) -> object:
         return self._run(self._settle_script, keys, argv)
 
     def _run_load(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
-        reply = self._run(self._load_script, keys, argv)
-        if not isinstance(reply, list) or len(reply) != 3:
-            raise StoreError(f"unexpected reply from the load script: {reply!r}")
-        return reply
+        return self._run_list(self._load_script, keys, argv, "load", length=3)
 
     def _run_upstream(self, keys: list[str], argv: list[str]) -> object:
         return self._run(self._upstream_script, keys, argv)
 
     def _run_sample(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
-        reply = self._run(self._sample_script, keys, argv)
-        if not isinstance(reply, list):
-            raise StoreError(f"unexpected reply from the sample script: {reply!r}")
+        return self._run_list(self._sample_script, keys, argv, "sample")
+
+    def _run_list(
+        self, script: Script, keys: list[str], argv: list[str], name: str, length: int = -1
+    ) -> list[Any]:
+        """Run a script whose reply is a list (of ``length`` items, when given)."""
+        reply = self._run(script, keys, argv)
+        if not isinstance(reply, list) or length not in (-1, len(reply)):
+            raise StoreError(f"unexpected reply from the {name} script: {reply!r}")
         return reply
 
     def _delete(self, keys: list[str]) -> None:
