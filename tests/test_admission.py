@@ -232,6 +232,64 @@ def test_zero_cost_checks_without_charging(store: BaseStore) -> None:
         assert d.limits[0].remaining == 2
 
 
+def test_peek_tells_the_wait_and_charges_nothing(store: BaseStore) -> None:
+    """A peek answers what admitting the cost would do, as often as asked, and takes nothing."""
+    req = Limit("req", "10/s", burst=2)
+    win = Limit("win", "2/s", algorithm="sliding_window")
+    for _ in range(2):
+        assert store.admit([req, win], KEY, now_us=T0).allowed
+    for _ in range(3):
+        seen = store.peek([req, win], KEY, now_us=T0 + 50_000)
+        assert seen.outcome is Outcome.DENIED
+        assert seen.bound_by == "win"
+        assert seen.retry_after == pytest.approx(0.95)
+        assert seen.receipt is None
+        assert seen.booking is None
+        assert [s.name for s in seen.limits] == ["req", "win"]
+        assert seen.limits[0].remaining == pytest.approx(0.5)
+    assert store.peek([req], KEY, cost=0.5, now_us=T0 + 50_000).allowed
+    assert store.admit([req], KEY, cost=0.5, now_us=T0 + 50_000).allowed
+    assert not store.admit([req], KEY, cost=0.5, now_us=T0 + 50_000).allowed
+
+
+def test_reset_refills_one_tenant_for_every_agent(store: BaseStore) -> None:
+    """A reset forgets a tenant's buckets, every agent's with them, and nobody else's."""
+    req = Limit("req", "1/h", burst=1)
+    share = Limit("share", "1/h", burst=1, per=["api_key", "agent_id"])
+    win = Limit("win", "1/h", algorithm="sliding_window")
+    other = {"api_key": "tenant-2", "agent_id": "a1"}
+    for agent in ("a1", "a2"):
+        assert store.admit([share, win] if agent == "a1" else [share], {**KEY, "agent_id": agent})
+    assert store.admit([req], KEY, now_us=T0)
+    assert store.admit([share], other)
+    assert store.reset([req, share, win], KEY) >= 4
+    for agent in ("a1", "a2"):
+        assert store.admit([share, win] if agent == "a1" else [share], {**KEY, "agent_id": agent})
+    assert store.admit([req], KEY, now_us=T0)
+    assert not store.admit([share], other)
+    assert store.reset([share], {**KEY, "agent_id": "a2"}) == 1
+    assert store.admit([share], {**KEY, "agent_id": "a2"})
+    assert not store.admit([share], {**KEY, "agent_id": "a1"})
+
+
+def test_counts_add_up_per_minute_of_the_store_clock(store: BaseStore) -> None:
+    """Counts added in one minute sum up; the next minute starts its own tally; a bad count is
+    refused with the field named."""
+    minute = T0 // (60 * US)
+    store.add_counts({"k|a": 2, "k|u|tok": 1.5}, retention=3600, now_us=T0)
+    store.add_counts({"k|a": 1}, retention=3600, now_us=T0 + 1)
+    store.add_counts({"k|a": 5}, retention=3600, now_us=(minute + 1) * 60 * US)
+    assert store.counts(3, now_us=(minute + 1) * 60 * US) == [
+        ((minute - 1) * 60, {}),
+        (minute * 60, {"k|a": 3.0, "k|u|tok": 1.5}),
+        ((minute + 1) * 60, {"k|a": 5.0}),
+    ]
+    with pytest.raises(ConfigurationError, match="counts"):
+        store.add_counts({"k|a": -1}, retention=3600)
+    with pytest.raises(ConfigurationError, match="minutes"):
+        store.counts(0)
+
+
 def test_per_limit_costs(store: BaseStore) -> None:
     """A cost mapping charges each limit its own units; unnamed limits cost 1."""
     req = Limit("req", "100/m", burst=100)

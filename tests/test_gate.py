@@ -205,6 +205,44 @@ def test_identity_header_is_sealed_and_forgeries_are_ignored(
     assert not any(b"sk-RAW" in k for k in db.keys("*"))
 
 
+def test_argument_reprs_show_fingerprints_not_keys(
+    redis_server: RedisServer,
+    db: redis.Redis,
+    worker: Callable[[Celery], Any],
+    record: Callable[[Any], list[dict[str, Any]]],
+) -> None:
+    """The argsrepr/kwargsrepr headers (what events and Flower show) carry fingerprints where
+    the arguments hold the API key or agent id, positional or keyword; the task still gets the
+    real values; reprs the caller chose are kept."""
+    from celery.signals import before_task_publish
+
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "100/s"}})
+    ext = throttle.Throttle(app)
+    published = record(before_task_publish)
+
+    @app.task(
+        name=f"{app.main}.step",
+        throttle="req",
+        throttle_identity={"api_key": lambda args, kwargs: args[0], "agent_id": "agent_id"},
+    )
+    def step(key: str, note: str, *, agent_id: str) -> str:
+        return f"{key}/{agent_id}/{note}"
+
+    worker(app)
+    result = step.delay("sk-RAW-SECRET", "sk-RAW-SECRET?", agent_id="agent-RAW")
+    assert result.get(timeout=TIMEOUT) == "sk-RAW-SECRET/agent-RAW/sk-RAW-SECRET?"
+    sent = next(kw["headers"] for kw in published if kw["headers"].get("id") == result.id)
+    key_fp = ext.keyspace.fingerprint("api_key", "sk-RAW-SECRET")
+    agent_fp = ext.keyspace.fingerprint("agent_id", "agent-RAW")
+    assert sent["argsrepr"] == f"['<api_key {key_fp}>', 'sk-RAW-SECRET?']"
+    assert sent["kwargsrepr"] == f"{{'agent_id': '<agent_id {agent_fp}>'}}"
+    chosen = step.apply_async(("sk-RAW-SECRET", "x"), {"agent_id": "a"}, kwargsrepr="{...}")
+    chosen.get(timeout=TIMEOUT)
+    sent = next(kw["headers"] for kw in published if kw["headers"].get("id") == chosen.id)
+    assert sent["kwargsrepr"] == "{...}"
+    assert "sk-RAW-SECRET" not in sent["argsrepr"]
+
+
 def test_max_deferrals_fails_the_task_clearly(
     redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
 ) -> None:

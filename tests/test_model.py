@@ -114,6 +114,13 @@ ops = st.lists(
             ),
             st.booleans(),  # adaptive
         ),
+        st.tuples(
+            st.just("peek"),
+            st.integers(0, 1),  # api key
+            st.integers(0, 1),  # agent
+            st.sampled_from([0, 1, 2, 3]),  # cost, clipped to each limit's capacity
+            st.booleans(),  # adaptive
+        ),
         st.tuples(st.just("guard"), st.integers(0, 1), st.sampled_from(["a", "b"])),
         st.tuples(
             st.just("load"),
@@ -174,6 +181,18 @@ def test_lua_memory_and_reference_agree(
                 receipt = receipt_list[n]
                 usage = {c.limit.name: c.cost * factor for c in receipt.charges}
                 store.settle(receipt, usage, now_us=now)
+            continue
+        if op[0] == "peek":
+            _, key, agent, cost, adaptive = op
+            identity = {"api_key": f"k{key}", "agent_id": f"a{agent}", "tier": "gold"}
+            costs = {lim.name: min(cost, lim.max_cost) for lim in limit_set}
+            peeks = [
+                _observable(
+                    store.peek(limit_set, identity, cost=costs, adaptive=adaptive, now_us=now)
+                )
+                for store in stores
+            ]
+            assert peeks[1:] == peeks[:-1]
             continue
         if op[0] == "guard":
             for store in stores:

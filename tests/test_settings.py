@@ -141,8 +141,8 @@ def test_tiers_override_limits_and_resolve() -> None:
     assert gold.rate.count == 1000
     assert gold.burst == 20  # inherited from the base limit
     assert ext.settings.policy("llm", "unknown-tier").limit.rate.count == 100
-    assert ext.gate._tier({"api_key": "vip"}) == "gold"
-    assert ext.gate._tier({"api_key": "someone"}) == "default"
+    assert ext.gate.tier_of({"api_key": "vip"}) == "gold"
+    assert ext.gate.tier_of({"api_key": "someone"}) == "default"
 
 
 def test_missing_secret_only_with_explicit_dev_mode() -> None:

@@ -335,3 +335,22 @@ def test_a_real_worker_samples_its_host_with_psutil(
             )
             assert done.returncode == 0, done.stderr
             assert expected in done.stdout, done.stdout
+        # `celery throttle status` reads the live workers' samples from the store.
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.workerapp",
+                "throttle",
+                "status",
+                "--json",
+            ],
+            env=workers.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode == 0, done.stderr
+        assert sample["worker"] in [w["worker"] for w in json.loads(done.stdout)["workers"]]

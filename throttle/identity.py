@@ -196,6 +196,10 @@ class Keyspace:
         """An operator's load factor override (a string)."""
         return f"{self.prefix}:{{~load}}:override"
 
+    def counts_key(self, minute: int) -> str:
+        """The traffic counts of one minute (a hash: field -> amount), for operators' tools."""
+        return f"{self.prefix}:{{~counts}}:{minute}"
+
     def tenant_tag(self, identity: Mapping[str, object], anonymous: str = "anonymous") -> str:
         """The hash tag of the tenant (``api_key``) of ``identity``: the slot its buckets live
         in. An identity without an API key is the ``anonymous`` tenant."""

@@ -23,6 +23,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import before_task_publish, task_postrun
+from celery.utils.saferepr import saferepr
 from redis.cluster import RedisCluster
 
 from throttle.adaptive.sampler import LoadSampler
@@ -127,6 +128,13 @@ class Throttle:
             return 1
         return max(1, store.heartbeat(member, self.settings.heartbeat_interval * 3))
 
+    def flush_counts(self) -> None:
+        """Add this process's per-key counts to the store's tallies (see
+        :mod:`throttle.celeryext.counts`); the gate step calls it once per heartbeat."""
+        tally = self.gate.tally
+        if tally is not None:
+            tally.flush(self.store(), self.settings.counts_retention)
+
     # -- signal receivers ----------------------------------------------------------------------
 
     def _register_tasks(self, sender: Any = None, **_: Any) -> None:
@@ -142,14 +150,57 @@ class Throttle:
             if self.gate.spec_for(task) is not None:
                 install_pool_fallback(type(task))
 
-    def _seal_identity(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
-        """Replace a raw identity header by sealed fingerprints before the message leaves."""
-        if not headers or H.IDENTITY not in headers:
+    def _seal_identity(
+        self,
+        sender: Any = None,
+        body: Any = None,
+        headers: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        """Before a message leaves: replace a raw identity header by sealed fingerprints, and
+        the API keys and agent ids in the argument reprs (which Celery's events and Flower
+        show) by their fingerprints."""
+        if not headers:
             return
-        raw = headers[H.IDENTITY]
+        raw = headers.get(H.IDENTITY)
         task_id = headers.get("id")
         if isinstance(raw, Mapping) and isinstance(task_id, str):
             headers[H.IDENTITY] = H.seal_identity(raw, task_id, self.keyspace)
+        task = self.app.tasks.get(sender) if isinstance(sender, str) else None
+        if task is not None and isinstance(body, tuple) and len(body) >= 2:
+            self._mask_reprs(task, body[0], body[1], headers)
+
+    def _mask_reprs(self, task: Any, args: Any, kwargs: Any, headers: dict[str, Any]) -> None:
+        """Celery writes ``argsrepr``/``kwargsrepr`` headers with the arguments as they are;
+        for a throttled task, top-level arguments equal to its API key or agent id are shown
+        as ``<api_key FINGERPRINT>``. Reprs a caller chose (they differ from Celery's default)
+        are left alone."""
+        spec = self.gate.spec_for(task)
+        if spec is None or not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+            return
+        try:
+            identity = spec.resolve_identity(tuple(args), kwargs)
+        except Exception:  # a user callable; the gate reports it when the task is decided
+            return
+        secret = {
+            value: f"<{dim} {self.keyspace.fingerprint(dim, value)}>"
+            for dim, value in identity.items()
+            if dim in ("api_key", "agent_id") and isinstance(value, str | bytes)
+        }
+        if not secret:
+            return
+        amqp = self.app.amqp
+        levels = self.app.conf.task_repr_maxlevels
+
+        def masked(value: Any) -> Any:
+            return secret[value] if isinstance(value, str | bytes) and value in secret else value
+
+        if headers.get("argsrepr") == saferepr(args, amqp.argsrepr_maxsize, maxlevels=levels):
+            shown = [masked(a) for a in args]
+            headers["argsrepr"] = saferepr(shown, amqp.argsrepr_maxsize, maxlevels=levels)
+        if headers.get("kwargsrepr") == saferepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels=levels):
+            shown_kw = {k: masked(v) for k, v in kwargs.items()}
+            headers["kwargsrepr"] = saferepr(shown_kw, amqp.kwargsrepr_maxsize, maxlevels=levels)
 
     def _count_success(
         self, sender: Any = None, task: Any = None, state: str | None = None, **_: Any

@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
-from throttle.errors import ThrottleError
+from throttle.celeryext.report import factor_fields, parse_override, sample_fields
+from throttle.errors import ConfigurationError, ThrottleError
 
 __all__ = ["throttle_factor", "throttle_status"]
 
@@ -29,20 +29,15 @@ def _extension(state: Any) -> Any:
 @control_command(args=[("value", str)], signature="<factor in (0, 1]> | clear")  # type: ignore[untyped-decorator]
 def throttle_factor(state: Any, value: str = "") -> dict[str, Any]:
     """Set (or clear) the cluster-wide load factor."""
-    text = str(value).strip().lower()
-    factor: float | None = None
-    if text != "clear":
-        try:
-            factor = float(text)
-        except ValueError:
-            factor = math.nan
-        if not 0 < factor <= 1:
-            return {"error": f"throttle_factor takes a number in (0, 1] or 'clear', got {value!r}"}
+    try:
+        factor = parse_override(value)
+    except ConfigurationError:
+        return {"error": f"throttle_factor takes a number in (0, 1] or 'clear', got {value!r}"}
     try:
         result = _extension(state).store().override_load_factor(factor)
     except ThrottleError as exc:
         return {"error": f"the store did not take it: {exc}"}
-    return {"ok": _factor_fields(result)}
+    return {"ok": factor_fields(result)}
 
 
 @inspect_command()  # type: ignore[untyped-decorator]
@@ -52,24 +47,10 @@ def throttle_status(state: Any) -> dict[str, Any]:
     sampler = ext.sampler
     status: dict[str, Any] = {"adaptive": ext.settings.adaptive.enabled}
     if sampler is not None:
-        status["sample"] = None if sampler.last is None else _sample_fields(sampler.last)
-        status["workers"] = [_sample_fields(s) for s in sampler.cluster]
+        status["sample"] = None if sampler.last is None else sample_fields(sampler.last)
+        status["workers"] = [sample_fields(s) for s in sampler.cluster]
     try:
-        status["factor"] = _factor_fields(ext.store().load_factor())
+        status["factor"] = factor_fields(ext.store().load_factor())
     except ThrottleError as exc:
         status["factor"] = {"error": str(exc)}
     return status
-
-
-def _factor_fields(factor: Any) -> dict[str, Any]:
-    return {"in_force": factor.in_force, "computed": factor.computed, "override": factor.override}
-
-
-def _sample_fields(sample: Any) -> dict[str, Any]:
-    return {
-        "worker": sample.worker,
-        "cpu": sample.cpu,
-        "memory": sample.memory,
-        "busy": sample.busy,
-        "signals": dict(sample.signals),
-    }

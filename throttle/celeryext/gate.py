@@ -22,6 +22,7 @@ from throttle import signals
 from throttle._tokens import token_hex
 from throttle.adaptive.upstream import Feedback
 from throttle.celeryext import headers as H
+from throttle.celeryext.counts import Tally
 from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSettings
 from throttle.celeryext.spec import TaskSpec, options_of, spec_from_options
 from throttle.clock import Clock
@@ -144,6 +145,8 @@ class Gate:
         self.live_workers = 1
         self._local = MemoryStore(keyspace, clock=clock)
         self._local_limits: dict[tuple[str, str, int], Limit] = {}
+        #: Per-key counts for ``celery throttle`` (None when ``throttle_counts_retention`` is 0).
+        self.tally: Tally | None = Tally() if settings.counts_retention else None
 
     # -- task specs ---------------------------------------------------------------------------
 
@@ -187,10 +190,11 @@ class Gate:
                 logger.debug("task %s: identity header ignored (%s)", task_id, how)
             identity = spec.resolve_identity(args, kwargs)
         if "tier" not in identity:
-            identity["tier"] = self._tier(identity)
+            identity["tier"] = self.tier_of(identity)
         return identity
 
-    def _tier(self, identity: Mapping[str, object]) -> str:
+    def tier_of(self, identity: Mapping[str, object]) -> str:
+        """The tier ``throttle_tier_resolver`` gives ``identity`` (the default without one)."""
         resolver = self.settings.tier_resolver
         if resolver is None:
             return DEFAULT_TIER
@@ -389,9 +393,17 @@ class Gate:
         return self._after(call, self._verdict(call, outcome))
 
     def _after(self, call: Call, verdict: Verdict) -> Verdict:
-        if call.shadow and verdict.action is Action.RUN:
+        ran = verdict.action is Action.RUN
+        if self.tally is not None:
+            if ran:
+                costs = {p.name: call.costs.get(p.name, 1) for p in call.policies}
+                costs.update((p.name, call.costs.get(p.name, 1)) for p in call.shadow)
+                self.tally.admitted(call.key, costs, call.tier)
+            elif verdict.action is Action.DEFER:
+                self.tally.deferred(call.key)
+        if call.shadow and ran:
             # Counted once per run, not once per check of deferred work.
-            self._shadow(call.shadow, call.identity, call.costs, call.task_id)
+            self._shadow(call)
         return verdict
 
     def admission(self, call: Call) -> dict[str, Any]:
@@ -540,36 +552,32 @@ class Gate:
 
     # -- shadow limits -------------------------------------------------------------------------
 
-    def _shadow(
-        self,
-        policies: list[LimitPolicy],
-        identity: Mapping[str, object],
-        costs: Mapping[str, float],
-        task_id: str,
-    ) -> None:
+    def _shadow(self, call: Call) -> None:
         """Shadow limits are charged like real ones but never deny: their denials are logged
         and counted, so a team can see what a new limit would do before enforcing it."""
         if self.clock.now_us() < self._down_until:
             return
-        limits = [p.limit for p in policies]
-        cost = {n: c for n, c in costs.items() if n in {lim.name for lim in limits}}
+        limits = [p.limit for p in call.shadow]
+        cost = {n: c for n, c in call.costs.items() if n in {lim.name for lim in limits}}
         try:
             decision = self._store().admit(
-                limits, identity, cost=cost, adaptive=self.settings.adaptive.enabled
+                limits, call.identity, cost=cost, adaptive=self.settings.adaptive.enabled
             )
         except ThrottleError as exc:
-            logger.debug("shadow limits not evaluated for task %s: %s", task_id, exc)
+            logger.debug("shadow limits not evaluated for task %s: %s", call.task_id, exc)
             return
         if not decision.allowed:
             logger.info(
                 "shadow limit %s would have deferred task %s by %.3f s",
                 decision.bound_by,
-                task_id,
+                call.task_id,
                 decision.retry_after,
             )
+            if self.tally is not None and decision.bound_by is not None:
+                self.tally.shadow_denied(call.key, decision.bound_by)
             signals.shadow_denied.send(
                 sender=self,
-                task_id=task_id,
+                task_id=call.task_id,
                 limit=decision.bound_by,
                 retry_after=decision.retry_after,
             )

@@ -95,6 +95,8 @@ class ThrottleSettings:
     store_retry: float
     guard_ttl: float
     heartbeat_interval: float
+    #: How long the per-key traffic counts are kept (seconds; 0: not kept).
+    counts_retention: float = 3600.0
     adaptive: AdaptiveSettings = field(default_factory=lambda: AdaptiveSettings())
 
     def policy(self, name: str, tier: str = DEFAULT_TIER) -> LimitPolicy:
@@ -145,6 +147,11 @@ KNOWN: Final[dict[str, tuple[object, str]]] = {
         "upstream_quiet, upstream_delay (seconds)",
     ),
     "throttle_load_interval": (1.0, "seconds > 0"),
+    "throttle_counts_retention": (
+        3600.0,
+        "seconds >= 60 that per-key traffic counts are kept for `celery throttle suggest`, "
+        "or 0 to keep none",
+    ),
 }
 
 
@@ -202,6 +209,7 @@ def load_settings(conf: Any) -> ThrottleSettings:
         store_retry=_seconds(get, "throttle_store_retry"),
         guard_ttl=guard_ttl,
         heartbeat_interval=_seconds(get, "throttle_heartbeat_interval"),
+        counts_retention=_retention(get("throttle_counts_retention")),
         adaptive=_adaptive(get("throttle_adaptive"), _seconds(get, "throttle_load_interval")),
     )
 
@@ -477,6 +485,13 @@ def _seconds(get: Callable[[str], Any], key: str) -> float:
     value = get(key)
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     _expect(key, value, numeric and math.isfinite(value) and value > 0)
+    return float(value)
+
+
+def _retention(value: Any) -> float:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = numeric and math.isfinite(value) and (value == 0 or value >= 60)
+    _expect("throttle_counts_retention", value, ok)
     return float(value)
 
 

@@ -94,6 +94,7 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self.ext.flush_counts()
         if self.pipeline is not None:
             self.pipeline.close()
 
@@ -108,6 +109,7 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         self.ext.gate.live_workers = count
         self.ext.gate.store_answered()
+        self.ext.flush_counts()
 
 
 class LoadStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -118,6 +118,15 @@ class Engine:
         self._alive(key, now)
         return self.hashes.get(key, {}).get(field)
 
+    def hincr(self, key: str, field: str, amount: float, now: float) -> None:
+        self._alive(key, now)
+        fields = self.hashes.setdefault(key, {})
+        fields[field] = fields.get(field, 0.0) + amount
+
+    def hgetall(self, key: str, now: float) -> dict[str, float]:
+        self._alive(key, now)
+        return dict(self.hashes.get(key, {}))
+
     def get_text(self, key: str, now: float) -> str | None:
         self._alive(key, now)
         return self.texts.get(key)
@@ -200,6 +209,7 @@ class Engine:
 
     def admit(self, keys: Sequence[str], argv: Sequence[str], now: float) -> Reply:
         reserve = argv[1] == "1"
+        peek = argv[1] == "p"
         horizon = _num(argv[2])
         bmode = argv[3]
         nonce = argv[5]
@@ -288,7 +298,7 @@ class Engine:
                 binding = i
 
         def charge(e: _Entry, at: float) -> None:
-            if e.cost == 0:
+            if e.cost == 0 or peek:
                 return
             if e.algo == "t":
                 e.tat = e.new_tat

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _US = 1_000_000
+_MINUTE_US = 60 * _US
 
 
 class Outcome(StrEnum):
@@ -426,6 +427,48 @@ class BaseStore(Store):
         groups, head, booking_id, nonce, work_id = prepared
         return self._admit_sharded(groups, head, booking_id, nonce, now_us, work_id, adaptive)
 
+    def peek(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        cost: float | Mapping[str, float] = 1,
+        adaptive: bool = False,
+        now_us: int | None = None,
+    ) -> Decision:
+        """What :meth:`admit` would answer now for ``cost``, charging nothing and booking
+        nothing: ``allowed``, the wait until the cost would pass (``retry_after``, the limit
+        that binds) and every limit's state. For operators' tools; it is one script run per
+        slot, like an admission. Unlike an admission it evaluates every slot, also after one
+        denied."""
+        if isinstance(limits, Limit):
+            limits = (limits,)
+        plan = self._plan(limits, identity, cost)
+        head = [
+            "" if now_us is None else str(int(now_us)),
+            "p",
+            "",
+            "",
+            "0",
+            self._nonce(),
+            self._grace,
+            "",
+        ]
+        groups = self._group(plan.charges) if self.sharded else [plan.charges]
+        states: list[LimitState] = []
+        bound: str | None = None
+        retry = 0.0
+        for group in groups:
+            reply = self._run_admit(*self._admit_args(group, head, None, None, adaptive))
+            decision = self._decision(group, reply, None, head[5], adaptive)
+            states += decision.limits
+            if not decision.allowed and (bound is None or decision.retry_after > retry):
+                bound, retry = decision.bound_by, decision.retry_after
+        order = {lim.name: i for i, lim in enumerate(limits)}
+        states.sort(key=lambda state: order[state.name])
+        outcome = Outcome.ADMITTED if bound is None else Outcome.DENIED
+        return Decision(outcome, retry, bound, tuple(states))
+
     def prepare(
         self,
         limits: Sequence[Limit],
@@ -708,6 +751,97 @@ class BaseStore(Store):
             str(round(_seconds(max_age, "max_age") * _US)),
         ]
         return [_text(v) for v in self._run_sample([self.keyspace.load_samples_key()], argv)]
+
+    # -- operators' tools ---------------------------------------------------------------------
+
+    def upstream_factor(self, identity: Mapping[str, object]) -> float:
+        """The upstream factor in force for the tenant of ``identity`` (1 when none is)."""
+        value = self._get_number(self.keyspace.upstream_key(self.keyspace.tenant_tag(identity)))
+        return value if value is not None and 0 < value <= 1 else 1.0
+
+    def reset(self, limits: Sequence[Limit], identity: Mapping[str, object]) -> int:
+        """Forget the buckets of ``limits`` for ``identity`` (they start full again); return
+        how many keys were deleted. A limit keyed by dimensions the identity leaves out (an
+        agent limit for an API key alone) is reset for every value of them: every agent of
+        the key. Bookings and deferral guards are kept: work already deferred returns as
+        planned."""
+        if isinstance(limits, Limit):
+            limits = (limits,)
+        keys: list[str] = []
+        for limit in limits:
+            if any(identity.get(dim) is None for dim in limit.per[1:]) and not limit.is_global:
+                head = self.keyspace.bucket(limit, {"api_key": identity.get("api_key")}).tag
+                keys += self.scan_keys(f"{self.keyspace.prefix}:{head}:{limit.name}:*")[0]
+                keys += self.scan_keys(f"{self.keyspace.prefix}:{head}:{limit.name}")[0]
+                continue
+            bucket = self.keyspace.bucket(limit, identity)
+            keys.append(bucket.key)
+            if limit.algorithm == "sliding_window":
+                keys.append(total_key(bucket))
+        if not keys:
+            return 0
+        return self._delete_counted(keys)
+
+    def scan_keys(self, match: str, *, most: int = 100_000) -> tuple[list[str], bool]:
+        """The keys matching the glob ``match`` (which must start with this store's prefix), at
+        most ``most`` of them, and whether that is all of them. It scans the whole keyspace
+        (``SCAN``, in batches): for operators' tools, not for the admission path."""
+        if not match.startswith(self.keyspace.prefix + ":"):
+            raise ConfigurationError("match", f"must start with {self.keyspace.prefix + ':'!r}")
+        return self._scan(match, most)
+
+    def _get_number(self, key: str) -> float | None:
+        raise NotImplementedError
+
+    def _delete_counted(self, keys: list[str]) -> int:
+        raise NotImplementedError
+
+    def _scan(self, match: str, most: int) -> tuple[list[str], bool]:
+        raise NotImplementedError
+
+    # -- traffic counts, for operators' tools --------------------------------------------------
+
+    def add_counts(
+        self, counts: Mapping[str, float], *, retention: float, now_us: int | None = None
+    ) -> None:
+        """Add ``counts`` (field -> amount) to the current minute's tally, which is kept for
+        ``retention`` seconds. Minutes are the store's clock's (Redis ``TIME``): every worker
+        adds to the same minute. Not on the admission path: callers batch their counts."""
+        if not counts:
+            return
+        for name, amount in counts.items():
+            if not isinstance(name, str) or not name or not _positive(amount, zero=True):
+                raise ConfigurationError(
+                    "counts",
+                    f"a count is a field name and an amount >= 0, got {name!r}: {amount!r}",
+                )
+        now = self._now_us() if now_us is None else now_us
+        key = self.keyspace.counts_key(now // _MINUTE_US)
+        ttl = _seconds(retention, "retention") + 60
+        self._add_counts(key, counts, ttl)
+
+    def counts(
+        self, minutes: int, *, now_us: int | None = None
+    ) -> list[tuple[int, dict[str, float]]]:
+        """The tallies of the last ``minutes`` minutes, the current one included, oldest
+        first: (the minute's start in seconds of the store's clock, its fields)."""
+        if not isinstance(minutes, int) or isinstance(minutes, bool) or minutes < 1:
+            raise ConfigurationError("minutes", f"must be an integer >= 1, got {minutes!r}")
+        now = self._now_us() if now_us is None else now_us
+        last = now // _MINUTE_US
+        span = range(last - minutes + 1, last + 1)
+        found = self._read_counts([self.keyspace.counts_key(m) for m in span])
+        return [(m * 60, fields) for m, fields in zip(span, found, strict=True)]
+
+    def _now_us(self) -> int:
+        """The store's clock now, in microseconds."""
+        raise NotImplementedError
+
+    def _add_counts(self, key: str, counts: Mapping[str, float], ttl: float) -> None:
+        raise NotImplementedError
+
+    def _read_counts(self, keys: list[str]) -> list[dict[str, float]]:
+        raise NotImplementedError
 
     def override_load_factor(
         self, factor: float | None, *, now_us: int | None = None

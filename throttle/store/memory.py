@@ -9,8 +9,9 @@ tests can drive it with :class:`throttle.testing.ManualClock`.
 
 from __future__ import annotations
 
+import fnmatch
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from throttle.clock import Clock, SystemClock
@@ -74,6 +75,35 @@ class MemoryStore(BaseStore):
     def _set_text(self, key: str, value: str, ttl: float) -> None:
         with self._lock:
             self._engine.set_text(key, value, max(1, round(ttl * 1000)), float(self.clock.now_us()))
+
+    def _get_number(self, key: str) -> float | None:
+        with self._lock:
+            return self._engine.get(key, float(self.clock.now_us()))
+
+    def _delete_counted(self, keys: list[str]) -> int:
+        with self._lock:
+            live = set(self._engine.live_keys(float(self.clock.now_us())))
+            self._engine.delete(*keys)
+        return len(live.intersection(keys))
+
+    def _scan(self, match: str, most: int) -> tuple[list[str], bool]:
+        found = [key for key in self.keys() if fnmatch.fnmatchcase(key, match)]
+        return found[:most], len(found) <= most
+
+    def _now_us(self) -> int:
+        return self.clock.now_us()
+
+    def _add_counts(self, key: str, counts: Mapping[str, float], ttl: float) -> None:
+        with self._lock:
+            now = float(self.clock.now_us())
+            for name, amount in counts.items():
+                self._engine.hincr(key, name, amount, now)
+            self._engine.pexpire(key, round(ttl * 1000), now)
+
+    def _read_counts(self, keys: list[str]) -> list[dict[str, float]]:
+        with self._lock:
+            now = float(self.clock.now_us())
+            return [self._engine.hgetall(key, now) for key in keys]
 
     def _maybe_sweep(self, now: float) -> None:
         self._writes += 1

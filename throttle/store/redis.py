@@ -15,10 +15,11 @@ never block for long (a worker's event loop): a timeout raises :class:`StoreUnav
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -34,7 +35,7 @@ from throttle.clock import Clock, SystemClock
 from throttle.errors import ConfigurationError, StoreError, StoreUnavailable
 from throttle.identity import Keyspace
 from throttle.store._engine import fmt
-from throttle.store.base import BaseStore, Prepared
+from throttle.store.base import BaseStore, Prepared, _text
 
 _hiredis: Any
 try:
@@ -184,6 +185,62 @@ class RedisStore(BaseStore):
             self.client.set(key, value, px=max(1, round(ttl * 1000)))
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
+    def _get_number(self, key: str) -> float | None:
+        try:
+            value = self.client.get(key)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        try:
+            return None if value is None else float(value)  # type: ignore[arg-type]
+        except ValueError:
+            return None
+
+    def _delete_counted(self, keys: list[str]) -> int:
+        try:
+            if not self._cluster:
+                return int(self.client.delete(*keys))  # type: ignore[arg-type]
+            return sum(int(self.client.delete(key)) for key in keys)  # type: ignore[arg-type,misc]
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
+    def _scan(self, match: str, most: int) -> tuple[list[str], bool]:
+        found: list[str] = []
+        try:
+            for key in self.client.scan_iter(match=match, count=1000):
+                if len(found) >= most:
+                    return found, False
+                found.append(_text(key))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        return found, True
+
+    def _now_us(self) -> int:
+        try:
+            seconds, micros = self.client.time()  # type: ignore[misc]
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        return int(seconds) * 1_000_000 + int(micros)
+
+    def _add_counts(self, key: str, counts: Mapping[str, float], ttl: float) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for name, amount in counts.items():
+                pipe.hincrbyfloat(key, name, amount)
+            pipe.expire(key, math.ceil(ttl))
+            pipe.execute()
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+
+    def _read_counts(self, keys: list[str]) -> list[dict[str, float]]:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            found = pipe.execute()
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        return [{_text(k): float(v) for k, v in fields.items()} for fields in found]
 
     def _run(self, script: Script, keys: list[str], argv: list[str]) -> Any:
         try:

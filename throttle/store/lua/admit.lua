@@ -13,7 +13,9 @@
 --       or '<old>><new>' while a deferral from copy <old> to copy <new> is under way).
 --       All keys must share one hash tag (one Redis Cluster slot).
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
---       [2] reserve: '1' to book the binding limit's next free slot when denied, else '0'
+--       [2] reserve: '1' to book the binding limit's next free slot when denied, '0' not
+--           to, 'p' to peek: decide as for '0' but charge nothing (the reply tells what
+--           admitting the costs would do now; only expired window entries are swept)
 --       [3] horizon_us: '' for none; a booking further away than this is not made
 --       [4] booking: '' none, 'new' a fresh id (nothing to read), 'old' a booking to redeem
 --       [5] redeem: '1' to delete the booking when admitted, '0' to keep it (the caller
@@ -52,6 +54,7 @@
 
 local now = clock(ARGV[1])
 local reserve = ARGV[2] == '1'
+local peek = ARGV[2] == 'p'
 local horizon = tonumber(ARGV[3])
 local bmode = ARGV[4]
 local nonce = ARGV[6]
@@ -187,7 +190,7 @@ end
 
 -- Charge one limit at time `at` (now, or the booked slot).
 local function charge(e, at)
-  if e.cost == 0 then return end
+  if e.cost == 0 or peek then return end
   if e.algo == 't' then
     e.tat = e.new_tat
     redis.call('SET', e.key, e.tat, 'PX', ttl_ms(e.tat, now))
