@@ -28,6 +28,37 @@ DEFAULT_LIMITS: dict[str, Any] = {
 }
 
 
+def worker_argv(
+    app: str,
+    node: str,
+    *,
+    pool: str = "prefork",
+    concurrency: int = 2,
+    extra: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """The command line of one ``celery worker`` of ``app`` named ``node``, as the suite runs
+    them (no gossip or mingle: nodes start and stop independently)."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-n",
+        node,
+        "-l",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]
+
+
 class Workers:
     """A set of worker processes of ``tests.workerapp`` sharing one configuration."""
 
@@ -73,25 +104,7 @@ class Workers:
         node = f"{name}@{os.uname().nodename}"
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         self.procs[node] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.workerapp",
-                "worker",
-                "-P",
-                pool,
-                "-c",
-                str(concurrency),
-                "-n",
-                node,
-                "-l",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "-E",
-            ],
+            worker_argv("tests.workerapp", node, pool=pool, concurrency=concurrency, extra=["-E"]),
             cwd=ROOT,
             env={**self.env, **(env or {})},
             stdout=log,

@@ -13,6 +13,7 @@ limit in a task option raises :class:`~throttle.errors.ConfigurationError` namin
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import before_task_publish, task_postrun
+from celery.utils.quorum_queues import detect_quorum_queues
 from celery.utils.saferepr import saferepr
 from redis.cluster import RedisCluster
 
@@ -97,6 +99,17 @@ class Throttle:
 
     def __repr__(self) -> str:
         return f"Throttle({self.app.main!r}, {self.settings!r})"
+
+    @functools.cached_property
+    def native_delays(self) -> bool:
+        """Whether countdowns go through RabbitMQ's native delayed delivery (a quorum queue on
+        an AMQP broker), which routes whole seconds."""
+        connection = self.app.connection_for_write()
+        try:
+            driver = connection.transport.driver_type
+        finally:
+            connection.release()
+        return bool(detect_quorum_queues(self.app, driver)[0])
 
     # -- the store -----------------------------------------------------------------------------
 

@@ -21,10 +21,11 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from celery import Task as CeleryTask
 from celery import bootsteps
+from celery.app.task import X_DEATH_HEADERS
 from celery.exceptions import Ignore
 from celery.worker.state import active_requests, task_ready
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -369,16 +370,8 @@ class _Pipeline:
 
 def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict) -> None:
     ctx = request._context
-    headers = {k: v for k, v in (ctx.headers or {}).items() if k not in H.INTERNAL}
-    headers.update(verdict.headers)
-    signature = request.task.signature_from_request(
-        ctx,
-        args=request.args,
-        kwargs=request.kwargs,
-        countdown=verdict.countdown,
-        retries=ctx.retries or 0,
-        headers=headers,
-    )
+    headers = {**(ctx.headers or {}), **verdict.headers}
+    signature = _next_copy(ext, request.task, ctx, request.args, request.kwargs, headers, verdict)
     try:
         signature.apply_async()
     except Exception:
@@ -539,16 +532,43 @@ def _republish(
     verdict: Verdict,
 ) -> None:
     """From the pool side: publish the running task's next copy, then record its guard."""
-    req = task.request
-    task.signature_from_request(
-        req,
+    _next_copy(ext, task, task.request, args, kwargs, headers, verdict).apply_async()
+    record_guard(ext, verdict)
+
+
+#: Headers a deferred task's next copy does not carry: ours that belong to one copy, and the
+#: broker's dead-letter marks. RabbitMQ takes a message that carries them through a delay queue
+#: it passed before for a dead-letter cycle and never delivers it (Celery's retries drop them
+#: too).
+_NOT_CARRIED: Final = frozenset({*H.INTERNAL, *X_DEATH_HEADERS, "x-delivery-count"})
+
+
+def _next_copy(
+    ext: Throttle,
+    task: Any,
+    ctx: Any,
+    args: Any,
+    kwargs: Any,
+    headers: dict[str, Any],
+    verdict: Verdict,
+) -> Any:
+    """The signature of a deferred task's next copy: same id, same retries, the canvas and
+    routing of ``ctx`` (the request), ``headers`` less those of this copy only.
+
+    RabbitMQ's native delayed delivery (quorum queues behind a topic exchange) routes whole
+    seconds and cannot route less than one: there a shorter countdown is one second, so the
+    copy comes back up to a second late (its booking waits), never early and never refused."""
+    countdown = verdict.countdown
+    if 0 < countdown < 1 and ext.native_delays:
+        countdown = 1.0
+    return task.signature_from_request(
+        ctx,
         args=args,
         kwargs=kwargs,
-        countdown=verdict.countdown,
-        retries=req.retries or 0,
-        headers={k: v for k, v in headers.items() if k not in H.INTERNAL},
-    ).apply_async()
-    record_guard(ext, verdict)
+        countdown=countdown,
+        retries=ctx.retries or 0,
+        headers={k: v for k, v in headers.items() if k not in _NOT_CARRIED},
+    )
 
 
 def record_guard(ext: Throttle, verdict: Verdict) -> None:
