@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check throttle tests benchmarks examples
-	$(BIN)/ruff format --check throttle tests benchmarks examples
+	$(BIN)/ruff check throttle tests benchmarks examples tools
+	$(BIN)/ruff format --check throttle tests benchmarks examples tools
 	$(BIN)/mypy throttle
 
 pytest: $(STAMP)
@@ -24,9 +24,10 @@ pytest: $(STAMP)
 test: lint pytest
 
 demo: $(STAMP)
-	@echo "make demo: the agent-platform demo is not built yet (see the 'Operate it' issue)."
+	$(BIN)/python -m examples.demo $(if $(FLOWER),--flower) $(DEMO_ARGS)
 
-bench: bench-decision bench-gate bench-adaptive
+bench: $(STAMP)
+	$(BIN)/python benchmarks/readme.py $(BENCH_ARGS)
 
 bench-decision: $(STAMP)
 	$(BIN)/python benchmarks/decision.py $(BENCH_ARGS)
