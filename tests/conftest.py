@@ -4,9 +4,11 @@ and the two stores every core test runs over."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -149,3 +151,30 @@ def record() -> Iterator[Callable[[Any], list[dict[str, Any]]]]:
     yield listen
     for signal, receiver in receivers:
         signal.disconnect(receiver)
+
+
+@contextlib.contextmanager
+def events_of(app: Celery, kind: str, wanted: int) -> Iterator[list[dict[str, Any]]]:
+    """Collect the ``kind`` events of ``app`` sent inside the block; on leaving, wait until
+    ``wanted`` arrived (fail after TIMEOUT). The receiver is bound before the block runs."""
+    events: list[dict[str, Any]] = []
+    enough = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if len(events) >= wanted:
+            enough.set()
+
+    ready = threading.Event()
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={kind: on_event}, app=app)
+        receiver.on_consume_ready = lambda *a, **k: ready.set()
+        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": False})
+        listener.start()
+        try:
+            assert ready.wait(TIMEOUT)  # bound to the event exchange before anything is sent
+            yield events
+            assert enough.wait(TIMEOUT), f"{len(events)} {kind} event(s), wanted {wanted}"
+        finally:
+            receiver.should_stop = True
+            listener.join(TIMEOUT)

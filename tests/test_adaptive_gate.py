@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 import throttle
-from tests.conftest import SECRET, T0, TIMEOUT, make_app
+from tests.conftest import SECRET, T0, TIMEOUT, events_of, make_app
 from tests.provider import Provider
 from tests.redis_servers import RedisServer
 from throttle import ConfigurationError, Keyspace, Limit, MemoryStore, signals
@@ -253,6 +253,36 @@ def test_upstream_throttled_pauses_the_named_limit_for_every_worker(
     # Halved once; successes do not raise it while the episode (the 30 s delay) lasts.
     assert store.upstream_ok({"api_key": "tenant"}, successes=1, step=0.01) == 0.5
     assert result.state in ("PENDING", "RECEIVED")  # deferred, not failed
+
+
+def test_a_429_deferral_sends_its_event_from_the_pool(
+    redis_server: RedisServer, redis_client: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """A deferral for the provider's 429, decided in the pool process, still sends a
+    task-throttled event (reason upstream, the key's fingerprint), which Flower and the demo's
+    live view read."""
+    app = make_app(
+        redis_server,
+        throttle_limits={"llm": {"rate": "100/s", "burst": 100}},
+        worker_send_task_events=True,
+    )
+    ext = throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.once", throttle=["llm"])
+    def once(*, api_key: str) -> str:
+        if redis_client.set("raised", 1, nx=True):
+            raise UpstreamThrottled(retry_after=0.2)
+        return "ran"
+
+    with events_of(app, "task-throttled", 1) as events:
+        worker(app)
+        result = once.delay(api_key="sk-raw-tenant")
+        assert result.get(timeout=TIMEOUT) == "ran"
+    (event,) = events
+    assert event["uuid"] == result.id
+    assert event["reason"] == "upstream"
+    assert event["key"] == ext.keyspace.fingerprint("api_key", "sk-raw-tenant")
+    assert "sk-raw-tenant" not in repr(event)
 
 
 def test_control_commands(redis_server: RedisServer, worker: Callable[[Celery], Any]) -> None:

@@ -13,7 +13,7 @@ import redis
 from celery import Celery, chain, chord, group
 
 import throttle
-from tests.conftest import SECRET, TIMEOUT, make_app
+from tests.conftest import SECRET, TIMEOUT, events_of, make_app
 from tests.redis_servers import RedisServer
 from throttle import signals
 from throttle.celeryext import headers as H
@@ -360,30 +360,11 @@ def test_each_deferral_sends_a_task_throttled_event(
     def step(*, api_key: str) -> None:
         return None
 
-    events: list[dict[str, Any]] = []
-    got_two = threading.Event()
-
-    def on_event(event: dict[str, Any]) -> None:
-        events.append(event)
-        if len(events) >= 2:
-            got_two.set()
-
-    ready = threading.Event()
-    with app.connection_for_read() as conn:
-        receiver = app.events.Receiver(conn, handlers={"task-throttled": on_event}, app=app)
-        receiver.on_consume_ready = lambda *a, **k: ready.set()
-        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": False})
-        listener.start()
-        try:
-            assert ready.wait(TIMEOUT)  # bound to the event exchange before anything is sent
-            worker(app)
-            results = [step.delay(api_key="sk-secret-key") for _ in range(3)]
-            for r in results:
-                r.get(timeout=TIMEOUT)
-            assert got_two.wait(TIMEOUT)
-        finally:
-            receiver.should_stop = True
-            listener.join(TIMEOUT)
+    with events_of(app, "task-throttled", 2) as events:
+        worker(app)
+        results = [step.delay(api_key="sk-secret-key") for _ in range(3)]
+        for r in results:
+            r.get(timeout=TIMEOUT)
     assert len(events) >= 2
     fp = ext.keyspace.fingerprint("api_key", "sk-secret-key")
     ids = {r.id for r in results}

@@ -187,9 +187,7 @@ def tool_call(
 
 @signals.task_throttled.connect
 def _record_deferral(sender: Any = None, task_id: str = "", **fields: Any) -> None:
-    """Count every deferral. A deferral for the provider's 429 is decided in the pool process,
-    where throttle has no event dispatcher: send its ``task-throttled`` event from here, so
-    the live view and Flower see those too."""
+    """Count every deferral (the live view reads the ``task-throttled`` events instead)."""
     fields.pop("signal", None)
     with _Process.get().records.pipeline(transaction=False) as pipe:
         pipe.hincrby(keys("deferrals"), task_id, 1)
@@ -197,8 +195,6 @@ def _record_deferral(sender: Any = None, task_id: str = "", **fields: Any) -> No
         pipe.expire(keys("deferrals"), RECORD_TTL)
         pipe.expire(keys("reasons"), RECORD_TTL)
         pipe.execute()
-    if fields.get("reason") == "upstream" and sender is not None:
-        sender.send_event("task-throttled", **fields)
 
 
 __all__ = ["PROVIDER_URL", "QUEUE", "REDIS_URL", "TENANTS", "app", "keys", "tool_call"]

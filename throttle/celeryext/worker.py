@@ -403,6 +403,22 @@ def _fail_request(request: Any, verdict: Verdict) -> None:
     request.acknowledge()
 
 
+class _TaskEvents:
+    """Sends a pool-side deferral's event through the task's ``send_event`` (a failure to
+    publish it is logged, never raised: the deferral stands)."""
+
+    enabled = True
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    def send(self, type_: str, uuid: str, **fields: Any) -> None:
+        try:
+            self.task.send_event(type_, retry=False, **fields)
+        except Exception as exc:
+            logger.debug("task %s: %s event not sent (%s)", uuid, type_, exc)
+
+
 def _announce(ext: Throttle, task: Any, task_id: str, verdict: Verdict, dispatcher: Any) -> None:
     retry_after = verdict.decision.retry_after if verdict.decision else verdict.countdown
     logger.debug(
@@ -492,7 +508,9 @@ def _upstream_deferral(
     verdict = ext.gate.upstream(task, req.id, tuple(args), dict(kwargs), headers, feedback, named)
     if verdict is None or verdict.action is not Action.DEFER:
         return False
-    _announce(ext, task, req.id, verdict, None)
+    # The pool process has no event dispatcher of the worker's: the task's own sends the
+    # event (not in eager mode, where nothing is listening).
+    _announce(ext, task, req.id, verdict, None if req.is_eager else _TaskEvents(task))
     if req.is_eager:
         ext.sleep(verdict.countdown)
         req.headers = {**(req.headers or {}), **verdict.headers}
