@@ -103,6 +103,30 @@ def test_agent_bookings_leave_the_key_free(store: BaseStore) -> None:
     assert {s.name: s.remaining for s in sibling.limits}["key"] == 7
 
 
+def test_a_booking_in_the_key_takes_the_agents_share_too(store: BaseStore) -> None:
+    """When the key's limit binds, the booking is also made in the agent's share: a runaway
+    agent books its key at most at its share's pace, so a sibling arriving after 20 of its
+    calls waits one key slot, not twenty."""
+    key = Limit("key", "10/s", burst=1)
+    share = Limit("share", "2/s", burst=1, per=["api_key", "agent_id"])
+    assert store.admit([key, share], {**KEY, "agent_id": "first"}, now_us=T0)  # key now empty
+    runaway = [
+        store.admit([key, share], {**KEY, "agent_id": "loop"}, reserve=True, now_us=T0)
+        for _ in range(20)
+    ]
+    assert [d.bound_by for d in runaway[:2]] == ["key", "share"]
+    assert all(d.bound_by == "share" for d in runaway[1:])
+    assert runaway[-1].retry_after == pytest.approx(0.5 * 19)
+    sibling = store.admit([key, share], {**KEY, "agent_id": "sibling"}, reserve=True, now_us=T0)
+    assert sibling.bound_by == "key"
+    assert sibling.retry_after == pytest.approx(0.2)
+    # The runaway's first booking paid for both of its limits: redeemed, nothing charged.
+    back = store.admit(
+        [key, share], {**KEY, "agent_id": "loop"}, booking=runaway[0].booking, now_us=T0 + US
+    )
+    assert back.outcome is Outcome.REDEEMED
+
+
 def test_early_return_keeps_the_booking(store: BaseStore) -> None:
     """Coming back before the slot changes nothing and repeats the remaining wait."""
     limit = Limit("req", "1/s", burst=1)

@@ -38,9 +38,9 @@ RECORDS = f"{PREFIX}:records"
 RECORD_TTL = 86400
 
 #: The default tier; the others override it per limit. The default tier's key buckets hold a
-#: minute's worth: a denial books only the limit that binds at that moment, so a runaway agent's
-#: burst is booked in its agent share only while its key's buckets still have room; arriving
-#: on an empty key bucket, its whole backlog would be booked there, ahead of its siblings.
+#: minute's worth, so the agents' short bursts pass at once. A runaway agent's backlog queues in
+#: its own agent share: a denial booked in the key's limit is booked in the agent's share too,
+#: which then binds the agent's later calls.
 LIMITS: dict[str, dict[str, Any]] = {
     "llm-requests": {"rate": "60/m", "burst": 60, "per": ["api_key"]},
     "llm-tokens": {

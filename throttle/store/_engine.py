@@ -253,7 +253,11 @@ class Engine:
             e = _Entry(kind[0], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
             f = 1.0
             if len(kind) > 1:
-                f = fload * fup if kind[1] == "k" else fload
+                flag = kind[1]
+                if flag == "k":
+                    f = fload * fup
+                elif flag == "a":
+                    f = fload
             if e.algo == "t":
                 e.T = e.period / e.count
                 e.tau = float(argv[a + 3]) * e.T
@@ -333,6 +337,13 @@ class Engine:
                 charge(b, b.free_at)
                 booked[b.key] = b.free_at
                 self.hashes.setdefault(bkey, {})[b.key] = float(fmt(b.free_at))
+                _, mark, narrower = argv[10 + (binding - 1) * 5].partition(">")
+                for j in narrower.split(".") if mark else ():
+                    e = entries[int(j) - 1]
+                    if not e.booked:
+                        charge(e, b.free_at)
+                        booked[e.key] = b.free_at
+                        self.hashes[bkey][e.key] = float(fmt(b.free_at))
                 last = b.free_at
                 for slot in booked.values():
                     if slot > last:

@@ -1056,11 +1056,18 @@ def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], l
     form and cost: the part of the admission script's arguments that the limits make."""
     keys: list[str] = []
     argv = [str(len(charges))]
-    for c in charges:
+    scopes = [frozenset(c.limit.per) for c in charges]
+    for c, scope in zip(charges, scopes, strict=True):
         keys.append(c.bucket.key)
         if c.limit.algorithm == "sliding_window":
             keys.append(total_key(c.bucket))
-        argv += c.limit.wire_adaptive if adaptive else c.limit.wire
+        wire = c.limit.wire_adaptive if adaptive else c.limit.wire
+        # The limits keyed by this one's dimensions and more (see admit.lua: a booking here
+        # books them too).
+        narrower = [str(j) for j, other in enumerate(scopes, 1) if other > scope]
+        if narrower:
+            wire = (wire[0] + ">" + ".".join(narrower), *wire[1:])
+        argv += wire
         argv.append(fmt(c.cost))
     return keys, argv
 

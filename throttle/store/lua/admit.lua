@@ -37,7 +37,13 @@
 --       by 'w'), cost (units, 0 <= cost <= capacity). kind is the algorithm, 't' (token
 --       bucket) or 'w' (sliding window), alone for a limit that ignores the factors, followed
 --       by 'a' for one that follows the load factor, or by 'k' for one that follows the load
---       factor times its tenant's upstream factor. A factor f scales the refill rate: a token
+--       factor times its tenant's upstream factor; then, optionally, '>' and the 1-based
+--       indices, joined by '.', of the limits narrower than this one (keyed by its dimensions
+--       and more: an agent's share within its API key's limit). A booking made in a limit is
+--       also made, for the same slot, in the limits narrower than it, so the work it books
+--       takes its share of them too: a runaway agent whose calls are booked in its key's
+--       limit fills its own share, which then binds its later calls, instead of filling the
+--       key's limit against its siblings. A factor f scales the refill rate: a token
 --       bucket's emission interval becomes T / f (its burst, in time, is unchanged, so in
 --       units it shrinks by f too, but never below the cost at hand), a window's count
 --       becomes count * f.
@@ -136,7 +142,8 @@ for i = 1, n do
   local f = 1
   if #kind > 1 then
     e.algo = string.sub(kind, 1, 1)
-    if string.sub(kind, 2, 2) == 'k' then f = fload * fup else f = fload end
+    local flag = string.sub(kind, 2, 2)
+    if flag == 'k' then f = fload * fup elseif flag == 'a' then f = fload end
   end
   if e.algo == 't' then
     e.T = e.period / e.count
@@ -223,6 +230,17 @@ else
     charge(b, b.free_at)
     booked[b.key] = b.free_at
     redis.call('HSET', bkey, b.key, b.free_at)
+    local narrower = string.match(ARGV[10 + (binding - 1) * 5 + 1], '>([%d.]+)$')
+    if narrower then
+      for j in string.gmatch(narrower, '%d+') do
+        local e = L[tonumber(j)]
+        if not e.booked then
+          charge(e, b.free_at)
+          booked[e.key] = b.free_at
+          redis.call('HSET', bkey, e.key, b.free_at)
+        end
+      end
+    end
     local last = b.free_at
     for _, slot in pairs(booked) do if slot > last then last = slot end end
     redis.call('PEXPIRE', bkey, ttl_ms(last + grace, now))
