@@ -98,8 +98,8 @@ def test_status_lists_limits_busiest_keys_and_workers(
     found = _json(app, "status", "--top", "5")
     assert found["factor"] == {"in_force": 1.0, "computed": 1.0, "override": None}
     assert {(r["tier"], r["limit"], r["rate"]) for r in found["limits"]} >= {
-        ("default", "req", "6/3600s"),
-        ("gold", "req", "60/3600s"),
+        ("default", "req", "6/h"),
+        ("gold", "req", "60/h"),
     }
     fp = ext.keyspace.fingerprint("api_key", RAW)
     first, second = found["keys"]
@@ -148,7 +148,7 @@ def test_inspect_shows_one_identity_and_never_the_key(
     assert agent["agent"] == ext.keyspace.fingerprint("agent_id", "a1")
     gold = _json(app, "inspect", "--api-key", OTHER_RAW)
     assert gold["tier"] == "gold"
-    assert {r["limit"]: r["rate"] for r in gold["limits"]}["req"] == "60/3600s"
+    assert {r["limit"]: r["rate"] for r in gold["limits"]}["req"] == "60/h"
 
 
 def test_reset_refills_one_key_and_asks_first(
@@ -186,34 +186,40 @@ def test_factor_shows_sets_and_clears_the_override(
     assert _json(app, "factor", "clear")["override"] is None
 
 
-def test_suggest_proposes_limits_from_the_peak_and_flags_tight_keys(
+def test_suggest_proposes_limits_from_the_peak_and_flags_tight_ones(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
-    """suggest turns the gate's counts into each key's peak per minute, a limit at 2.5x that
-    peak rounded up, flags a key deferred most of the time, and shows what the shadow limit
-    would have denied."""
+    """suggest turns the gate's counts into each key's peak per minute under each limit, a limit
+    at 2.5x that peak rounded up, flags the limit that deferred most of a key's work (not one
+    an agent's share deferred), and shows what the shadow limit would have denied."""
     app, ext, step = _app(redis_server)
-    _decide(ext, step, RAW, "a1", 8)  # 3 run (share burst 3), 5 deferred
-    _decide(ext, step, OTHER_RAW, "a1", 1)
-    _decide(ext, step, OTHER_RAW, "a2", 1)
+    for i in range(10):  # ten agents: req (burst 4) runs 4 and defers 6
+        _decide(ext, step, RAW, f"a{i}", 1)
+    _decide(ext, step, OTHER_RAW, "a1", 4)  # share (burst 3) runs 3 and defers 1
     ext.flush_counts()
     found = _json(app, "suggest", "--minutes", "5")
     rows = {(r["key"], r["limit"]): r for r in found["rows"]}
     fp = ext.keyspace.fingerprint("api_key", RAW)
-    tok = rows[(fp, "tok")]
-    assert tok["peak_per_minute"] == 1500  # 3 admissions of 500 tokens, all in one minute
-    assert tok["proposed_per_minute"] == 5000  # 2.5 x 1500 = 3750, rounded up
+    req, tok = rows[(fp, "req")], rows[(fp, "tok")]
+    assert req["peak_per_minute"] == 4
+    assert req["configured_per_minute"] == pytest.approx(0.1)
+    assert req["proposed_per_minute"] == 10  # 2.5 x 4
+    assert req["deferred_share"] == pytest.approx(6 / 10)
+    assert req["too_tight"] is True
+    assert tok["peak_per_minute"] == 2000  # 4 admissions of 500 tokens, all in one minute
+    assert tok["proposed_per_minute"] == 5000  # 2.5 x 2000, rounded up
     assert tok["configured_per_minute"] == 100
-    assert tok["too_tight"] is True
-    assert tok["deferred_share"] == pytest.approx(5 / 8)
+    assert tok["deferred_share"] == 0
+    assert tok["too_tight"] is False
     beta = rows[(fp, "beta")]
     assert beta["mode"] == "shadow"
-    assert beta["would_deny"] == 2  # burst 1: the 2nd and 3rd run would have waited
+    assert beta["would_deny"] == 3  # burst 1: every run after the first would have waited
     gold = rows[(ext.keyspace.fingerprint("api_key", OTHER_RAW), "req")]
     assert gold["tier"] == "gold"
     assert gold["configured_per_minute"] == 1
-    assert gold["too_tight"] is False
+    assert gold["too_tight"] is False  # its deferral was the agent share's
     assert _json(app, "suggest", "--minutes", "5", "--top", "1")["rows"][0]["key"] == fp
+    assert "too tight" in _run(app, "suggest", "--minutes", "5").output
 
 
 def test_errors_are_one_line_with_exit_code_1(
@@ -296,10 +302,11 @@ def test_counts_are_bounded_and_survive_a_failed_flush(
     tally = Tally(max_keys=2)
     for key in ("a", "b", "c", "d"):
         tally.admitted(key, {"req": 1}, "default")
-    tally.deferred("d")
+    tally.deferred("d", "req")
     counts = tally.take()
     assert counts["~other|a"] == 2
     assert counts["~other|d"] == 1
+    assert counts["~other|d|req"] == 1
     tally.give_back(counts)
     _, ext, _ = _app(redis_server)
     with socket.socket() as holder:

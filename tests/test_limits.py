@@ -33,6 +33,24 @@ def test_rate_forms(text: str, count: float, period: float) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("60/m", "60/m"),
+        ("30/10m", "30/10m"),
+        ("0.7/s", "0.7/s"),
+        ("5/90s", "5/90s"),
+        ("1000000/d", "1000000/d"),
+        ("120/60s", "120/m"),
+        ("3/1.5s", "3/1.5s"),
+    ],
+)
+def test_a_rate_is_shown_as_it_would_be_written(text: str, shown: str) -> None:
+    """str(rate) picks the largest unit the period is a whole multiple of, and parses back."""
+    assert str(Rate.parse(text)) == shown
+    assert Rate.parse(shown) == Rate.parse(text)
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "100/fortnight",

@@ -105,6 +105,12 @@ class Rate:
         return self.count / self.period
 
     def __str__(self) -> str:
+        """The rate as it would be written: ``60/m``, ``30/10m``, ``0.7/s``, ``5/90s``."""
+        for unit, seconds in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+            multiple = self.period / seconds
+            if multiple >= 1 and multiple == int(multiple):
+                head = "" if multiple == 1 else _compact(multiple)
+                return f"{_compact(self.count)}/{head}{unit}"
         return f"{_compact(self.count)}/{_compact(self.period)}s"
 
 

@@ -252,7 +252,7 @@ def _status_text(data: dict[str, Any]) -> str:
         rows = []
         for k in data["keys"]:
             left = "; ".join(
-                f"{s['limit']} {s['remaining']:.3g}/{s['burst']:.3g}"
+                f"{s['limit']} {_cell(float(s['remaining']))}/{_cell(float(s['burst']))}"
                 for s in k["limits"]
                 if s["mode"] == "enforce"
             )
@@ -354,7 +354,7 @@ def _suggest_text(data: dict[str, Any]) -> str:
             "limit/min",
             "peak/min",
             "proposed/min",
-            "deferred",
+            "deferred by it",
             "",
             "shadow denials",
         ],

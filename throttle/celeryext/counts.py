@@ -5,7 +5,8 @@ The gate counts in memory (a dict update per decision, no Redis call on the admi
 and adds its counts to the store's per-minute tallies once per heartbeat. A tally is a hash per
 minute of the Redis clock, kept ``throttle_counts_retention`` seconds, with fields:
 
-- ``<key>|a``: tasks admitted; ``<key>|d``: deferrals (a task deferred twice counts twice);
+- ``<key>|a``: tasks admitted; ``<key>|d``: deferrals (a task deferred twice counts twice),
+  and ``<key>|d|<limit>``: those ``limit`` decided;
 - ``<key>|t|<tier>``: tasks admitted in ``tier`` (so tools know a key's tier);
 - ``<key>|u|<limit>``: units charged to ``limit`` at admission (estimates, before settlement);
 - ``<key>|s|<limit>``: admissions the shadow limit ``limit`` would have deferred.
@@ -63,9 +64,12 @@ class Tally:
             for limit, cost in costs.items():
                 self._add(f"{key}|u|{limit}", cost)
 
-    def deferred(self, key: str | None) -> None:
+    def deferred(self, key: str | None, limit: str | None) -> None:
         with self._lock:
-            self._add(f"{self._key(key)}|d")
+            key = self._key(key)
+            self._add(f"{key}|d")
+            if limit:
+                self._add(f"{key}|d|{limit}")
 
     def shadow_denied(self, key: str | None, limit: str) -> None:
         with self._lock:
@@ -107,6 +111,8 @@ class KeyTraffic:
     units: dict[str, list[float]] = field(default_factory=dict)
     shadow: dict[str, float] = field(default_factory=dict)
     tiers: dict[str, float] = field(default_factory=dict)
+    #: Deferrals per limit that decided them, over the span.
+    deferred_by: dict[str, float] = field(default_factory=dict)
 
     @property
     def tier(self) -> str | None:
@@ -116,8 +122,12 @@ class KeyTraffic:
     @property
     def deferred_share(self) -> float:
         """Deferrals per decision over the span (0 when there were none)."""
-        a, d = sum(self.admitted), sum(self.deferred)
-        return d / (a + d) if a + d else 0.0
+        return self.share_of(sum(self.deferred))
+
+    def share_of(self, deferrals: float) -> float:
+        """``deferrals`` per decision of this key over the span."""
+        decisions = sum(self.admitted) + sum(self.deferred)
+        return deferrals / decisions if decisions else 0.0
 
 
 def traffic(minutes: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, KeyTraffic]:
@@ -133,6 +143,8 @@ def traffic(minutes: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, Key
                 found = out[key] = KeyTraffic(key, [0.0] * n, [0.0] * n)
             if kind == "a":
                 found.admitted[i] += amount
+            elif kind == "d" and limit:
+                found.deferred_by[limit] = found.deferred_by.get(limit, 0.0) + amount
             elif kind == "d":
                 found.deferred[i] += amount
             elif kind == "u" and limit:
@@ -157,9 +169,10 @@ class Suggestion:
     #: A limit with room for the peak: 2.5 x the peak per minute, rounded up to a round number
     #: (None when the key used nothing).
     proposed: float | None
-    #: Deferrals per decision of this key over the span.
+    #: Deferrals this limit decided, per decision of this key over the span.
     deferred_share: float
-    #: More than half of this key's decisions were deferrals: its limits may be too tight.
+    #: This limit deferred more than half of the key's work: it may be too tight (the peak is
+    #: then the limit, not the demand).
     too_tight: bool
     #: Admissions this shadow limit would have deferred (0 for an enforced limit).
     would_deny: float
@@ -180,7 +193,7 @@ def suggest(
         for limit, per_minute in rates.items():
             series = t.units.get(limit)
             peak = max(series) if series else 0.0
-            share = t.deferred_share
+            share = t.share_of(t.deferred_by.get(limit, 0.0))
             out.append(
                 Suggestion(
                     key=key,

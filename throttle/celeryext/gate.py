@@ -400,7 +400,7 @@ class Gate:
                 costs.update((p.name, call.costs.get(p.name, 1)) for p in call.shadow)
                 self.tally.admitted(call.key, costs, call.tier)
             elif verdict.action is Action.DEFER:
-                self.tally.deferred(call.key)
+                self.tally.deferred(call.key, verdict.bound_by)
         if call.shadow and ran:
             # Counted once per run, not once per check of deferred work.
             self._shadow(call)
