@@ -10,6 +10,7 @@ reply; subclasses only run the script (in Redis, or in :mod:`throttle.store._eng
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -1056,20 +1057,29 @@ def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], l
     form and cost: the part of the admission script's arguments that the limits make."""
     keys: list[str] = []
     argv = [str(len(charges))]
-    scopes = [frozenset(c.limit.per) for c in charges]
-    for c, scope in zip(charges, scopes, strict=True):
+    narrower = _narrower(tuple([c.limit.per for c in charges]))
+    for c, suffix in zip(charges, narrower, strict=True):
         keys.append(c.bucket.key)
         if c.limit.algorithm == "sliding_window":
             keys.append(total_key(c.bucket))
         wire = c.limit.wire_adaptive if adaptive else c.limit.wire
-        # The limits keyed by this one's dimensions and more (see admit.lua: a booking here
-        # books them too).
-        narrower = [str(j) for j, other in enumerate(scopes, 1) if other > scope]
-        if narrower:
-            wire = (wire[0] + ">" + ".".join(narrower), *wire[1:])
+        if suffix:
+            wire = (wire[0] + suffix, *wire[1:])
         argv += wire
         argv.append(fmt(c.cost))
     return keys, argv
+
+
+@functools.lru_cache(maxsize=256)
+def _narrower(pers: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    """For each limit (given by its dimensions), the suffix of its kind in admit.lua naming the
+    limits keyed by its dimensions and more: a booking in it books them too ('' for none)."""
+    scopes = [frozenset(per) for per in pers]
+    out = []
+    for scope in scopes:
+        found = [str(j) for j, other in enumerate(scopes, 1) if other > scope]
+        out.append(">" + ".".join(found) if found else "")
+    return tuple(out)
 
 
 def _follows(charges: Sequence[Charge]) -> str:
