@@ -127,6 +127,19 @@ def test_a_booking_in_the_key_takes_the_agents_share_too(store: BaseStore) -> No
     assert back.outcome is Outcome.REDEEMED
 
 
+def test_a_booking_in_a_global_limit_books_no_tenant_limit(store: BaseStore) -> None:
+    """A global limit's booking leaves the tenant's own limits alone, on one server as on a
+    cluster (where the global limit lives in a slot of its own)."""
+    everyone = Limit("everyone", "10/s", burst=1, per=[])
+    key = Limit("key", "1/h", burst=5)
+    assert store.admit([everyone, key], KEY, now_us=T0)
+    booked = store.admit([everyone, key], KEY, reserve=True, now_us=T0)
+    assert booked.outcome is Outcome.BOOKED
+    assert booked.bound_by == "everyone"
+    left = store.peek([key], KEY, now_us=T0)
+    assert left.limits[0].remaining == pytest.approx(4)
+
+
 def test_early_return_keeps_the_booking(store: BaseStore) -> None:
     """Coming back before the slot changes nothing and repeats the remaining wait."""
     limit = Limit("req", "1/s", burst=1)

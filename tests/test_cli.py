@@ -173,6 +173,23 @@ def test_reset_refills_one_key_and_asks_first(
     assert {r["limit"]: r for r in other["limits"]}["everyone"]["remaining"] < 994
     one = _json(app, "reset", "--api-key", RAW, "--limit", "share", "--agent-id", "a1", "--yes")
     assert one == {"key": done["key"], "limits": ["share"], "deleted": 1}
+    # An agent alone: only the limits keyed by agent, for that agent; the key's stay drained.
+    before = {
+        r["limit"]: r["remaining"]
+        for r in _json(app, "inspect", "--api-key", RAW)["limits"]
+        if "remaining" in r
+    }
+    agent = _json(app, "reset", "--api-key", RAW, "--agent-id", "a1", "--yes")
+    assert agent["limits"] == ["share"]
+    after = {
+        r["limit"]: r["remaining"]
+        for r in _json(app, "inspect", "--api-key", RAW)["limits"]
+        if "remaining" in r
+    }
+    assert after["req"] == pytest.approx(before["req"], abs=0.01)
+    refused = _run(app, "reset", "--api-key", RAW, "--limit", "req", "--agent-id", "a1", "--yes")
+    assert refused.exit_code == 1
+    assert "not keyed by agent" in refused.output
 
 
 def test_factor_shows_sets_and_clears_the_override(

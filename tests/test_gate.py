@@ -241,6 +241,35 @@ def test_argument_reprs_show_fingerprints_not_keys(
     sent = next(kw["headers"] for kw in published if kw["headers"].get("id") == chosen.id)
     assert sent["kwargsrepr"] == "{...}"
     assert "sk-RAW-SECRET" not in sent["argsrepr"]
+    # Sent by name (no task class at hand): the headers are masked before they leave.
+    by_name = app.send_task(step.name, ("sk-RAW-SECRET", "y"), {"agent_id": "agent-RAW"})
+    assert by_name.get(timeout=TIMEOUT) == "sk-RAW-SECRET/agent-RAW/y"
+    sent = next(kw["headers"] for kw in published if kw["headers"].get("id") == by_name.id)
+    assert "RAW" not in sent["argsrepr"] + sent["kwargsrepr"]
+
+
+def test_the_task_sent_event_shows_fingerprints(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """Celery builds its task-sent event from the argument reprs before any signal runs: the
+    API key and agent id are fingerprints there too, also from a raw identity header."""
+    app = make_app(
+        redis_server, throttle_limits={"req": {"rate": "100/s"}}, task_send_sent_event=True
+    )
+    ext = throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.step", throttle="req")
+    def step(note: str, *, api_key: str = "", agent_id: str = "") -> str:
+        return note
+
+    with events_of(app, "task-sent", 2) as events:
+        worker(app)
+        step.delay("a", api_key="sk-RAW-SECRET", agent_id="agent-RAW").get(timeout=TIMEOUT)
+        header = {H.IDENTITY: {"api_key": "sk-RAW-OTHER"}}
+        step.apply_async(("sk-RAW-OTHER",), headers=header).get(timeout=TIMEOUT)
+    assert "RAW" not in repr(events)
+    assert ext.keyspace.fingerprint("api_key", "sk-RAW-SECRET") in events[0]["kwargs"]
+    assert ext.keyspace.fingerprint("api_key", "sk-RAW-OTHER") in events[1]["args"]
 
 
 def test_max_deferrals_fails_the_task_clearly(

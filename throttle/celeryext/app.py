@@ -13,6 +13,7 @@ limit in a task option raises :class:`~throttle.errors.ConfigurationError` namin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -24,7 +25,6 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import before_task_publish, task_postrun
-from celery.utils.quorum_queues import detect_quorum_queues
 from celery.utils.saferepr import saferepr
 from redis.cluster import RedisCluster
 
@@ -75,6 +75,7 @@ class Throttle:
         self._store: BaseStore | None = None
         self._store_pid = 0
         self._lock = threading.Lock()
+        self._flushing: threading.Thread | None = None
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
@@ -104,6 +105,10 @@ class Throttle:
     def native_delays(self) -> bool:
         """Whether countdowns go through RabbitMQ's native delayed delivery (a quorum queue on
         an AMQP broker), which routes whole seconds."""
+        try:  # Celery 5.5 and later
+            from celery.utils.quorum_queues import detect_quorum_queues
+        except ImportError:  # no native delayed delivery before it
+            return False
         connection = self.app.connection_for_write()
         try:
             driver = connection.transport.driver_type
@@ -141,12 +146,28 @@ class Throttle:
             return 1
         return max(1, store.heartbeat(member, self.settings.heartbeat_interval * 3))
 
-    def flush_counts(self) -> None:
+    def flush_counts(self, *, background: bool = False) -> None:
         """Add this process's per-key counts to the store's tallies (see
-        :mod:`throttle.celeryext.counts`); the gate step calls it once per heartbeat."""
+        :mod:`throttle.celeryext.counts`). The gate step does it once per heartbeat in the
+        ``background`` (a thread of its own, one at a time: the event loop never waits for
+        it), and once more in the foreground when it stops."""
         tally = self.gate.tally
-        if tally is not None:
-            tally.flush(self.store(), self.settings.counts_retention)
+        if tally is None:
+            return
+        retention = self.settings.counts_retention
+        if not background:
+            tally.flush(self.store(), retention)
+            return
+        with self._lock:
+            if self._flushing is not None and self._flushing.is_alive():
+                return  # the previous flush is still at it: these counts go with the next
+            self._flushing = threading.Thread(
+                target=tally.flush,
+                args=(self.store(), retention),
+                name="throttle-counts",
+                daemon=True,
+            )
+            self._flushing.start()
 
     # -- signal receivers ----------------------------------------------------------------------
 
@@ -171,8 +192,8 @@ class Throttle:
         **_: Any,
     ) -> None:
         """Before a message leaves: replace a raw identity header by sealed fingerprints, and
-        the API keys and agent ids in the argument reprs (which Celery's events and Flower
-        show) by their fingerprints."""
+        the API keys and agent ids in Celery's default argument reprs by their fingerprints
+        (work sent by name, ``send_task``, which the task's ``apply_async`` did not see)."""
         if not headers:
             return
         raw = headers.get(H.IDENTITY)
@@ -180,40 +201,66 @@ class Throttle:
         if isinstance(raw, Mapping) and isinstance(task_id, str):
             headers[H.IDENTITY] = H.seal_identity(raw, task_id, self.keyspace)
         task = self.app.tasks.get(sender) if isinstance(sender, str) else None
-        if task is not None and isinstance(body, tuple) and len(body) >= 2:
-            self._mask_reprs(task, body[0], body[1], headers)
+        if task is None or not isinstance(body, tuple) or len(body) < 2:
+            return
+        args, kwargs = body[0], body[1]
+        secret = self._secrets(task, args, kwargs, raw)
+        texts = f"{headers.get('argsrepr')}{headers.get('kwargsrepr')}"
+        if not any((v if isinstance(v, str) else repr(v)) in texts for v in secret):
+            return  # masked by apply_async already, or nothing to hide: the common case
+        shown = self._shown(secret, args, kwargs)
+        for name, value, positional in (("argsrepr", args, True), ("kwargsrepr", kwargs, False)):
+            if headers.get(name) == self._repr(value, positional):  # Celery's, not the caller's
+                headers[name] = shown[name]
 
-    def _mask_reprs(self, task: Any, args: Any, kwargs: Any, headers: dict[str, Any]) -> None:
-        """Celery writes ``argsrepr``/``kwargsrepr`` headers with the arguments as they are;
-        for a throttled task, top-level arguments equal to its API key or agent id are shown
-        as ``<api_key FINGERPRINT>``. Reprs a caller chose (they differ from Celery's default)
-        are left alone."""
-        spec = self.gate.spec_for(task)
-        if spec is None or not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-            return
-        try:
-            identity = spec.resolve_identity(tuple(args), kwargs)
-        except Exception:  # a user callable; the gate reports it when the task is decided
-            return
-        secret = {
-            value: f"<{dim} {self.keyspace.fingerprint(dim, value)}>"
-            for dim, value in identity.items()
-            if dim in ("api_key", "agent_id") and isinstance(value, str | bytes)
-        }
+    def shown_reprs(
+        self, task: Any, args: Any, kwargs: Any, raw_identity: object = None
+    ) -> dict[str, str]:
+        """``argsrepr`` and ``kwargsrepr`` for a message of ``task`` (what Celery's events and
+        Flower show), where top-level arguments equal to its API key or agent id (taken from
+        the arguments or from a raw ``throttle_identity`` header) read
+        ``<api_key FINGERPRINT>``; empty when there is nothing to hide. Values nested inside
+        an argument are not looked into."""
+        secret = self._secrets(task, args, kwargs, raw_identity)
         if not secret:
-            return
-        amqp = self.app.amqp
-        levels = self.app.conf.task_repr_maxlevels
+            return {}
+        values = [*(args or ()), *(kwargs or {}).values()]
+        if not any(isinstance(v, str | bytes) and v in secret for v in values):
+            return {}
+        return self._shown(secret, args, kwargs)
 
-        def masked(value: Any) -> Any:
+    def _secrets(self, task: Any, args: Any, kwargs: Any, raw_identity: object) -> dict[Any, str]:
+        """The API key and agent id of a message of ``task``, each with what shows instead."""
+        spec = self.gate.spec_for(task)
+        if spec is None:
+            return {}
+        identity: dict[str, object] = {}
+        if isinstance(raw_identity, Mapping):
+            identity.update(raw_identity)
+        # A user callable may raise: the gate reports it when the task is decided.
+        with contextlib.suppress(Exception):
+            identity.update(spec.resolve_identity(tuple(args or ()), dict(kwargs or {})))
+        secret: dict[Any, str] = {}
+        for dim, value in identity.items():
+            if dim in ("api_key", "agent_id") and isinstance(value, str | bytes):
+                secret[value] = f"<{dim} {self.keyspace.fingerprint(dim, value)}>"
+        return secret
+
+    def _shown(self, secret: Mapping[Any, str], args: Any, kwargs: Any) -> dict[str, str]:
+        def shown(value: Any) -> Any:
             return secret[value] if isinstance(value, str | bytes) and value in secret else value
 
-        if headers.get("argsrepr") == saferepr(args, amqp.argsrepr_maxsize, maxlevels=levels):
-            shown = [masked(a) for a in args]
-            headers["argsrepr"] = saferepr(shown, amqp.argsrepr_maxsize, maxlevels=levels)
-        if headers.get("kwargsrepr") == saferepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels=levels):
-            shown_kw = {k: masked(v) for k, v in kwargs.items()}
-            headers["kwargsrepr"] = saferepr(shown_kw, amqp.kwargsrepr_maxsize, maxlevels=levels)
+        return {
+            "argsrepr": self._repr([shown(a) for a in args or ()], True),
+            "kwargsrepr": self._repr({k: shown(v) for k, v in (kwargs or {}).items()}, False),
+        }
+
+    def _repr(self, value: Any, positional: bool) -> str:
+        """Celery's repr of arguments (its ``argsrepr``, or with ``positional`` false its
+        ``kwargsrepr``)."""
+        amqp = self.app.amqp
+        size = amqp.argsrepr_maxsize if positional else amqp.kwargsrepr_maxsize
+        return str(saferepr(value, size, maxlevels=self.app.conf.get("task_repr_maxlevels", 3)))
 
     def _count_success(
         self, sender: Any = None, task: Any = None, state: str | None = None, **_: Any

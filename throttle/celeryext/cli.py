@@ -307,7 +307,8 @@ def _identity_text(data: dict[str, Any]) -> str:
     rows = []
     for r in data["limits"]:
         if "missing" in r:
-            note = f"{r['buckets']} bucket(s); pass --{'-'.join(r['missing'][0].split('_'))}"
+            hints = ["--agent-id" if d == "agent_id" else f"--dim {d}=VALUE" for d in r["missing"]]
+            note = f"{r['buckets']} bucket(s); pass {' '.join(hints)}"
             rows.append([r["limit"], r["rate"], r["burst"], r["unit"], note, "", ""])
         else:
             rows.append(

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from throttle import signals
 from throttle._tokens import token_hex
@@ -60,6 +60,10 @@ class ThrottleExhausted(ThrottleError):
             f"task {self.task_id} was deferred {self.deferrals} times by limit {self.limit!r} "
             "(throttle_max_deferrals)"
         )
+
+
+#: Deferral reasons of the store's absence (see :meth:`Gate._fallback`).
+_OUTAGE: Final = frozenset({"store-closed", "local"})
 
 
 class Action(StrEnum):
@@ -325,7 +329,10 @@ class Gate:
         except ThrottleError as exc:
             logger.warning("task %s: upstream throttling not recorded: %s", task_id, exc)
         bound = chosen[0] if chosen else None
-        return self._defer(call, wait, "upstream", bound, None, call.next_token)
+        verdict = self._defer(call, wait, "upstream", bound, None, call.next_token)
+        if self.tally is not None and verdict.action is Action.DEFER:
+            self.tally.deferred(call.key, bound)
+        return verdict
 
     def follow(
         self,
@@ -399,7 +406,8 @@ class Gate:
                 costs = {p.name: call.costs.get(p.name, 1) for p in call.policies}
                 costs.update((p.name, call.costs.get(p.name, 1)) for p in call.shadow)
                 self.tally.admitted(call.key, costs, call.tier)
-            elif verdict.action is Action.DEFER:
+            elif verdict.action is Action.DEFER and verdict.reason not in _OUTAGE:
+                # Deferrals while the store is away say nothing about the limits.
                 self.tally.deferred(call.key, verdict.bound_by)
         if call.shadow and ran:
             # Counted once per run, not once per check of deferred work.

@@ -60,6 +60,9 @@ def status_report(ext: Throttle, *, top: int = 5, minutes: int = 5) -> dict[str,
     if ext.gate.tally is None:
         report["counts"] = "off (throttle_counts_retention is 0)"
         return report
+    kept = max(1, math.floor(settings.counts_retention / 60))
+    if minutes > kept:
+        raise ConfigurationError("--minutes", f"got {minutes}", f"1 to {kept} (the counts kept)")
     found = traffic(store.counts(minutes))
     busiest = sorted(
         (t for t in found.values() if t.key != OTHER),
@@ -129,7 +132,10 @@ def identity_report(
         limit = policy.limit
         missing = [d for d in limit.per if d not in sealed]
         if missing:
-            pattern = f"{settings.key_prefix}:{tag}:{limit.name}:*"
+            if limit.is_global:
+                pattern = f"{settings.key_prefix}:{{{limit.name}:*"
+            else:
+                pattern = f"{settings.key_prefix}:{tag}:{limit.name}:*"
             keys, complete = store.scan_keys(pattern)
             buckets = len([k for k in keys if not k.endswith(":~n")])
             rows.append(
@@ -161,24 +167,40 @@ def reset_limits(
     names: Sequence[str] = (),
     agent_id: str | None = None,
 ) -> dict[str, Any]:
-    """Forget the buckets of one key (of every agent, unless ``agent_id``) for the limits
-    ``names`` (default: every limit keyed by the API key). Global limits are never touched."""
+    """Forget the buckets of one key for the limits ``names`` (default: every limit keyed by
+    the API key), as every tier defines them: for every agent, or with ``agent_id`` only the
+    limits keyed by agent, for that agent. Global limits are never touched."""
     settings = ext.settings
-    policies = settings.tiers[DEFAULT_TIER]
+    known = settings.tiers[DEFAULT_TIER]
     for name in names:
-        if name not in policies:
-            raise ConfigurationError("--limit", f"unknown limit {name!r}", ", ".join(policies))
-    chosen = [policies[n].limit for n in (names or list(policies))]
-    keyed = [lim for lim in chosen if not lim.is_global]
-    if names and len(keyed) < len(chosen):
-        global_ = ", ".join(lim.name for lim in chosen if lim.is_global)
-        raise ConfigurationError("--limit", f"{global_} is not keyed by API key", "a keyed limit")
+        if name not in known:
+            raise ConfigurationError("--limit", f"unknown limit {name!r}", ", ".join(known))
+    wanted = set(names or known)
+    chosen: dict[tuple[str, tuple[str, ...]], Limit] = {}
+    for tier in _tiers(settings.tiers):  # a tier may key a limit by other dimensions
+        for policy in settings.tiers[tier].values():
+            if policy.name in wanted:
+                chosen.setdefault((policy.name, policy.limit.per), policy.limit)
+    global_ = sorted({lim.name for lim in chosen.values() if lim.is_global})
+    if names and global_:
+        raise ConfigurationError(
+            "--limit", f"{', '.join(global_)} is not keyed by API key", "a keyed limit"
+        )
+    keyed = [lim for lim in chosen.values() if not lim.is_global]
     fingerprint = ext.keyspace.fingerprint("api_key", api_key)
     identity: dict[str, object] = {"api_key": Fingerprint(fingerprint)}
     if agent_id is not None:
         identity["agent_id"] = Fingerprint(ext.keyspace.fingerprint("agent_id", agent_id))
+        keyed = [lim for lim in keyed if "agent_id" in lim.per]
+        if names and not keyed:
+            raise ConfigurationError(
+                "--agent-id",
+                f"{', '.join(names)} is not keyed by agent",
+                "a limit keyed by agent_id",
+            )
     deleted = ext.store().reset(keyed, identity)
-    return {"key": fingerprint, "limits": [lim.name for lim in keyed], "deleted": deleted}
+    shown = sorted({lim.name for lim in keyed}, key=list(known).index)
+    return {"key": fingerprint, "limits": shown, "deleted": deleted}
 
 
 def suggest_report(

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from celery import Task as CeleryTask
 from celery import bootsteps
-from celery.app.task import X_DEATH_HEADERS
 from celery.exceptions import Ignore
 from celery.worker.state import active_requests, task_ready
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -92,12 +91,16 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         )
 
     def stop(self, consumer: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self.ext.flush_counts()
-        if self.pipeline is not None:
-            self.pipeline.close()
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self.ext.flush_counts()
+        except Exception:  # the counts are statistics: never in the way of a shutdown
+            logger.warning("throttle: traffic counts not stored at shutdown", exc_info=True)
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.close()
 
     terminate = stop  # see LoadStep.terminate
 
@@ -110,7 +113,7 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         self.ext.gate.live_workers = count
         self.ext.gate.store_answered()
-        self.ext.flush_counts()
+        self.ext.flush_counts(background=True)
 
 
 class LoadStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -180,6 +183,10 @@ def carry_out(
 ) -> Any:
     """Run, defer, drop or fail a request as its verdict says."""
     if verdict.action is Action.RUN:
+        admitted = verdict.headers.get(H.ADMITTED)
+        dispatcher = getattr(consumer, "event_dispatcher", None)
+        if isinstance(admitted, dict) and getattr(dispatcher, "enabled", False):
+            admitted["events"] = 1  # the pool side sends its deferrals' events too
         request._request_dict.update(verdict.headers)
         return run(request)
     try:
@@ -371,9 +378,10 @@ class _Pipeline:
 def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict) -> None:
     ctx = request._context
     headers = {**(ctx.headers or {}), **verdict.headers}
-    signature = _next_copy(ext, request.task, ctx, request.args, request.kwargs, headers, verdict)
     try:
-        signature.apply_async()
+        _next_copy(
+            ext, request.task, ctx, request.args, request.kwargs, headers, verdict
+        ).apply_async()
     except Exception:
         # Nothing was published: give the message back to the broker rather than hold it.
         logger.exception("task %s: could not publish its deferred copy; requeued", request.id)
@@ -490,8 +498,21 @@ def install_pool_fallback(cls: type) -> None:
         finally:
             setattr(request, _RUNNING, False)
 
+    previous_apply_async = cls.apply_async  # type: ignore[attr-defined]
+
+    def apply_async(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        # Celery builds the argument reprs (and the task-sent event) from these options before
+        # any signal runs: the API key and agent id must be fingerprints by then.
+        if "argsrepr" not in options and "kwargsrepr" not in options:
+            headers = options.get("headers") or {}
+            options.update(
+                extension(self.app).shown_reprs(self, args, kwargs, headers.get(H.IDENTITY))
+            )
+        return previous_apply_async(self, args, kwargs, **options)
+
     cls.before_start = before_start  # type: ignore[attr-defined]
     cls.__call__ = __call__  # type: ignore[method-assign]
+    cls.apply_async = apply_async  # type: ignore[attr-defined]
     cls._throttle_fallback = True  # type: ignore[attr-defined]
 
 
@@ -508,10 +529,8 @@ def _upstream_deferral(
     verdict = ext.gate.upstream(task, req.id, tuple(args), dict(kwargs), headers, feedback, named)
     if verdict is None or verdict.action is not Action.DEFER:
         return False
-    # The pool process has no event dispatcher of the worker's: the task's own sends the
-    # event (not in eager mode, where nothing is listening).
-    _announce(ext, task, req.id, verdict, None if req.is_eager else _TaskEvents(task))
     if req.is_eager:
+        _announce(ext, task, req.id, verdict, None)
         ext.sleep(verdict.countdown)
         req.headers = {**(req.headers or {}), **verdict.headers}
         for name, value in verdict.headers.items():
@@ -538,6 +557,11 @@ def _upstream_deferral(
         # The hand-over is recorded: the next copy owns the work when it arrives (and this
         # message is acknowledged), so the task is deferred all the same.
         logger.warning("task %s: could not record its deferral (%s)", req.id, err)
+    # The pool process has none of the worker's event dispatcher: the task's own sends the
+    # event, when the worker sends task events (the gate said so in the admission header).
+    admitted = getattr(req, H.ADMITTED, None)
+    events = isinstance(admitted, dict) and bool(admitted.get("events"))
+    _announce(ext, task, req.id, verdict, _TaskEvents(task) if events else None)
     raise Ignore()
 
 
@@ -558,7 +582,19 @@ def _republish(
 #: broker's dead-letter marks. RabbitMQ takes a message that carries them through a delay queue
 #: it passed before for a dead-letter cycle and never delivers it (Celery's retries drop them
 #: too).
-_NOT_CARRIED: Final = frozenset({*H.INTERNAL, *X_DEATH_HEADERS, "x-delivery-count"})
+_NOT_CARRIED: Final = frozenset(
+    {
+        *H.INTERNAL,
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-delivery-count",
+    }
+)
 
 
 def _next_copy(

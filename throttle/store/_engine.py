@@ -395,7 +395,10 @@ class Engine:
             kind, period, count = argv[a], float(argv[a + 1]), float(argv[a + 2])
             algo, f = kind[0], 1.0
             if len(kind) > 1:
-                f = fload * fup if kind[1] == "k" else fload
+                if kind[1] == "k":
+                    f = fload * fup
+                elif kind[1] == "a":
+                    f = fload
             charged, delta = float(argv[a + 3]), float(argv[a + 4])
             key = keys[k]
             if algo == "t":

@@ -765,20 +765,31 @@ class BaseStore(Store):
         how many keys were deleted. A limit keyed by dimensions the identity leaves out (an
         agent limit for an API key alone) is reset for every value of them: every agent of
         the key. Bookings and deferral guards are kept: work already deferred returns as
-        planned."""
+        planned. A global limit (not keyed by API key) is everyone's: resetting it resets it
+        for every tenant that shares the bucket."""
         if isinstance(limits, Limit):
             limits = (limits,)
         keys: list[str] = []
         for limit in limits:
-            if any(identity.get(dim) is None for dim in limit.per[1:]) and not limit.is_global:
-                head = self.keyspace.bucket(limit, {"api_key": identity.get("api_key")}).tag
-                keys += self.scan_keys(f"{self.keyspace.prefix}:{head}:{limit.name}:*")[0]
-                keys += self.scan_keys(f"{self.keyspace.prefix}:{head}:{limit.name}")[0]
+            # Past the API key (whose absence is the anonymous tenant, one bucket).
+            others = () if limit.is_global else limit.per[1:]
+            if all(identity.get(dim) is not None for dim in others):
+                bucket = self.keyspace.bucket(limit, identity)
+                keys.append(bucket.key)
+                if limit.algorithm == "sliding_window":
+                    keys.append(total_key(bucket))
                 continue
-            bucket = self.keyspace.bucket(limit, identity)
-            keys.append(bucket.key)
-            if limit.algorithm == "sliding_window":
-                keys.append(total_key(bucket))
+            # The key of every value of the missing dimensions: a glob over the bucket key's
+            # layout (prefix, tenant tag, limit name, then the other dimensions in order).
+            tag = self.keyspace.tenant_tag(identity)
+            parts = [
+                "*" if identity.get(dim) is None else self.keyspace.fingerprint(dim, identity[dim])
+                for dim in limit.per[1:]
+            ]
+            pattern = ":".join([self.keyspace.prefix, tag, limit.name, *parts])
+            keys += self.scan_keys(pattern)[0]
+            if limit.algorithm == "sliding_window" and parts[-1] != "*":
+                keys += self.scan_keys(pattern + ":~n")[0]
         if not keys:
             return 0
         return self._delete_counted(keys)
@@ -1057,7 +1068,8 @@ def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], l
     form and cost: the part of the admission script's arguments that the limits make."""
     keys: list[str] = []
     argv = [str(len(charges))]
-    narrower = _narrower(tuple([c.limit.per for c in charges]))
+    tags = [c.bucket.tag for c in charges]
+    narrower = _narrower(tuple([c.limit.per for c in charges]), tuple(map(tags.index, tags)))
     for c, suffix in zip(charges, narrower, strict=True):
         keys.append(c.bucket.key)
         if c.limit.algorithm == "sliding_window":
@@ -1071,13 +1083,18 @@ def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], l
 
 
 @functools.lru_cache(maxsize=256)
-def _narrower(pers: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
-    """For each limit (given by its dimensions), the suffix of its kind in admit.lua naming the
-    limits keyed by its dimensions and more: a booking in it books them too ('' for none)."""
+def _narrower(pers: tuple[tuple[str, ...], ...], slots: tuple[int, ...]) -> tuple[str, ...]:
+    """For each limit (given by its dimensions, and by the first limit sharing its hash tag),
+    the suffix of its kind in admit.lua naming the limits keyed by its dimensions and more
+    under the same hash tag (an agent's share within its key's limit): a booking in it books
+    them too ('' for none). A global limit has a tag of its own, so a booking in it books
+    nothing more: the same on one server as on a cluster, where it runs apart."""
     scopes = [frozenset(per) for per in pers]
     out = []
-    for scope in scopes:
-        found = [str(j) for j, other in enumerate(scopes, 1) if other > scope]
+    for i, scope in enumerate(scopes):
+        found = [
+            str(j + 1) for j, other in enumerate(scopes) if other > scope and slots[j] == slots[i]
+        ]
         out.append(">" + ".".join(found) if found else "")
     return tuple(out)
 

@@ -15,11 +15,12 @@ never block for long (a worker's event loop): a timeout raises :class:`StoreUnav
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import ssl
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -187,59 +188,49 @@ class RedisStore(BaseStore):
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
     def _get_number(self, key: str) -> float | None:
-        try:
+        with _store_errors():
             value = self.client.get(key)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
         try:
             return None if value is None else float(value)  # type: ignore[arg-type]
         except ValueError:
             return None
 
     def _delete_counted(self, keys: list[str]) -> int:
-        try:
+        with _store_errors():
             if not self._cluster:
                 return int(self.client.delete(*keys))  # type: ignore[arg-type]
             return sum(int(self.client.delete(key)) for key in keys)  # type: ignore[arg-type,misc]
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
     def _scan(self, match: str, most: int) -> tuple[list[str], bool]:
         found: list[str] = []
-        try:
+        with _store_errors():
             for key in self.client.scan_iter(match=match, count=1000):
                 if len(found) >= most:
                     return found, False
                 found.append(_text(key))
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
         return found, True
 
     def _now_us(self) -> int:
-        try:
+        with _store_errors():
             seconds, micros = self.client.time()  # type: ignore[misc]
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
         return int(seconds) * 1_000_000 + int(micros)
 
     def _add_counts(self, key: str, counts: Mapping[str, float], ttl: float) -> None:
-        try:
-            pipe = self.client.pipeline(transaction=False)
+        # One transaction on a single server: a failure leaves none of the counts applied,
+        # so giving them back for the next flush does not count them twice.
+        with _store_errors():
+            pipe = self.client.pipeline(transaction=not self._cluster)
             for name, amount in counts.items():
                 pipe.hincrbyfloat(key, name, amount)
             pipe.expire(key, math.ceil(ttl))
             pipe.execute()
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
     def _read_counts(self, keys: list[str]) -> list[dict[str, float]]:
-        try:
+        with _store_errors():
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
             found = pipe.execute()
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
         return [{_text(k): float(v) for k, v in fields.items()} for fields in found]
 
     def _run(self, script: Script, keys: list[str], argv: list[str]) -> Any:
@@ -410,6 +401,18 @@ class _Link:
         if isinstance(exc, TimeoutError):
             raise RedisTimeoutError("Timeout reading from Redis") from exc
         raise RedisConnectionError(f"Error talking to Redis: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Redis's errors as the store's: StoreUnavailable when it does not answer, StoreError when
+    it refuses (an ACL, a read-only replica, a key of another type)."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+    except RedisError as exc:
+        raise StoreError(f"Redis refused: {exc}") from exc
 
 
 def _reply_error(message: str) -> RedisError:

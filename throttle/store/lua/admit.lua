@@ -39,7 +39,8 @@
 --       by 'a' for one that follows the load factor, or by 'k' for one that follows the load
 --       factor times its tenant's upstream factor; then, optionally, '>' and the 1-based
 --       indices, joined by '.', of the limits narrower than this one (keyed by its dimensions
---       and more: an agent's share within its API key's limit). A booking made in a limit is
+--       and more, in the same hash tag: an agent's share within its API key's limit; never a
+--       tenant's limits under a global one). A booking made in a limit is
 --       also made, for the same slot, in the limits narrower than it, so the work it books
 --       takes its share of them too: a runaway agent whose calls are booked in its key's
 --       limit fills its own share, which then binds its later calls, instead of filling the

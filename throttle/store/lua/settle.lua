@@ -41,7 +41,8 @@ for i = 1, n do
   local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local algo, f = string.sub(kind, 1, 1), 1
   if #kind > 1 then
-    if string.sub(kind, 2, 2) == 'k' then f = fload * fup else f = fload end
+    local flag = string.sub(kind, 2, 2)
+    if flag == 'k' then f = fload * fup elseif flag == 'a' then f = fload end
   end
   local charged, delta = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local key = KEYS[k]
