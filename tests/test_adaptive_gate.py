@@ -22,6 +22,7 @@ from throttle import ConfigurationError, Keyspace, Limit, MemoryStore, signals
 from throttle.adaptive import UpstreamThrottled
 from throttle.adaptive.policy import LoadPolicy, Sample
 from throttle.adaptive.sampler import LoadSampler
+from throttle.celeryext.counts import traffic
 from throttle.celeryext.settings import load_settings
 from throttle.testing import ManualClock
 
@@ -283,6 +284,9 @@ def test_a_429_deferral_sends_its_event_from_the_pool(
     assert event["reason"] == "upstream"
     assert event["key"] == ext.keyspace.fingerprint("api_key", "sk-raw-tenant")
     assert "sk-raw-tenant" not in repr(event)
+    # Counted for `celery throttle suggest`, by the pool side itself.
+    found = traffic(ext.store().counts(2))
+    assert found[event["key"]].deferred_by == {"llm": 1.0}
 
 
 def test_control_commands(redis_server: RedisServer, worker: Callable[[Celery], Any]) -> None:

@@ -256,6 +256,8 @@ def test_errors_are_one_line_with_exit_code_1(
         assert result.exit_code == 1, (args, result.output)
         assert says in result.output
         assert len(result.output.strip().splitlines()) == 1
+    short, _, _ = _app(redis_server, throttle_counts_retention=120)
+    assert _json(short, "status")["minutes"] == 2  # the default window fits the counts kept
     off, _, _ = _app(redis_server, throttle_counts_retention=0)
     result = _run(off, "suggest")
     assert result.exit_code == 1

@@ -262,14 +262,21 @@ def test_the_task_sent_event_shows_fingerprints(
     def step(note: str, *, api_key: str = "", agent_id: str = "") -> str:
         return note
 
-    with events_of(app, "task-sent", 2) as events:
+    with events_of(app, "task-sent", 4) as events:
         worker(app)
         step.delay("a", api_key="sk-RAW-SECRET", agent_id="agent-RAW").get(timeout=TIMEOUT)
         header = {H.IDENTITY: {"api_key": "sk-RAW-OTHER"}}
         step.apply_async(("sk-RAW-OTHER",), headers=header).get(timeout=TIMEOUT)
+        # By name, with a long prompt that Celery's repr cuts short, and Celery's positional
+        # task id: masked all the same.
+        long = "x" * 2000
+        app.send_task(step.name, (long,), {"api_key": "sk-RAW-THIRD"}).get(timeout=TIMEOUT)
+        step.apply_async(("b",), {"api_key": "sk-RAW-SECRET"}, "my-task-id").get(timeout=TIMEOUT)
     assert "RAW" not in repr(events)
     assert ext.keyspace.fingerprint("api_key", "sk-RAW-SECRET") in events[0]["kwargs"]
     assert ext.keyspace.fingerprint("api_key", "sk-RAW-OTHER") in events[1]["args"]
+    assert ext.keyspace.fingerprint("api_key", "sk-RAW-THIRD") in events[2]["kwargs"]
+    assert events[3]["uuid"] == "my-task-id"
 
 
 def test_max_deferrals_fails_the_task_clearly(

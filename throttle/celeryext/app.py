@@ -89,6 +89,7 @@ class Throttle:
             app.Task = task_base(app.Task)
             app.Task._throttle_base = True
         before_task_publish.connect(self._seal_identity, weak=False)
+        self._wrap_send_task()
         task_postrun.connect(self._settle, weak=False)
         task_postrun.connect(self._count_success, weak=False)
         #: Successes per tenant since the last report (this process): tag -> (identity, n).
@@ -155,15 +156,16 @@ class Throttle:
         if tally is None:
             return
         retention = self.settings.counts_retention
+        store = self.store()  # before the lock: building the store takes it too
         if not background:
-            tally.flush(self.store(), retention)
+            tally.flush(store, retention)
             return
         with self._lock:
             if self._flushing is not None and self._flushing.is_alive():
                 return  # the previous flush is still at it: these counts go with the next
             self._flushing = threading.Thread(
                 target=tally.flush,
-                args=(self.store(), retention),
+                args=(store, retention),
                 name="throttle-counts",
                 daemon=True,
             )
@@ -184,34 +186,47 @@ class Throttle:
             if self.gate.spec_for(task) is not None:
                 install_pool_fallback(type(task))
 
-    def _seal_identity(
-        self,
-        sender: Any = None,
-        body: Any = None,
-        headers: dict[str, Any] | None = None,
-        **_: Any,
-    ) -> None:
-        """Before a message leaves: replace a raw identity header by sealed fingerprints, and
-        the API keys and agent ids in Celery's default argument reprs by their fingerprints
-        (work sent by name, ``send_task``, which the task's ``apply_async`` did not see)."""
+    def _seal_identity(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        """Replace a raw identity header by sealed fingerprints before the message leaves."""
         if not headers:
             return
         raw = headers.get(H.IDENTITY)
         task_id = headers.get("id")
         if isinstance(raw, Mapping) and isinstance(task_id, str):
             headers[H.IDENTITY] = H.seal_identity(raw, task_id, self.keyspace)
-        task = self.app.tasks.get(sender) if isinstance(sender, str) else None
-        if task is None or not isinstance(body, tuple) or len(body) < 2:
-            return
-        args, kwargs = body[0], body[1]
-        secret = self._secrets(task, args, kwargs, raw)
-        texts = f"{headers.get('argsrepr')}{headers.get('kwargsrepr')}"
-        if not any((v if isinstance(v, str) else repr(v)) in texts for v in secret):
-            return  # masked by apply_async already, or nothing to hide: the common case
-        shown = self._shown(secret, args, kwargs)
-        for name, value, positional in (("argsrepr", args, True), ("kwargsrepr", kwargs, False)):
-            if headers.get(name) == self._repr(value, positional):  # Celery's, not the caller's
-                headers[name] = shown[name]
+
+    def _wrap_send_task(self) -> None:
+        """Every message of the app goes through ``app.send_task`` (``apply_async``, canvas,
+        retries, our deferred copies, work sent by name). Celery builds the argument reprs
+        there, and from them its events (``task-sent`` before any signal runs): give it reprs
+        with fingerprints for a throttled task, unless the caller chose its own."""
+        original = self.app.send_task
+        ext = self
+
+        def send_task(
+            name: Any, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any
+        ) -> Any:
+            if options.get("argsrepr") is None or options.get("kwargsrepr") is None:
+                for key, value in ext._reprs_for(name, args, kwargs, options).items():
+                    if options.get(key) is None:
+                        options[key] = value
+            return original(name, args, kwargs, *rest, **options)
+
+        self.app.send_task = send_task
+
+    def _reprs_for(
+        self, name: object, args: Any, kwargs: Any, options: Mapping[str, Any]
+    ) -> dict[str, str]:
+        task = self.app.tasks.get(name) if isinstance(name, str) else None
+        if task is None:
+            return {}
+        headers = options.get("headers")
+        raw = headers.get(H.IDENTITY) if isinstance(headers, Mapping) else None
+        try:
+            return self.shown_reprs(task, args, kwargs, raw)
+        except Exception:  # never in the way of a publish: hide the arguments instead
+            logger.warning("throttle: could not mask the arguments of %s; hidden", name)
+            return {"argsrepr": "(...)", "kwargsrepr": "{...}"}
 
     def shown_reprs(
         self, task: Any, args: Any, kwargs: Any, raw_identity: object = None
@@ -219,18 +234,8 @@ class Throttle:
         """``argsrepr`` and ``kwargsrepr`` for a message of ``task`` (what Celery's events and
         Flower show), where top-level arguments equal to its API key or agent id (taken from
         the arguments or from a raw ``throttle_identity`` header) read
-        ``<api_key FINGERPRINT>``; empty when there is nothing to hide. Values nested inside
-        an argument are not looked into."""
-        secret = self._secrets(task, args, kwargs, raw_identity)
-        if not secret:
-            return {}
-        values = [*(args or ()), *(kwargs or {}).values()]
-        if not any(isinstance(v, str | bytes) and v in secret for v in values):
-            return {}
-        return self._shown(secret, args, kwargs)
-
-    def _secrets(self, task: Any, args: Any, kwargs: Any, raw_identity: object) -> dict[Any, str]:
-        """The API key and agent id of a message of ``task``, each with what shows instead."""
+        ``<api_key FINGERPRINT>``; empty when there is nothing to hide (or the task is not
+        throttled). Values nested inside an argument are not looked into."""
         spec = self.gate.spec_for(task)
         if spec is None:
             return {}
@@ -244,9 +249,10 @@ class Throttle:
         for dim, value in identity.items():
             if dim in ("api_key", "agent_id") and isinstance(value, str | bytes):
                 secret[value] = f"<{dim} {self.keyspace.fingerprint(dim, value)}>"
-        return secret
+        values = [*(args or ()), *(kwargs or {}).values()]
+        if not any(isinstance(v, str | bytes) and v in secret for v in values):
+            return {}
 
-    def _shown(self, secret: Mapping[Any, str], args: Any, kwargs: Any) -> dict[str, str]:
         def shown(value: Any) -> Any:
             return secret[value] if isinstance(value, str | bytes) and value in secret else value
 

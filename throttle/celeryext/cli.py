@@ -78,13 +78,11 @@ def throttle() -> None:
 
 @throttle.command()
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="Keys shown.")
-@click.option(
-    "--minutes", default=5, show_default=True, type=click.IntRange(1, 1440), help="Busy over."
-)
+@click.option("--minutes", default=None, type=click.IntRange(1), help="Busy over (default 5).")
 @_JSON
 @click.pass_context
 @_one_line_errors
-def status(ctx: click.Context, top: int, minutes: int, as_json: bool) -> None:
+def status(ctx: click.Context, top: int, minutes: int | None, as_json: bool) -> None:
     """Limits and tiers, the factor in force, the busiest keys and the live workers."""
     _emit(report.status_report(_ext(ctx), top=top, minutes=minutes), as_json, _status_text)
 
@@ -129,7 +127,12 @@ def reset(
     """Refill one key's buckets (all its limits, or those named)."""
     ext = _ext(ctx)
     fingerprint = ext.keyspace.fingerprint("api_key", api_key)
-    what = ", ".join(limits) if limits else "every limit keyed by API key"
+    if limits:
+        what = ", ".join(limits)
+    elif agent_id is None:
+        what = "every limit keyed by API key"
+    else:
+        what = "every limit keyed by agent"
     who = f"key {fingerprint}" + ("" if agent_id is None else " (one agent)")
     if not yes and not click.confirm(f"Refill {what} of {who}?", err=True):
         raise click.ClickException("nothing reset")

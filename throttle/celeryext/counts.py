@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -28,7 +30,7 @@ from typing import Final
 from throttle.errors import ThrottleError
 from throttle.store.base import BaseStore
 
-__all__ = ["KeyTraffic", "Suggestion", "Tally", "suggest", "traffic"]
+__all__ = ["KeyTraffic", "Suggestion", "Tally", "deferral_fields", "suggest", "traffic"]
 
 logger = logging.getLogger("throttle")
 
@@ -44,6 +46,15 @@ class Tally:
         self._counts: dict[str, float] = {}
         self._keys: set[str] = set()
         self._lock = threading.Lock()
+        # A pool child forked while the flush thread held the lock must not inherit it held;
+        # nor the parent's counts, which the parent flushes.
+        method = weakref.WeakMethod(self._after_fork)
+        os.register_at_fork(after_in_child=lambda: (m := method()) and m())
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {}
+        self._keys = set()
 
     def _key(self, key: str | None) -> str:
         key = key or ANONYMOUS
@@ -66,10 +77,8 @@ class Tally:
 
     def deferred(self, key: str | None, limit: str | None) -> None:
         with self._lock:
-            key = self._key(key)
-            self._add(f"{key}|d")
-            if limit:
-                self._add(f"{key}|d|{limit}")
+            for name in deferral_fields(self._key(key), limit):
+                self._add(name)
 
     def shadow_denied(self, key: str | None, limit: str) -> None:
         with self._lock:
@@ -99,6 +108,15 @@ class Tally:
         except ThrottleError as exc:
             logger.debug("traffic counts not stored (kept for the next flush): %s", exc)
             self.give_back(counts)
+        except Exception:  # a thread of its own: log it, keep the counts
+            logger.warning("traffic counts not stored (kept for the next flush)", exc_info=True)
+            self.give_back(counts)
+
+
+def deferral_fields(key: str | None, limit: str | None) -> list[str]:
+    """The count fields one deferral of ``key``'s work by ``limit`` adds one to."""
+    key = key or ANONYMOUS
+    return [f"{key}|d", f"{key}|d|{limit}"] if limit else [f"{key}|d"]
 
 
 @dataclass

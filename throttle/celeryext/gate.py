@@ -22,7 +22,7 @@ from throttle import signals
 from throttle._tokens import token_hex
 from throttle.adaptive.upstream import Feedback
 from throttle.celeryext import headers as H
-from throttle.celeryext.counts import Tally
+from throttle.celeryext.counts import Tally, deferral_fields
 from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSettings
 from throttle.celeryext.spec import TaskSpec, options_of, spec_from_options
 from throttle.clock import Clock
@@ -331,7 +331,12 @@ class Gate:
         bound = chosen[0] if chosen else None
         verdict = self._defer(call, wait, "upstream", bound, None, call.next_token)
         if self.tally is not None and verdict.action is Action.DEFER:
-            self.tally.deferred(call.key, bound)
+            # Decided in a pool process, whose tally nobody flushes: straight to the store.
+            counts = dict.fromkeys(deferral_fields(call.key, bound), 1.0)
+            try:
+                self._store().add_counts(counts, retention=self.settings.counts_retention)
+            except ThrottleError as exc:
+                logger.debug("task %s: deferral not counted: %s", task_id, exc)
         return verdict
 
     def follow(

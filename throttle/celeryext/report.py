@@ -38,10 +38,13 @@ __all__ = [
 _READER = "celery-throttle-cli"
 
 
-def status_report(ext: Throttle, *, top: int = 5, minutes: int = 5) -> dict[str, Any]:
+def status_report(ext: Throttle, *, top: int = 5, minutes: int | None = None) -> dict[str, Any]:
     """Every limit of every tier, the factor in force, the ``top`` busiest keys of the last
-    ``minutes`` minutes with their buckets, bookings and next free slot, and the live workers
-    with their load samples."""
+    ``minutes`` minutes (default: five, or all the counts kept when that is less) with their
+    buckets, bookings and next free slot, and the live workers with their load samples."""
+    kept = max(1, math.floor(ext.settings.counts_retention / 60))
+    if minutes is None:
+        minutes = min(5, kept)
     store = ext.store()
     settings = ext.settings
     factor = store.load_factor()
@@ -60,7 +63,6 @@ def status_report(ext: Throttle, *, top: int = 5, minutes: int = 5) -> dict[str,
     if ext.gate.tally is None:
         report["counts"] = "off (throttle_counts_retention is 0)"
         return report
-    kept = max(1, math.floor(settings.counts_retention / 60))
     if minutes > kept:
         raise ConfigurationError("--minutes", f"got {minutes}", f"1 to {kept} (the counts kept)")
     found = traffic(store.counts(minutes))
@@ -176,11 +178,12 @@ def reset_limits(
         if name not in known:
             raise ConfigurationError("--limit", f"unknown limit {name!r}", ", ".join(known))
     wanted = set(names or known)
-    chosen: dict[tuple[str, tuple[str, ...]], Limit] = {}
-    for tier in _tiers(settings.tiers):  # a tier may key a limit by other dimensions
+    chosen: dict[tuple[str, tuple[str, ...], str], Limit] = {}
+    for tier in _tiers(settings.tiers):  # a tier may key a limit or count it otherwise
         for policy in settings.tiers[tier].values():
             if policy.name in wanted:
-                chosen.setdefault((policy.name, policy.limit.per), policy.limit)
+                limit = policy.limit
+                chosen.setdefault((limit.name, limit.per, limit.algorithm), limit)
     global_ = sorted({lim.name for lim in chosen.values() if lim.is_global})
     if names and global_:
         raise ConfigurationError(
@@ -191,13 +194,14 @@ def reset_limits(
     identity: dict[str, object] = {"api_key": Fingerprint(fingerprint)}
     if agent_id is not None:
         identity["agent_id"] = Fingerprint(ext.keyspace.fingerprint("agent_id", agent_id))
-        keyed = [lim for lim in keyed if "agent_id" in lim.per]
-        if names and not keyed:
+        unkeyed = sorted({lim.name for lim in keyed if "agent_id" not in lim.per})
+        if names and unkeyed:
             raise ConfigurationError(
                 "--agent-id",
-                f"{', '.join(names)} is not keyed by agent",
+                f"{', '.join(unkeyed)} is not keyed by agent",
                 "a limit keyed by agent_id",
             )
+        keyed = [lim for lim in keyed if "agent_id" in lim.per]
     deleted = ext.store().reset(keyed, identity)
     shown = sorted({lim.name for lim in keyed}, key=list(known).index)
     return {"key": fingerprint, "limits": shown, "deleted": deleted}

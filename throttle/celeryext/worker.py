@@ -498,21 +498,8 @@ def install_pool_fallback(cls: type) -> None:
         finally:
             setattr(request, _RUNNING, False)
 
-    previous_apply_async = cls.apply_async  # type: ignore[attr-defined]
-
-    def apply_async(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        # Celery builds the argument reprs (and the task-sent event) from these options before
-        # any signal runs: the API key and agent id must be fingerprints by then.
-        if "argsrepr" not in options and "kwargsrepr" not in options:
-            headers = options.get("headers") or {}
-            options.update(
-                extension(self.app).shown_reprs(self, args, kwargs, headers.get(H.IDENTITY))
-            )
-        return previous_apply_async(self, args, kwargs, **options)
-
     cls.before_start = before_start  # type: ignore[attr-defined]
     cls.__call__ = __call__  # type: ignore[method-assign]
-    cls.apply_async = apply_async  # type: ignore[attr-defined]
     cls._throttle_fallback = True  # type: ignore[attr-defined]
 
 

@@ -781,7 +781,7 @@ class BaseStore(Store):
                 continue
             # The key of every value of the missing dimensions: a glob over the bucket key's
             # layout (prefix, tenant tag, limit name, then the other dimensions in order).
-            tag = self.keyspace.tenant_tag(identity)
+            tag = self.keyspace.bucket(limit, {"api_key": identity.get("api_key")}).tag
             parts = [
                 "*" if identity.get(dim) is None else self.keyspace.fingerprint(dim, identity[dim])
                 for dim in limit.per[1:]
