@@ -279,6 +279,30 @@ def test_the_task_sent_event_shows_fingerprints(
     assert events[3]["uuid"] == "my-task-id"
 
 
+def test_each_app_seals_its_own_identity_headers(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """Two throttled apps in one process, with different secrets: a raw identity header is
+    sealed by the app that publishes it, so its own worker opens it and charges that tenant."""
+    other = make_app(redis_server, throttle_key_secret="another-secret-of-enough-bytes")
+    throttle.Throttle(other)
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "1/h", "burst": 5}})
+    ext = throttle.Throttle(app)
+
+    @app.task(name=f"{app.main}.step", throttle="req")
+    def step(**kwargs: Any) -> str:
+        return "ran"
+
+    worker(app)
+    header = {H.IDENTITY: {"api_key": "sk-RAW-TENANT"}}
+    assert step.apply_async(headers=header).get(timeout=TIMEOUT) == "ran"
+    assert step.apply_async(headers=header, task_id="fixed-id").get(timeout=TIMEOUT) == "ran"
+    fp = ext.keyspace.fingerprint("api_key", "sk-RAW-TENANT")
+    decision = ext.store().peek([ext.settings.policy("req").limit], {"api_key": "sk-RAW-TENANT"})
+    assert decision.limits[0].remaining == pytest.approx(3, abs=0.01)  # both charged to it
+    assert any(fp in k.decode() for k in db.keys("*"))
+
+
 def test_max_deferrals_fails_the_task_clearly(
     redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
 ) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -186,9 +187,13 @@ class Throttle:
             if self.gate.spec_for(task) is not None:
                 install_pool_fallback(type(task))
 
-    def _seal_identity(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
-        """Replace a raw identity header by sealed fingerprints before the message leaves."""
-        if not headers:
+    def _seal_identity(
+        self, sender: Any = None, headers: dict[str, Any] | None = None, **_: Any
+    ) -> None:
+        """Replace a raw identity header by sealed fingerprints before the message leaves, for
+        a message :meth:`_wrap_send_task` did not see (it seals them itself). The signal is
+        every app's: only a task of this app's is sealed with this app's secret."""
+        if not headers or not isinstance(sender, str) or sender not in self.app.tasks:
             return
         raw = headers.get(H.IDENTITY)
         task_id = headers.get("id")
@@ -210,9 +215,26 @@ class Throttle:
                 for key, value in ext._reprs_for(name, args, kwargs, options).items():
                     if options.get(key) is None:
                         options[key] = value
+            ext._seal_options(rest, options)
             return original(name, args, kwargs, *rest, **options)
 
         self.app.send_task = send_task
+
+    def _seal_options(self, rest: tuple[Any, ...], options: dict[str, Any]) -> None:
+        """Seal a raw identity header with this app's secret, bound to the task id (given, or
+        chosen here, as Celery would); in place in ``options``."""
+        headers = options.get("headers")
+        if not isinstance(headers, Mapping) or len(rest) >= 3:  # the task id by position
+            return
+        raw = headers.get(H.IDENTITY)
+        if not isinstance(raw, Mapping):
+            return
+        task_id = options.get("task_id") or str(uuid.uuid4())
+        options["task_id"] = task_id
+        options["headers"] = {
+            **headers,
+            H.IDENTITY: H.seal_identity(raw, str(task_id), self.keyspace),
+        }
 
     def _reprs_for(
         self, name: object, args: Any, kwargs: Any, options: Mapping[str, Any]
