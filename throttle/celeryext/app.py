@@ -193,8 +193,8 @@ class Throttle:
         """Replace a raw identity header by sealed fingerprints before the message leaves, for
         a message :meth:`_wrap_send_task` did not see (it seals them itself). The signal is
         every app's: only a task of this app's is sealed with this app's secret."""
-        if not headers or not isinstance(sender, str) or sender not in self.app.tasks:
-            return
+        if not headers or not isinstance(sender, str) or sender not in self.app._tasks:
+            return  # (the registry as it is: looking does not finalize the app)
         raw = headers.get(H.IDENTITY)
         task_id = headers.get("id")
         if isinstance(raw, Mapping) and isinstance(task_id, str):
@@ -239,13 +239,13 @@ class Throttle:
     def _reprs_for(
         self, name: object, args: Any, kwargs: Any, options: Mapping[str, Any]
     ) -> dict[str, str]:
-        task = self.app.tasks.get(name) if isinstance(name, str) else None
-        if task is None:
+        if not isinstance(name, str):
             return {}
         headers = options.get("headers")
         raw = headers.get(H.IDENTITY) if isinstance(headers, Mapping) else None
         try:
-            return self.shown_reprs(task, args, kwargs, raw)
+            task = self.app.tasks.get(name)  # (finalizes the app, as publishing does)
+            return {} if task is None else self.shown_reprs(task, args, kwargs, raw)
         except Exception:  # never in the way of a publish: hide the arguments instead
             logger.warning("throttle: could not mask the arguments of %s; hidden", name)
             return {"argsrepr": "(...)", "kwargsrepr": "{...}"}
