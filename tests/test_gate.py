@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, chain, chord, group
+from celery.signals import task_postrun
 
 import throttle
 from tests.conftest import SECRET, TIMEOUT, events_of, make_app
@@ -162,10 +163,23 @@ def test_usage_settles_the_estimate(
         if fail:
             raise RuntimeError("the model call failed after using tokens")
 
-    worker(app)
-    call.delay(api_key="k", max_tokens=4000, used=1000).get(timeout=TIMEOUT)
-    with pytest.raises(RuntimeError):
-        call.delay(api_key="k", max_tokens=4000, used=500, fail=True).get(timeout=TIMEOUT)
+    # Settlement runs in task_postrun, after the result is stored: wait for it, not for the
+    # result (this receiver is connected after Throttle's, so it runs after the settlement).
+    settled = threading.Semaphore(0)
+
+    def after_settlement(**_: Any) -> None:
+        settled.release()
+
+    task_postrun.connect(after_settlement, weak=False)
+    try:
+        worker(app)
+        call.delay(api_key="k", max_tokens=4000, used=1000).get(timeout=TIMEOUT)
+        with pytest.raises(RuntimeError):
+            call.delay(api_key="k", max_tokens=4000, used=500, fail=True).get(timeout=TIMEOUT)
+        assert settled.acquire(timeout=TIMEOUT)
+        assert settled.acquire(timeout=TIMEOUT)
+    finally:
+        task_postrun.disconnect(after_settlement)
     limit = ext.settings.policy("tokens").limit
     store = ext.store()
     left = store.admit([limit], {"api_key": "k", "tier": "default"}, cost=0).limits[0].remaining
