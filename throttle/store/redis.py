@@ -107,15 +107,8 @@ class RedisStore(BaseStore):
         now = self.clock.now_us()
         read_at, value = self._load_read
         if now - read_at >= self._load_refresh_us:
-            try:
-                raw = self.client.get(self.keyspace.load_factor_key())
-            except _UNAVAILABLE as exc:
-                raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
-            value = "1" if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
-            try:
-                value = fmt(float(value))
-            except ValueError:  # not written by throttle: no factor
-                value = "1"
+            found = self._get_number(self.keyspace.load_factor_key())
+            value = "1" if found is None else fmt(found)  # none, or not written by throttle
             self._load_read = (now, value)
         return value
 
@@ -144,10 +137,8 @@ class RedisStore(BaseStore):
         return reply
 
     def _delete(self, keys: list[str]) -> None:
-        try:
+        with _store_errors():
             self.client.delete(*keys)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
     def heartbeat(self, member: str, window: float) -> int:
         """Record ``member`` (a worker) as alive and return how many members beat within the
@@ -168,7 +159,7 @@ class RedisStore(BaseStore):
 
     def load_scripts(self) -> None:
         """Load the scripts on the server (after ``SCRIPT FLUSH`` or a restart emptied it)."""
-        try:
+        with _store_errors():
             for script in (
                 self._admit_script,
                 self._settle_script,
@@ -178,14 +169,10 @@ class RedisStore(BaseStore):
             ):
                 sha: Any = self.client.script_load(script.script)
                 script.sha = sha.decode() if isinstance(sha, bytes) else str(sha)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
     def _set_text(self, key: str, value: str, ttl: float) -> None:
-        try:
+        with _store_errors():
             self.client.set(key, value, px=max(1, round(ttl * 1000)))
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
 
     def _get_number(self, key: str) -> float | None:
         with _store_errors():
