@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+
 import pytest
 import redis
 
@@ -114,3 +118,23 @@ def test_fingerprints_are_stable_across_versions() -> None:
     assert keyspace.fingerprint("api_key", "key-1") == "Z0vNer1A7zjkUMtc"
     assert keyspace.fingerprint("agent_id", 7) == "W1lcqIDUQXVKhdfV"
     assert keyspace.fingerprint("api_key", b"raw") == "1eXsDtzCZvkjq59F"
+
+
+@pytest.mark.parametrize("length", [16, 63, 64, 65, 200])
+def test_fingerprints_are_hmac_sha256_for_every_secret_length(length: int) -> None:
+    """The fingerprint is computed from precomputed HMAC pad states; it matches the standard
+    library's HMAC for secrets shorter than, equal to and longer than a SHA-256 block."""
+    secret = bytes(range(256))[:length] if length < 256 else b"x" * length
+    keyspace = Keyspace(secret)
+    cases = [
+        ("api_key", "key-1", b"skey-1"),
+        ("agent_id", "agent-ü\n{}", b"s" + "agent-ü\n{}".encode()),
+        ("tier", 42, b"i42"),
+        ("model", b"\x00\xff", b"b\x00\xff"),
+        ("api_key", "k" * 5000, b"s" + b"k" * 5000),  # too long to cache: computed each time
+    ]
+    for dimension, value, tagged in cases:
+        digest = hmac.new(secret, dimension.encode() + b"\0" + tagged, hashlib.sha256).digest()
+        expected = base64.urlsafe_b64encode(digest[:12]).decode()
+        assert keyspace.fingerprint(dimension, value) == expected
+        assert keyspace.fingerprint(dimension, value) == expected  # the cached answer too

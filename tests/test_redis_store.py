@@ -20,6 +20,7 @@ import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, Outcome, RedisStore, StoreUnavailable
+from throttle.store.base import Guard
 
 KEY = {"api_key": "tenant"}
 
@@ -234,3 +235,19 @@ def test_a_resp3_client_is_served_the_redis_py_way(
     assert store.finish(prepared, reply).limits[0].remaining == 8  # type: ignore[arg-type]
     assert link._reader is None  # not the lean reader
     link.close()
+
+
+def test_non_ascii_task_ids_go_over_the_fast_path(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """A deferral guard names the task id, which Celery lets be any text: the hand-packed
+    command counts its bytes, not its characters, and the key reads back as written."""
+    store = RedisStore(redis_client, keyspace)
+    limit = Limit("req", "1/h", burst=1)
+    work = "tâche-😀-\u2028"
+    guard = Guard(work, None, "next-token", ttl=60)
+    assert store.admit([limit], KEY, guard=guard, now_us=T0).allowed
+    denied = store.admit([limit], KEY, guard=guard, now_us=T0)
+    assert denied.outcome is Outcome.DENIED
+    tag = store.charges([limit], KEY)[0].bucket.tag
+    assert redis_client.get(keyspace.guard_key(tag, work)) == b"->next-token"

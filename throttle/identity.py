@@ -26,9 +26,9 @@ import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from throttle.errors import ConfigurationError, IdentityError
 from throttle.limits import Limit
@@ -61,6 +61,9 @@ class Bucket(NamedTuple):
     key: str
 
 
+_new_bucket = tuple.__new__  # a Bucket without its Python-level __new__, on the hot path
+
+
 class Keyspace:
     """Turns (limit, identity) into bucket keys, under ``prefix``, with fingerprints keyed by
     ``secret``. Thread-safe; fingerprints of short values are cached."""
@@ -69,7 +72,9 @@ class Keyspace:
         "_buckets",
         "_cache_size",
         "_fingerprint",
-        "_mac",
+        "_inner",
+        "_inner_by_dim",
+        "_outer",
         "_secret",
         "prefix",
         "signing_key",
@@ -93,7 +98,12 @@ class Keyspace:
             )
         self.prefix = prefix
         self._secret = secret
-        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
+        # HMAC-SHA256 (RFC 2104) from its two keyed hash states, each absorbed once: copying a
+        # hashlib state is much cheaper than hmac.new or an hmac object's copy.
+        block = (hashlib.sha256(secret).digest() if len(secret) > 64 else secret).ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        self._inner_by_dim: dict[str, Any] = {}  # the inner state with "<dimension>\0" absorbed
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
         self._fingerprint = functools.lru_cache(maxsize=cache_size)(self._compute)
@@ -133,10 +143,17 @@ class Keyspace:
             raw = b"b" + value
         else:
             raw = b"i" + str(value).encode()
-        mac = self._mac.copy()  # the keyed state, computed once: cheaper than hmac.new
-        mac.update(dimension.encode() + b"\0" + raw)
-        digest = mac.digest()
-        return base64.urlsafe_b64encode(digest[:12]).decode()
+        inner = self._inner_by_dim.get(dimension)
+        if inner is None:
+            inner = self._inner.copy()
+            inner.update(dimension.encode() + b"\0")
+            if len(self._inner_by_dim) < 256:  # dimensions are names from the configuration
+                self._inner_by_dim[dimension] = inner
+        inner = inner.copy()
+        inner.update(raw)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return base64.urlsafe_b64encode(outer.digest()[:12]).decode()
 
     def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
         """The bucket of ``limit`` for ``identity``. A dimension the identity lacks (or maps to
@@ -169,12 +186,23 @@ class Keyspace:
                 fps.append(cached(dim, value))
             else:
                 fps.append(self.fingerprint(dim, value))
+        return self._layout(limit, fps)
+
+    def buckets(self, limits: Sequence[Limit], identity: Mapping[str, object]) -> list[Bucket]:
+        """The buckets of ``limits`` for ``identity``, as :meth:`bucket` gives them, without
+        remembering them: for admissions whose identities seldom recur."""
+        return [self._bucket(limit, identity) for limit in limits]
+
+    def _layout(self, limit: Limit, fps: list[str]) -> Bucket:
+        """The bucket of ``limit`` given the fingerprints of its dimensions, in ``per`` order."""
         if limit.is_global:
             tag = "{" + ":".join([limit.name, *fps]) + "}"
-            return Bucket(tag, f"{self.prefix}:{tag}")
+            return _new_bucket(Bucket, (tag, f"{self.prefix}:{tag}"))
         # ``per`` is in canonical order, so api_key comes first.
         tag = "{" + fps[0] + "}"
-        return Bucket(tag, ":".join([self.prefix, tag, limit.name, *fps[1:]]))
+        if len(fps) == 1:
+            return _new_bucket(Bucket, (tag, f"{self.prefix}:{tag}:{limit.name}"))
+        return _new_bucket(Bucket, (tag, ":".join([self.prefix, tag, limit.name, *fps[1:]])))
 
     def booking_key(self, tag: str, booking_id: str) -> str:
         """The key of a booking made in the slot of ``tag``."""

@@ -17,7 +17,6 @@ import os
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -57,7 +56,10 @@ class Outcome(StrEnum):
 
 
 _ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
+_STALE = Outcome.STALE
+_new = tuple.__new__  # a named tuple without its Python-level __new__, on the hot path
 _PLANS = 4096  # admission plans remembered per store (each a few hundred bytes)
+_SHAPES = 1024  # admission shapes (limits and costs) remembered per store
 _PLAN_VALUE_LEN = 256  # identity values longer than this are not remembered
 # The script's outcome as bytes (Redis) or str (engine), to the member.
 _OUTCOMES: dict[object, Outcome] = {
@@ -121,6 +123,19 @@ class _Checked(NamedTuple):
     dims: tuple[str, ...]  # every dimension any of them is keyed by
 
 
+class _Shape(NamedTuple):
+    """What an admission's limits and costs come to, whoever is admitted."""
+
+    limits: tuple[Limit, ...]
+    costs: tuple[float, ...]
+    argv: tuple[str, ...]  # the count of limits, then each limit's wire form and cost
+    argv_adaptive: tuple[str, ...]  # the same for an adaptive admission
+    follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
+    windows: bool  # some limit is a sliding window (two keys)
+    anchor: int  # which limit's hash tag the booking and guard keys share (see _anchor)
+    wire: Any  # the store's own encoding of the two argv (see BaseStore._encode_args)
+
+
 class _Plan(NamedTuple):
     """What an admission's limits, identity and costs come to: the same every time they recur."""
 
@@ -130,6 +145,7 @@ class _Plan(NamedTuple):
     argv_adaptive: tuple[str, ...]  # the same for an adaptive admission
     anchor: str  # the hash tag of the booking and guard keys
     follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
+    wire: Any  # the store's own encoding of keys and argv (see BaseStore._encode_keys)
 
 
 class Prepared(NamedTuple):
@@ -140,10 +156,11 @@ class Prepared(NamedTuple):
     argv: list[str]
     booking: str | None
     nonce: str
+    #: The whole script call as the store sends it, when the store encodes it ahead.
+    frame: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(NamedTuple):
     """Proof of an admission, for :meth:`Store.settle`. Settle each receipt at most once."""
 
     charges: tuple[Charge, ...]
@@ -152,9 +169,8 @@ class Receipt:
     adaptive: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to one admission.
+class Decision(NamedTuple):
+    """The answer to one admission (immutable: a named tuple, built on every admission).
 
     ``retry_after`` is in seconds, exact (not rounded): when denied, the earliest moment the
     same request could pass if nothing else happens; when booked, the wait until the booked
@@ -239,6 +255,7 @@ class BaseStore(Store):
         self._nonce = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
+        self._shapes: dict[Hashable, _Shape] = {}
         self._plan_hits = 0  # since the plans were last cleared
         self._plan_pause = 0  # admissions left before plans are remembered again
 
@@ -344,12 +361,30 @@ class BaseStore(Store):
                 if plan is not None:
                     self._plan_hits += 1
                     return plan
-        charges = self.charges(limits, identity, cost)
-        keys, argv = _limit_args(charges, False)
-        follows = _follows(charges)
-        adaptive_argv = _limit_args(charges, True)[1] if follows else argv
-        plan = _Plan(
-            charges, tuple(keys), tuple(argv), tuple(adaptive_argv), _anchor(charges), follows
+        shape = self._shape(limits, identity, cost)
+        buckets = self.keyspace.buckets(shape.limits, identity)
+        charges = tuple(
+            [_new(Charge, c) for c in zip(shape.limits, buckets, shape.costs, strict=True)]
+        )
+        if shape.windows:
+            keys = []
+            for c in charges:
+                keys.append(c.bucket.key)
+                if c.limit.algorithm == "sliding_window":
+                    keys.append(total_key(c.bucket))
+        else:
+            keys = [b.key for b in buckets]
+        plan = _new(
+            _Plan,
+            (
+                charges,
+                tuple(keys),
+                shape.argv,
+                shape.argv_adaptive,
+                buckets[shape.anchor].tag,
+                shape.follows,
+                self._encode_keys(keys, shape.wire),
+            ),
         )
         if memo is not None:
             if len(self._plans) >= _PLANS:
@@ -361,6 +396,46 @@ class BaseStore(Store):
                 self._plan_hits = 0
             self._plans[memo] = plan
         return plan
+
+    def _shape(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        cost: float | Mapping[str, float],
+    ) -> _Shape:
+        """What ``limits`` and ``cost`` come to whoever is admitted, validated (``identity``
+        too). Remembered by the limits' identity and the costs' values, when those are plain
+        ints and floats: admissions whose identities seldom recur still skip the checks."""
+        ids = tuple(map(id, limits))
+        memo: Hashable | None = None
+        if type(cost) is int or type(cost) is float:
+            memo = (ids, cost)
+        elif type(cost) is dict:
+            memo = _cost_key(ids, cost)
+        shape = None if memo is None else self._shapes.get(memo)
+        if shape is not None:
+            if not isinstance(identity, Mapping):
+                raise ConfigurationError("identity", f"must be a mapping, got {identity!r}")
+            return shape
+        charges = self.charges(limits, identity, cost)
+        argv = _limit_args(charges, False)[1]
+        follows = _follows(charges)
+        argv_adaptive = _limit_args(charges, True)[1] if follows else argv
+        shape = _Shape(
+            tuple(c.limit for c in charges),
+            tuple(c.cost for c in charges),
+            tuple(argv),
+            tuple(argv_adaptive),
+            follows,
+            any(c.limit.algorithm == "sliding_window" for c in charges),
+            next((i for i, c in enumerate(charges) if not c.limit.is_global), 0),
+            self._encode_args(argv, argv_adaptive),
+        )
+        if memo is not None:
+            if len(self._shapes) >= _SHAPES:  # limits and costs are configuration, mostly
+                self._shapes.clear()
+            self._shapes[memo] = shape
+        return shape
 
     def _plan_key(
         self, limits: Sequence[Limit], identity: Mapping[str, object], cost: object
@@ -379,12 +454,8 @@ class BaseStore(Store):
             return (ids, values, cost)
         if type(cost) is not dict:
             return None
-        flat: list[object] = []
-        for name, c in cost.items():
-            if type(c) is not int and type(c) is not float:
-                return None
-            flat += (name, c)
-        return (ids, values, tuple(flat))
+        costs = _cost_key(ids, cost)
+        return None if costs is None else (costs, values)
 
     def admit(
         self,
@@ -412,19 +483,11 @@ class BaseStore(Store):
         and for a limit keyed by ``api_key`` its tenant's upstream factor. ``now_us`` replaces
         the store's clock (tests only).
         """
-        prepared = self.prepare(
-            limits,
-            identity,
-            cost=cost,
-            reserve=reserve,
-            booking=booking,
-            horizon=horizon,
-            guard=guard,
-            adaptive=adaptive,
-            now_us=now_us,
+        prepared = self._prepare(
+            limits, identity, cost, reserve, booking, horizon, guard, adaptive, now_us
         )
         if isinstance(prepared, Prepared):
-            return self.finish(prepared, self._run_admit(prepared.keys, prepared.argv))
+            return self.finish(prepared, self._run_prepared(prepared))
         groups, head, booking_id, nonce, work_id = prepared
         return self._admit_sharded(groups, head, booking_id, nonce, now_us, work_id, adaptive)
 
@@ -487,6 +550,22 @@ class BaseStore(Store):
         that send the run themselves (pipelined on a connection of their own) and then pass the
         reply to :meth:`finish`. An admission that spans several shards cannot be one run: it
         comes back as a tuple that only :meth:`admit` understands."""
+        return self._prepare(
+            limits, identity, cost, reserve, booking, horizon, guard, adaptive, now_us
+        )
+
+    def _prepare(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        cost: float | Mapping[str, float],
+        reserve: bool,
+        booking: str | None,
+        horizon: float | None,
+        guard: Guard | None,
+        adaptive: bool,
+        now_us: int | None,
+    ) -> Prepared | tuple[Any, ...]:
         if isinstance(limits, Limit):
             limits = (limits,)
         plan = self._plan(limits, identity, cost)
@@ -518,17 +597,43 @@ class BaseStore(Store):
                 return (groups, head, booking, nonce, work_id)
             keys, argv = self._admit_args(groups[0], head, booking, work_id, adaptive)
             return Prepared(groups[0], keys, argv, booking, nonce)
-        keys = [*plan.keys]
+        extra: list[str] = []  # the keys after the buckets'
         if adaptive and plan.follows:
-            fspec = self._factor_spec(plan.follows, plan.anchor, keys)
-            argv = [*head, fspec, *plan.argv_adaptive]
+            fspec = self._factor_spec(plan.follows, plan.anchor, extra)
+            tail = plan.argv_adaptive
         else:
-            argv = [*head, "", *plan.argv]
+            fspec, tail = "", plan.argv
         if booking is not None:
-            keys.append(self.keyspace.booking_key(plan.anchor, booking))
+            extra.append(self.keyspace.booking_key(plan.anchor, booking))
         if guard is not None:
-            keys.append(self.keyspace.guard_key(plan.anchor, guard.work_id))
-        return Prepared(plan.charges, keys, argv, booking, nonce)
+            extra.append(self.keyspace.guard_key(plan.anchor, guard.work_id))
+        frame = None
+        if plan.wire is not None:
+            frame = self._encode_call(plan.wire, extra, head, fspec, tail is not plan.argv)
+        keys = [*plan.keys, *extra]
+        argv = [*head, fspec, *tail]
+        return Prepared(plan.charges, keys, argv, booking, nonce, frame)
+
+    def _encode_args(self, argv: Sequence[str], argv_adaptive: Sequence[str]) -> Any:
+        """An admission shape's script arguments encoded ahead, by a store that sends the
+        script call itself (see :meth:`_encode_call`); None for none."""
+        return None
+
+    def _encode_keys(self, keys: Sequence[str], args: Any) -> Any:
+        """An admission plan's keys encoded ahead, with its shape's ``args`` (from
+        :meth:`_encode_args`); None for none."""
+        return None
+
+    def _encode_call(
+        self, wire: Any, extra: list[str], head: list[str], fspec: str, adaptive: bool
+    ) -> bytes | None:
+        """The admission script call of a plan encoded by :meth:`_encode_keys`: its buckets'
+        keys, then ``extra`` keys; ``head`` and ``fspec``, then the plan's (adaptive) argv."""
+        return None
+
+    def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
+        """Run a prepared admission's script and return the reply."""
+        return self._run_admit(prepared.keys, prepared.argv)
 
     def _factor_spec(self, follows: str, anchor: str, keys: list[str]) -> str:
         """ARGV[9] of the admission script for limits that follow the factors (``follows`` is
@@ -549,8 +654,9 @@ class BaseStore(Store):
 
     def finish(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
         """The decision of a prepared admission, from the script's reply."""
-        adaptive = prepared.argv[8] != ""
-        return self._decision(prepared.charges, reply, prepared.booking, prepared.nonce, adaptive)
+        return self._decision(
+            prepared.charges, reply, prepared.booking, prepared.nonce, prepared.argv[8] != ""
+        )
 
     def set_guard(
         self,
@@ -670,17 +776,14 @@ class BaseStore(Store):
     # -- the reply ---------------------------------------------------------------------------
 
     def _states(self, charges: Sequence[Charge], reply: Sequence[Any]) -> list[LimitState]:
-        states = []
-        for i, c in enumerate(charges):
-            j = 3 + 4 * i
-            states.append(
-                LimitState(c.limit.name, reply[j] / _US, reply[j + 1] / _US, reply[j + 2] / _US)
-            )
-        return states
+        return [
+            _new(LimitState, (c.limit.name, reply[j] / _US, reply[j + 1] / _US, reply[j + 2] / _US))
+            for c, j in zip(charges, range(3, 3 + 4 * len(charges), 4), strict=True)
+        ]
 
     def _decision(
         self,
-        charges: Sequence[Charge],
+        charges: tuple[Charge, ...],
         reply: Sequence[Any],
         booking: str | None,
         nonce: str,
@@ -688,16 +791,15 @@ class BaseStore(Store):
     ) -> Decision:
         try:
             outcome = _OUTCOMES[reply[0]]
-            if outcome is Outcome.STALE:
+            if outcome is _STALE:
                 return Decision(outcome, 0.0, None, ())
+            states = tuple(self._states(charges, reply))
+            if outcome in _ALLOWED:  # on every admission: kept lean
+                return Decision(outcome, 0.0, None, states, None, Receipt(charges, nonce, adaptive))
             binding = int(reply[1])
             retry = reply[2] / _US
-            states = tuple(self._states(charges, reply))
         except (IndexError, KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"unexpected reply from the admission script: {reply!r}") from exc
-        if outcome in _ALLOWED:
-            receipt = Receipt(tuple(charges), nonce, adaptive)
-            return Decision(outcome, 0.0, None, states, None, receipt)
         keeps_booking = outcome in (Outcome.BOOKED, Outcome.EARLY)
         return Decision(
             outcome,
@@ -1104,6 +1206,16 @@ def _follows(charges: Sequence[Charge]) -> str:
     factor, "a" when some follow the load factor only, "" when none is adaptive."""
     kinds = {c.limit.wire_adaptive[0][1:] for c in charges}
     return "k" if "k" in kinds else "a" if "a" in kinds else ""
+
+
+def _cost_key(ids: tuple[int, ...], cost: dict[Any, Any]) -> Hashable | None:
+    """A dict key for per-limit costs (None unless every cost is a plain int or float)."""
+    flat: list[object] = []
+    for name, c in cost.items():
+        if type(c) is not int and type(c) is not float:
+            return None
+        flat += (name, c)
+    return (ids, tuple(flat))
 
 
 def _anchor(charges: Sequence[Charge]) -> str:

@@ -22,7 +22,7 @@ import ssl
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import redis
 from redis.cluster import RedisCluster
@@ -94,6 +94,8 @@ class RedisStore(BaseStore):
         lua = resources.files("throttle.store") / "lua"
         self._heartbeat_script = Script(registrar, (lua / "heartbeat.lua").read_text())
         self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
+        self._starts: dict[tuple[int, int], bytes] = {}
+        self._heads: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self.keyspace!r}, cluster={self._cluster})"
@@ -114,6 +116,69 @@ class RedisStore(BaseStore):
 
     def _run_admit(self, keys: list[str], argv: list[str]) -> Sequence[Any]:
         return self._run_list(self._admit_script, keys, argv, "admission")
+
+    def _encode_args(
+        self, argv: Sequence[str], argv_adaptive: Sequence[str]
+    ) -> tuple[bytes, int, bytes, int] | None:
+        if self._fast is None:
+            return None
+        packed = _pack(argv)
+        adaptive = packed if argv_adaptive is argv else _pack(argv_adaptive)
+        return packed, len(argv), adaptive, len(argv_adaptive)
+
+    def _encode_keys(
+        self, keys: Sequence[str], args: tuple[bytes, int, bytes, int] | None
+    ) -> _Wire | None:
+        return None if args is None else tuple.__new__(_Wire, (_pack(keys), len(keys), *args))
+
+    def _encode_call(
+        self, wire: _Wire, extra: list[str], head: list[str], fspec: str, adaptive: bool
+    ) -> bytes:
+        if adaptive:
+            tail, ntail = wire.argv_adaptive, wire.nargv_adaptive
+        else:
+            tail, ntail = wire.argv, wire.nargv
+        nkeys = wire.nkeys + len(extra)
+        # The parts that recur from call to call are packed once: the array header up to the
+        # key count (by the counts), and the head's arguments around the nonce (by their
+        # values, unless a test's clock or a deferral guard makes them one-offs).
+        shape = (nkeys, ntail)
+        start = self._starts.get(shape)
+        if start is None:
+            count = 3 + nkeys + len(head) + 1 + ntail
+            sha = self._admit_script.sha
+            start = (
+                f"*{count}\r\n$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n${len(str(nkeys))}\r\n{nkeys}\r\n"
+            ).encode()
+            if len(self._starts) < 64:
+                self._starts[shape] = start
+        around = (*head[:5], head[6], fspec)
+        packed = self._heads.get(around) if not head[0] and not head[7] else None
+        if packed is None:
+            packed = _pack(head[:5]), _pack([head[6], head[7], fspec])
+            if not head[0] and not head[7] and len(self._heads) < 64:
+                self._heads[around] = packed
+        nonce = head[5]
+        return b"".join(
+            (
+                start,
+                wire.keys,
+                _pack(extra),
+                packed[0],
+                f"${len(nonce)}\r\n{nonce}\r\n".encode(),
+                packed[1],
+                tail,
+            )
+        )
+
+    def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
+        frame = prepared.frame
+        if frame is None or self._fast is None:
+            return self._run_admit(prepared.keys, prepared.argv)
+        reply = self._run(self._admit_script, prepared.keys, prepared.argv, frame)
+        if not isinstance(reply, list):
+            raise StoreError(f"unexpected reply from the admission script: {reply!r}")
+        return reply
 
     def _run_settle(self, keys: list[str], argv: list[str]) -> object:
         return self._run(self._settle_script, keys, argv)
@@ -155,7 +220,11 @@ class RedisStore(BaseStore):
             return None
         fast = self._fast
         sha = self._admit_script.sha
-        return fast.new_link(), lambda p: fast.frame(sha, p.keys, p.argv)
+
+        def encode(p: Prepared) -> bytes:
+            return p.frame if p.frame is not None else fast.frame(sha, p.keys, p.argv)
+
+        return fast.new_link(), encode
 
     def load_scripts(self) -> None:
         """Load the scripts on the server (after ``SCRIPT FLUSH`` or a restart emptied it)."""
@@ -220,10 +289,15 @@ class RedisStore(BaseStore):
             found = pipe.execute()
         return [{_text(k): float(v) for k, v in fields.items()} for fields in found]
 
-    def _run(self, script: Script, keys: list[str], argv: list[str]) -> Any:
+    def _run(
+        self, script: Script, keys: list[str], argv: list[str], frame: bytes | None = None
+    ) -> Any:
+        """Run ``script`` (``frame``, when given, is its call as packed for the fast path)."""
         try:
             if self._fast is not None:
                 try:
+                    if frame is not None:
+                        return self._fast.call(frame)
                     return self._fast.evalsha(script.sha, keys, argv)
                 except NoScriptError:
                     pass  # Script below loads it and runs it again.
@@ -242,7 +316,6 @@ class _FastPath:
         pool = client.connection_pool
         self._factory: Callable[[], Any] = lambda: pool.connection_class(**pool.connection_kwargs)
         self._local = threading.local()
-        self._frames: dict[str, str] = {}
 
     def _link(self) -> _Link:
         local = self._local
@@ -253,14 +326,8 @@ class _FastPath:
 
     def frame(self, sha: str, keys: list[str], argv: list[str]) -> bytes:
         """The ``EVALSHA`` command as it goes on the wire."""
-        head = self._frames.get(sha)
-        if head is None:
-            head = self._frames[sha] = f"$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n"
         args = [str(len(keys)), *keys, *argv]
-        # Every argument is ASCII (fingerprints, validated names, numbers), so a character
-        # count is a byte count and the frame can be built as one string and encoded once.
-        text = f"*{2 + len(args)}\r\n{head}" + "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
-        return text.encode("ascii")
+        return f"*{2 + len(args)}\r\n$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n".encode() + _pack(args)
 
     def new_link(self) -> _Link:
         """A connection of its own, with the client's settings (TLS, ACL user, timeouts)."""
@@ -268,6 +335,32 @@ class _FastPath:
 
     def evalsha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
         return self._link().call(self.frame(sha, keys, argv))
+
+    def call(self, frame: bytes) -> Any:
+        return self._link().call(frame)
+
+
+class _Wire(NamedTuple):
+    """An admission plan's keys and argv packed for the wire (see :func:`_pack`)."""
+
+    keys: bytes
+    nkeys: int
+    argv: bytes
+    nargv: int
+    argv_adaptive: bytes
+    nargv_adaptive: int
+
+
+def _pack(args: Sequence[str]) -> bytes:
+    """Arguments as RESP bulk strings, the way they follow a command's array header."""
+    # Nearly every argument is ASCII (fingerprints, validated names, numbers): then a character
+    # count is a byte count and the lot is built as one string and encoded once.
+    text = "".join([f"${len(a)}\r\n{a}\r\n" for a in args])
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) == len(text):
+        return data
+    parts = [a.encode("utf-8", "surrogatepass") for a in args]  # a task id, say, may not be
+    return b"".join([b"$%d\r\n%s\r\n" % (len(b), b) for b in parts])
 
 
 class _Link:
