@@ -30,6 +30,10 @@ def _ttl_ms(until_us: float, now: float) -> int:
     return math.ceil((until_us - now) / 1000) + MARGIN_MS
 
 
+def _tat_expiry_ms(tat: float) -> int:
+    return math.ceil((tat / 1000 + MARGIN_MS) / 1000) * 1000
+
+
 def _member_cost(member: str) -> float:
     return float(member.split(":", 1)[0])
 
@@ -57,6 +61,7 @@ class _Entry:
         "key",
         "new_tat",
         "period",
+        "stored",
         "tat",
         "tau",
         "total",
@@ -72,6 +77,7 @@ class _Entry:
         self.booked = False
         self.T = self.tau = self.tat = self.new_tat = self.free_at = self.total = 0.0
         self.totalkey = ""
+        self.stored: float | None = None  # the TAT the key held
 
 
 class Engine:
@@ -109,6 +115,14 @@ class Engine:
     def set(self, key: str, value: float, ttl_ms: int, now: float) -> None:
         self.strings[key] = float(fmt(value))
         self.expires[key] = now + ttl_ms * 1000
+
+    def set_tat(self, key: str, tat: float, old: float | None, now: float) -> None:
+        """A token bucket's TAT, with the expiry rule of ``set_tat`` in common.lua."""
+        at = _tat_expiry_ms(tat)
+        if old is not None and _tat_expiry_ms(old) == at:
+            self.strings[key] = float(fmt(tat))  # the expiry stays
+        else:
+            self.set(key, tat, at - math.floor(now / 1000), now)
 
     def set_persistent(self, key: str, value: float) -> None:
         self.delete(key)
@@ -266,7 +280,7 @@ class Engine:
                     need = e.cost * e.T
                     if e.tau < need:
                         e.tau = need
-                stored = self.get(e.key, now)
+                e.stored = stored = self.get(e.key, now)
                 e.tat = stored if stored is not None else now
                 base = e.tat
                 if base < now:
@@ -306,7 +320,7 @@ class Engine:
                 return
             if e.algo == "t":
                 e.tat = e.new_tat
-                self.set(e.key, e.tat, _ttl_ms(e.tat, now), now)
+                self.set_tat(e.key, e.tat, e.stored, now)
             else:
                 self.zadd(e.key, at, fmt(e.cost) + ":" + nonce)
                 e.total = e.total + e.cost
@@ -417,7 +431,7 @@ class Engine:
                         tat = tat + delta * T
                         if tat < now:
                             tat = now
-                    self.set(key, tat, _ttl_ms(tat, now), now)
+                    self.set_tat(key, tat, stored, now)
                     changed += 1
             else:
                 totalkey = keys[k + 1]
@@ -542,9 +556,8 @@ class Engine:
                         if low > floor_tat:
                             floor_tat = low
                     stored = self.get(key, now)
-                    tat = stored if stored is not None else now
-                    if tat < floor_tat:
-                        self.set(key, floor_tat, _ttl_ms(floor_tat, now), now)
+                    if (stored if stored is not None else now) < floor_tat:
+                        self.set_tat(key, floor_tat, stored, now)
             else:
                 totalkey = keys[k + 1]
                 k += 2

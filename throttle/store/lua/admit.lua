@@ -139,7 +139,7 @@ for i = 1, n do
   local kind = ARGV[a + 1]
   local e = {algo = kind, period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
              cost = tonumber(ARGV[a + 5]), key = KEYS[k], T = 0, tau = 0, tat = 0, new_tat = 0,
-             free_at = 0, booked = false, totalkey = false, total = 0}
+             free_at = 0, booked = false, totalkey = false, total = 0, stored = false}
   local f = 1
   if #kind > 1 then
     e.algo = string.sub(kind, 1, 1)
@@ -157,7 +157,8 @@ for i = 1, n do
       if e.tau < need then e.tau = need end
     end
     t = t + 1
-    e.tat = tonumber(tvals[t]) or now
+    e.stored = tonumber(tvals[t])
+    e.tat = e.stored or now
     local base = e.tat
     if base < now then base = now end
     e.new_tat = base + e.cost * e.T
@@ -201,7 +202,7 @@ local function charge(e, at)
   if e.cost == 0 or peek then return end
   if e.algo == 't' then
     e.tat = e.new_tat
-    redis.call('SET', e.key, e.tat, 'PX', ttl_ms(e.tat, now))
+    set_tat(e.key, e.tat, e.stored, now)
   else
     redis.call('ZADD', e.key, at, fmt(e.cost) .. ':' .. nonce)
     e.total = e.total + e.cost

@@ -32,6 +32,25 @@ local function ttl_ms(until_us, now)
   return math.ceil((until_us - now) / 1000) + MARGIN_MS
 end
 
+-- When the key of a token bucket whose TAT is `tat` may go: MARGIN_MS after the bucket is
+-- full again, rounded up to a whole second (ms, on the clock of `now`).
+local function tat_expiry_ms(tat)
+  return math.ceil((tat / 1000 + MARGIN_MS) / 1000) * 1000
+end
+
+-- Store a token bucket's TAT; `old` is the TAT its key holds (nil for none). Every writer
+-- gives the key the expiry tat_expiry_ms of the TAT it writes, so while that stays the same
+-- (a busy bucket's TAT moves by less than the rounding) the expiry already set is right and
+-- the write keeps it: setting a new one costs Redis more than the rest of the write.
+local function set_tat(key, tat, old, now)
+  local at = tat_expiry_ms(tat)
+  if old and tat_expiry_ms(old) == at then
+    redis.call('SET', key, tat, 'KEEPTTL')
+  else
+    redis.call('SET', key, tat, 'PX', at - math.floor(now / 1000))
+  end
+end
+
 -- A log member is "<cost>:<nonce>[...]": the cost travels with the entry.
 local function member_cost(member)
   return tonumber(string.match(member, '^([^:]+)'))

@@ -60,7 +60,7 @@ for i = 1, n do
         tat = tat + delta * T
         if tat < now then tat = now end
       end
-      redis.call('SET', key, tat, 'PX', ttl_ms(tat, now))
+      set_tat(key, tat, stored, now)
       changed = changed + 1
     end
   else

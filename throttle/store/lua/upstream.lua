@@ -77,9 +77,9 @@ for i = 1, n do
         local low = now + tau - left * T
         if low > floor_tat then floor_tat = low end
       end
-      local tat = tonumber(redis.call('GET', key)) or now
-      if tat < floor_tat then
-        redis.call('SET', key, floor_tat, 'PX', ttl_ms(floor_tat, now))
+      local stored = tonumber(redis.call('GET', key))
+      if (stored or now) < floor_tat then
+        set_tat(key, floor_tat, stored, now)
       end
     end
   else
