@@ -116,7 +116,8 @@ def test_a_booking_in_the_key_takes_the_agents_share_too(store: BaseStore) -> No
     ]
     assert [d.bound_by for d in runaway[:2]] == ["key", "share"]
     assert all(d.bound_by == "share" for d in runaway[1:])
-    assert runaway[-1].retry_after == pytest.approx(0.5 * 19)
+    # The first booking is at the key's slot (0.1 s), each next one a share's interval later.
+    assert runaway[-1].retry_after == pytest.approx(0.1 + 0.5 * 19)
     sibling = store.admit([key, share], {**KEY, "agent_id": "sibling"}, reserve=True, now_us=T0)
     assert sibling.bound_by == "key"
     assert sibling.retry_after == pytest.approx(0.2)
@@ -512,6 +513,46 @@ def test_a_half_done_deferral_is_owned_by_the_first_copy(store: BaseStore) -> No
     assert new.outcome is Outcome.REDEEMED
     old = store.admit([limit], KEY, guard=Guard("w", None), now_us=T0 + 2 * US)
     assert old.outcome is Outcome.STALE  # the new copy claimed the work
+
+
+def test_a_returning_old_copy_keeps_the_work_from_the_late_recording(store: BaseStore) -> None:
+    """The old copy comes back (its acknowledgement was lost with the broker) and is admitted
+    before the deferring worker records its new copy as the live one: that late recording
+    must not hand the work to the new copy, or both would run."""
+    limit = Limit("req", "1/s", burst=1)
+    assert store.admit([limit], KEY, now_us=T0).allowed  # empty the bucket
+    denied = store.admit([limit], KEY, guard=Guard("w", "t1", "t2"), reserve=True, now_us=T0)
+    assert denied.outcome is Outcome.BOOKED
+    old = store.admit([limit], KEY, guard=Guard("w", "t1"), now_us=T0 + 2 * US)
+    assert old.allowed  # the old copy claims the work
+    recorded = store.set_guard([limit], KEY, Guard("w", "t2", after="t1>t2"), ttl=60)
+    assert recorded is False
+    new = store.admit([limit], KEY, guard=Guard("w", "t2"), now_us=T0 + 4 * US)
+    assert new.outcome is Outcome.STALE
+    # Without the race the hand-over completes; and with no guard stored (the store lost its
+    # data) the recording goes through too.
+    store.admit([limit], KEY, guard=Guard("v", "t1", "t2"), reserve=True, now_us=T0 + 4 * US)
+    assert store.set_guard([limit], KEY, Guard("v", "t2", after="t1>t2"), ttl=60) is True
+    assert store.set_guard([limit], KEY, Guard("u", "t2", after="t1>t2"), ttl=60) is True
+    assert store.admit([limit], KEY, guard=Guard("v", "t1"), now_us=T0 + 6 * US).outcome is (
+        Outcome.STALE
+    )
+
+
+def test_work_done_makes_every_later_copy_stale(store: BaseStore) -> None:
+    """Once the live copy has done the work, that copy redelivered (its acknowledgement lost)
+    is stale like any other; a copy that is not the live one cannot close the guard."""
+    limit = Limit("req", "10/s", burst=10)
+    store.admit([limit], KEY, guard=Guard("w", None, "t2"), now_us=T0)  # admitted: no record
+    store.set_guard([limit], KEY, Guard("w", "t2"), ttl=60)
+    live = store.admit([limit], KEY, guard=Guard("w", "t2"), now_us=T0)
+    assert live.allowed
+    assert live.receipt is not None
+    assert store.close_guard(live.receipt.charges, "w", "t9", ttl=60) is False
+    assert store.close_guard(live.receipt.charges, "w", "t2", ttl=60) is True
+    for token in ("t2", None, "t9"):
+        again = store.admit([limit], KEY, guard=Guard("w", token), now_us=T0)
+        assert again.outcome is Outcome.STALE
 
 
 def test_guard_and_booking_keys_follow_the_tenant_whatever_the_order(store: BaseStore) -> None:

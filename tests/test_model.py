@@ -58,6 +58,13 @@ class ReferenceStore(BaseStore):
     def _set_text(self, key: str, value: str, ttl: float) -> None:
         self.engine.set_text(key, value, round(ttl * 1000), self.now)
 
+    def _set_guard(self, key: str, token: str, after: str, ttl: float) -> bool:
+        live = self.engine.get_text(key, self.now)
+        if after and live is not None and live not in (after, token):
+            return False
+        self.engine.set_text(key, token, round(ttl * 1000), self.now)
+        return True
+
 
 @st.composite
 def limits(draw: st.DrawFn) -> list[Limit]:

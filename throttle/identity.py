@@ -41,6 +41,8 @@ _BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 # identities cannot grow the cache by megabytes.
 _CACHEABLE_LEN: Final = 256
 _FINGERPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16}$")
+# Integers up to this many bits (about 600 digits) are fingerprinted in decimal.
+_DECIMAL_BITS: Final = 2000
 
 
 class Fingerprint(str):
@@ -141,8 +143,12 @@ class Keyspace:
             raw = b"s" + value.encode("utf-8", "surrogatepass")
         elif isinstance(value, bytes):
             raw = b"b" + value
-        else:
+        elif value.bit_length() <= _DECIMAL_BITS:
             raw = b"i" + str(value).encode()
+        else:
+            # Past what every interpreter converts to decimal (sys.set_int_max_str_digits
+            # allows no less than 640 digits): hexadecimal, under a type tag of its own.
+            raw = b"x" + format(value, "x").encode()
         inner = self._inner_by_dim.get(dimension)
         if inner is None:
             inner = self._inner.copy()

@@ -18,14 +18,29 @@ from throttle.errors import ConfigurationError, CostError
 __all__ = [
     "ALGORITHMS",
     "BUILTIN_DIMENSIONS",
+    "MAX_SPAN",
+    "MAX_UNITS",
+    "MIN_FACTOR",
     "Algorithm",
     "Limit",
     "Rate",
     "check_cost",
+    "finite_number",
 ]
 
 Algorithm = Literal["token_bucket", "sliding_window"]
 ALGORITHMS: Final = ("token_bucket", "sliding_window")
+
+#: The longest span of time throttle works with, in seconds (ten years): a rate's period, the
+#: time a bucket takes to fill, a horizon, a lifetime, a settled debt. The scripts count in
+#: microseconds from the epoch and Redis keys expire in milliseconds: ten years, even stretched
+#: by the lowest factors (``MIN_FACTOR`` twice), stays within both.
+MAX_SPAN: Final = 10 * 365 * 86400.0
+#: The most units a bucket counts (a rate's count, a burst, a cost, a usage report): the
+#: scripts answer in whole micro-units, which a 64-bit integer holds up to about 9.2e12.
+MAX_UNITS: Final = 1e12
+#: The lowest adaptive factor (the load's or the upstream one) a limit is multiplied by.
+MIN_FACTOR: Final = 0.01
 
 #: Dimensions every limit may be keyed by without declaring them. ``api_key`` is the billable
 #: tenant; ``agent_id`` is only meaningful within an API key, so it requires ``api_key`` too.
@@ -65,7 +80,8 @@ class Rate:
 
     def __post_init__(self) -> None:
         for name, value in (("count", self.count), ("period", self.period)):
-            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            number = finite_number(value)
+            if number is None or number <= 0:
                 raise ConfigurationError(
                     f"rate.{name}", f"must be a positive finite number, got {value!r}"
                 )
@@ -122,7 +138,8 @@ class Limit:
         How fast units are granted: a :class:`Rate` or its string form (``"100/m"``).
     ``burst``
         Token bucket capacity: how many units may pass at once after a quiet spell. Default:
-        one period's worth (``rate.count``), at least 1. Must be at least ``max_cost``.
+        one period's worth (``rate.count``), at least 1. Must be at least ``max_cost``, at most
+        :data:`MAX_UNITS`, and fill at ``rate`` within :data:`MAX_SPAN` (as must a period).
         Not used by ``sliding_window``, whose capacity is ``rate.count`` per rolling period.
     ``unit``
         What one unit of cost is (``"requests"``, ``"tokens"``, ``"cents"``): for display only.
@@ -195,7 +212,8 @@ class Limit:
             raise ConfigurationError(
                 f"{where}: algorithm", f"unknown algorithm {algorithm!r}", " or ".join(ALGORITHMS)
             )
-        if not _is_number(max_cost) or not math.isfinite(max_cost) or max_cost <= 0:
+        largest = finite_number(max_cost)
+        if largest is None or largest <= 0:
             raise ConfigurationError(
                 f"{where}: max_cost", f"must be a positive finite number, got {max_cost!r}"
             )
@@ -210,16 +228,18 @@ class Limit:
         elif burst is None:
             capacity = max(parsed_rate.count, 1.0)
         else:
-            if not _is_number(burst) or not math.isfinite(burst) or burst <= 0:
+            given = finite_number(burst)
+            if given is None or given <= 0:
                 raise ConfigurationError(
                     f"{where}: burst", f"must be a positive finite number, got {burst!r}"
                 )
-            capacity = float(burst)
-        if capacity < max_cost:
+            capacity = given
+        _check_range(where, parsed_rate, capacity, "rate" if burst is None else "burst")
+        if capacity < largest:
             raise ConfigurationError(
                 f"{where}: burst",
                 f"capacity {_compact(capacity)} is below the largest single cost "
-                f"{_compact(max_cost)}, so such work could never be admitted",
+                f"{_compact(largest)}, so such work could never be admitted",
                 "a burst (or sliding_window count) of at least max_cost",
             )
         dims = _parse_dimensions(per, dimensions, where)
@@ -253,7 +273,7 @@ class Limit:
             ("unit", unit),
             ("per", dims),
             ("algorithm", algorithm),
-            ("max_cost", float(max_cost)),
+            ("max_cost", largest),
             ("anonymous", anonymous),
             ("adaptive", adaptive),
             ("is_global", "api_key" not in dims),
@@ -275,19 +295,61 @@ def check_cost(limit: Limit, cost: object) -> float:
     """
     if not _is_number(cost):
         raise CostError(limit.name, cost, "must be a number")
-    value = float(cost)  # type: ignore[arg-type]
-    if not math.isfinite(value):
+    if isinstance(cost, float) and not math.isfinite(cost):
         raise CostError(limit.name, cost, "must be finite")
-    if value < 0:
+    # Compared before any conversion: an int too large for a float is just too large.
+    if cost < 0:  # type: ignore[operator]
         raise CostError(limit.name, cost, "must not be negative")
-    if value > limit.burst:
+    if cost > limit.burst:  # type: ignore[operator]
         raise CostError(
             limit.name,
             cost,
             f"exceeds the limit's capacity of {_compact(limit.burst)} {limit.unit}, "
             "so it could never be admitted",
         )
-    return value
+    return float(cost)  # type: ignore[arg-type]
+
+
+def finite_number(value: object) -> float | None:
+    """``value`` as a float if it is an int or a float (not a bool) of finite value, else None,
+    also for an int too large for a float (where ``float()`` and ``math.isfinite`` raise)."""
+    if not _is_number(value):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _check_range(where: str, rate: Rate, capacity: float, field: str) -> None:
+    """Refuse a limit the stores cannot keep: more than MAX_UNITS units, a period or a time to
+    fill the bucket longer than MAX_SPAN."""
+    if rate.count > MAX_UNITS:
+        raise ConfigurationError(
+            f"{where}: rate",
+            f"a count of {_compact(rate.count)} is more than the {MAX_UNITS:g} units a bucket "
+            "counts",
+            _RATE_FORMS,
+        )
+    if rate.period > MAX_SPAN:
+        raise ConfigurationError(
+            f"{where}: rate",
+            f"a period of {_compact(rate.period)} s is longer than {MAX_SPAN:g} s (ten years)",
+            _RATE_FORMS,
+        )
+    if capacity > MAX_UNITS:
+        raise ConfigurationError(
+            f"{where}: burst", f"{_compact(capacity)} is more than {MAX_UNITS:g} units"
+        )
+    fill = capacity / rate.per_second
+    if fill > MAX_SPAN:
+        raise ConfigurationError(
+            f"{where}: {field}",
+            f"a bucket of {_compact(capacity)} takes {fill:g} s to fill at {rate}, longer than "
+            f"{MAX_SPAN:g} s (ten years)",
+            "a faster rate or a smaller burst",
+        )
 
 
 def _parse_dimensions(

@@ -319,7 +319,8 @@ class Engine:
             if e.cost == 0 or peek:
                 return
             if e.algo == "t":
-                e.tat = e.new_tat
+                # As admit.lua: a narrower limit booked for a later slot is charged there.
+                e.tat = at + e.cost * e.T if at > e.tat else e.new_tat
                 self.set_tat(e.key, e.tat, e.stored, now)
             else:
                 self.zadd(e.key, at, fmt(e.cost) + ":" + nonce)

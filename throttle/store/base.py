@@ -18,12 +18,12 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from throttle._tokens import token_urlsafe
 from throttle.errors import ConfigurationError, CostError, StoreError
 from throttle.identity import Bucket, Keyspace, total_key
-from throttle.limits import Limit, check_cost
+from throttle.limits import MAX_SPAN, MAX_UNITS, MIN_FACTOR, Limit, check_cost, finite_number
 from throttle.store._engine import fmt
 
 __all__ = [
@@ -56,6 +56,9 @@ class Outcome(StrEnum):
 
 
 _ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
+#: What a guard holds once a copy has done the work (no token is spelt so: tokens are hex or
+#: base64url).
+GUARD_DONE: Final = "~done"
 _STALE = Outcome.STALE
 _new = tuple.__new__  # a named tuple without its Python-level __new__, on the hot path
 _PLANS = 4096  # admission plans remembered per store (each a few hundred bytes)
@@ -96,6 +99,9 @@ class Guard(NamedTuple):
     token: str | None
     next: str | None = None
     ttl: float = 3600.0
+    #: For :meth:`BaseStore.set_guard`: the hand-over ("<old>><new>") a denial recorded; the
+    #: token is then recorded only if no other copy took the work over meanwhile.
+    after: str | None = None
 
 
 class LoadFactor(NamedTuple):
@@ -246,12 +252,8 @@ class BaseStore(Store):
     def __init__(self, keyspace: Keyspace, *, booking_grace: float = 600.0) -> None:
         if not isinstance(keyspace, Keyspace):
             raise ConfigurationError("keyspace", f"must be a Keyspace, got {keyspace!r}")
-        if not _positive(booking_grace):
-            raise ConfigurationError(
-                "booking_grace", f"must be a positive number of seconds, got {booking_grace!r}"
-            )
         self.keyspace = keyspace
-        self._grace = str(round(booking_grace * _US))
+        self._grace = str(round(_seconds(booking_grace, "booking_grace") * _US))
         self._nonce = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
@@ -281,6 +283,11 @@ class BaseStore(Store):
 
     @abstractmethod
     def _set_text(self, key: str, value: str, ttl: float) -> None: ...
+
+    @abstractmethod
+    def _set_guard(self, key: str, token: str, after: str, ttl: float) -> bool:
+        """``lua/guard.lua``: record ``token`` unless the key names a copy other than the
+        hand-over ``after`` (empty: whatever the key holds)."""
 
     #: True for a store whose keys live in several shards (Redis Cluster slots), where each
     #: admission runs once per slot it touches.
@@ -569,8 +576,10 @@ class BaseStore(Store):
         if isinstance(limits, Limit):
             limits = (limits,)
         plan = self._plan(limits, identity, cost)
-        if horizon is not None and not _positive(horizon, zero=True):
-            raise ConfigurationError("horizon", f"must be seconds >= 0 or None, got {horizon!r}")
+        if horizon is not None and not _positive(horizon, zero=True, most=MAX_SPAN):
+            raise ConfigurationError(
+                "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"
+            )
         if booking is not None:
             booking = self.keyspace.check_booking_id(booking)
             bmode = "old"
@@ -664,17 +673,29 @@ class BaseStore(Store):
         identity: Mapping[str, object],
         guard: Guard,
         ttl: float,
-    ) -> None:
+    ) -> bool:
         """Remember ``guard.token`` as the live copy of ``guard.work_id`` for ``ttl`` seconds.
 
         Call it after the new copy is published and before the old one is acknowledged: a crash
         before it leaves the old copy live (the new one is then dropped as stale), a crash after
-        it leaves the new one live.
+        it leaves the new one live. With ``guard.after`` (the hand-over the denial recorded),
+        nothing is recorded and False is returned if another copy took the work over since:
+        the old copy, come back because its acknowledgement was lost, was admitted first; the
+        new copy will then be dropped as stale.
         """
         if not guard.token:
             raise ConfigurationError("guard", "a token is needed to set a guard")
         tag = _anchor(self.charges(limits, identity, 0))
-        self._set_text(self.keyspace.guard_key(tag, guard.work_id), guard.token, ttl)
+        key = self.keyspace.guard_key(tag, guard.work_id)
+        return self._set_guard(key, guard.token, guard.after or "", ttl)
+
+    def close_guard(self, charges: Sequence[Charge], work_id: str, token: str, ttl: float) -> bool:
+        """Record that the copy ``token`` of ``work_id`` (admitted with ``charges``) has done
+        the work: any copy that comes later, this one redelivered included (its
+        acknowledgement lost with the broker), is then stale. False when the guard names
+        another copy (nothing is changed then)."""
+        key = self.keyspace.guard_key(_anchor(charges), work_id)
+        return self._set_guard(key, GUARD_DONE, token, ttl)
 
     def _group(self, charges: tuple[Charge, ...]) -> list[tuple[Charge, ...]]:
         groups: dict[Hashable, list[Charge]] = {}
@@ -718,8 +739,10 @@ class BaseStore(Store):
 
         Bookings are kept (redeem flag off) until every slot admitted, then deleted, so a
         denial in a later slot does not consume a booking held in an earlier one. The guard is
-        checked in the first slot only.
+        checked in the first slot only; a denial in a later slot records the hand-over there
+        afterwards, as a denial in the first slot's script does.
         """
+        guard = head[7]
         head = [*head[:4], "0", *head[5:]]
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
@@ -730,6 +753,8 @@ class BaseStore(Store):
                 for earlier, earlier_reply in done:
                     self._refund(earlier, earlier_reply, nonce, now_us, adaptive)
                     states += self._probe(earlier, head, adaptive)
+                if done and guard and work_id is not None:
+                    self._hand_over(_anchor(groups[0]), work_id, guard)
                 decision = self._decision(group, reply, booking, nonce, adaptive)
                 return Decision(
                     decision.outcome,
@@ -750,6 +775,14 @@ class BaseStore(Store):
             outcome = Outcome.REDEEMED
         receipt = Receipt(all_charges, nonce, adaptive)
         return Decision(outcome, 0.0, None, tuple(states), None, receipt)
+
+    def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
+        """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
+        its ARGV[8]: the copy's token, the next copy's, the time to live in ms)."""
+        token, following, ttl_ms = guard.split(" ")
+        if following != "-":
+            key = self.keyspace.guard_key(tag, work_id)
+            self._set_text(key, f"{token}>{following}", int(ttl_ms) / 1000)
 
     def _probe(
         self, group: tuple[Charge, ...], head: list[str], adaptive: bool
@@ -830,7 +863,7 @@ class BaseStore(Store):
         value = _fraction(target, "target", zero=True)
         args = [
             value,
-            _fraction(floor, "floor"),
+            _fraction(floor, "floor", least=MIN_FACTOR),
             _fraction(step, "step"),
             str(round(_seconds(relax, "relax", zero=True) * _US)),
             str(max(1, round(_seconds(ttl, "ttl") * 1000))),
@@ -947,6 +980,10 @@ class BaseStore(Store):
         found = self._read_counts([self.keyspace.counts_key(m) for m in span])
         return [(m * 60, fields) for m, fields in zip(span, found, strict=True)]
 
+    def server_time(self) -> float:
+        """The store's clock now, in seconds since the epoch (the clock admissions run on)."""
+        return self._now_us() / _US
+
     def _now_us(self) -> int:
         """The store's clock now, in microseconds."""
         raise NotImplementedError
@@ -963,7 +1000,8 @@ class BaseStore(Store):
         """Set the load factor cluster-wide (in (0, 1]) until cleared with None."""
         if factor is None:
             return self._load("clear", ["", "", "", "", "1"], now_us)
-        return self._load("override", [_fraction(factor, "factor"), "", "", "", "1"], now_us)
+        factor_arg = _fraction(factor, "factor", least=MIN_FACTOR)
+        return self._load("override", [factor_arg, "", "", "", "1"], now_us)
 
     def load_factor(self, *, now_us: int | None = None) -> LoadFactor:
         """The load factor in force, the computed one and the override."""
@@ -1013,7 +1051,7 @@ class BaseStore(Store):
             held = round(_seconds(hold, "hold", zero=True) * _US)
         head = [
             _fraction(decrease, "decrease"),
-            _fraction(floor, "floor"),
+            _fraction(floor, "floor", least=MIN_FACTOR),
             str(held),
             str(round(_seconds(quiet, "quiet", zero=True) * _US)),
         ]
@@ -1126,6 +1164,10 @@ class BaseStore(Store):
         """
         if not isinstance(receipt, Receipt):
             raise ConfigurationError("receipt", f"must be a Receipt, got {receipt!r}")
+        if not isinstance(usage, Mapping):
+            raise ConfigurationError(
+                "usage", f"must be a mapping of limit name to units, got {usage!r}"
+            )
         by_name = {c.limit.name: c for c in receipt.charges}
         unknown = set(usage) - set(by_name)
         if unknown:
@@ -1228,26 +1270,35 @@ def _anchor(charges: Sequence[Charge]) -> str:
 
 
 def _guard_arg(guard: Guard) -> str:
-    if not _positive(guard.ttl):
-        raise ConfigurationError("guard.ttl", f"must be seconds > 0, got {guard.ttl!r}")
+    if not _positive(guard.ttl, most=MAX_SPAN):
+        raise ConfigurationError(
+            "guard.ttl", f"must be seconds in (0, {MAX_SPAN:g}], got {guard.ttl!r}"
+        )
     for token in (guard.token, guard.next):
         if token is not None and (not token or not token.isascii() or " " in token or ">" in token):
             raise ConfigurationError("guard", "tokens are non-empty ASCII without spaces or '>'")
     return f"{guard.token or '-'} {guard.next or '-'} {max(1, round(guard.ttl * 1000))}"
 
 
-def _fraction(value: object, name: str, *, zero: bool = False) -> str:
-    """A factor in (0, 1] (or [0, 1] with ``zero``) as the scripts take it."""
-    if not _positive(value, zero=zero) or value > 1:  # type: ignore[operator]
-        low = "[0" if zero else "(0"
+def _fraction(value: object, name: str, *, zero: bool = False, least: float = 0.0) -> str:
+    """A factor in (0, 1] (or [0, 1] with ``zero``, or [least, 1]) as the scripts take it."""
+    number = finite_number(value)
+    if least:
+        low, ok = f"[{least:g}", number is not None and least <= number <= 1
+    elif zero:
+        low, ok = "[0", number is not None and 0 <= number <= 1
+    else:
+        low, ok = "(0", number is not None and 0 < number <= 1
+    if not ok:
         raise ConfigurationError(name, f"must be a number in {low}, 1], got {value!r}")
-    return fmt(float(value))  # type: ignore[arg-type]
+    return fmt(number)  # type: ignore[arg-type]
 
 
 def _seconds(value: object, name: str, *, zero: bool = False) -> float:
-    if not _positive(value, zero=zero):
-        low = ">= 0" if zero else "> 0"
-        raise ConfigurationError(name, f"must be seconds {low}, got {value!r}")
+    """Seconds > 0 (or >= 0 with ``zero``), at most MAX_SPAN."""
+    if not _positive(value, zero=zero, most=MAX_SPAN):
+        low = "[0" if zero else "(0"
+        raise ConfigurationError(name, f"must be seconds in {low}, {MAX_SPAN:g}], got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -1256,19 +1307,29 @@ def _text(value: object) -> str:
 
 
 def _usage(limit: Limit, actual: object) -> float:
+    """A usage report for ``limit`` as a float: a finite number >= 0, and no more than the limit
+    grants in MAX_SPAN (a larger debt would outlive any key, and cannot be a real report)."""
     if not isinstance(actual, int | float) or isinstance(actual, bool):
         raise CostError(limit.name, actual, "usage must be a number")
-    value = float(actual)
-    if not math.isfinite(value) or value < 0:
+    if (isinstance(actual, float) and not math.isfinite(actual)) or actual < 0:
         raise CostError(limit.name, actual, "usage must be a finite number >= 0")
-    return value
+    most = min(MAX_UNITS, limit.burst + limit.rate.per_second * MAX_SPAN)
+    if actual > most:
+        raise CostError(
+            limit.name,
+            actual,
+            f"usage above {most:g} {limit.unit} is more than the limit grants in ten years",
+        )
+    return float(actual)
 
 
 def _booked(reply: Sequence[Any], index: int) -> bool:
     return int(reply[3 + 4 * index + 3]) == 1
 
 
-def _positive(value: object, *, zero: bool = False) -> bool:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+def _positive(value: object, *, zero: bool = False, most: float = math.inf) -> bool:
+    """Whether ``value`` is a finite number > 0 (>= 0 with ``zero``), at most ``most``."""
+    number = finite_number(value)
+    if number is None or number > most:
         return False
-    return value >= 0 if zero else value > 0
+    return number >= 0 if zero else number > 0

@@ -76,6 +76,15 @@ class MemoryStore(BaseStore):
         with self._lock:
             self._engine.set_text(key, value, max(1, round(ttl * 1000)), float(self.clock.now_us()))
 
+    def _set_guard(self, key: str, token: str, after: str, ttl: float) -> bool:
+        with self._lock:
+            now = float(self.clock.now_us())
+            live = self._engine.get_text(key, now)
+            if after and live is not None and live not in (after, token):
+                return False
+            self._engine.set_text(key, token, max(1, round(ttl * 1000)), now)
+            return True
+
     def _get_number(self, key: str) -> float | None:
         with self._lock:
             return self._engine.get(key, float(self.clock.now_us()))

@@ -28,8 +28,16 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.crc import key_slot
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from throttle.clock import Clock, SystemClock
@@ -47,6 +55,13 @@ except ImportError:  # redis[hiredis] installs it; without it the store still wo
 __all__ = ["RedisStore", "script_source"]
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+#: What the store treats as Redis not answering: the above, and what a cluster client raises
+#: while a slot has no master to serve it (between a master's death and its replica's
+#: promotion the whole cluster answers CLUSTERDOWN) or is being moved (TRYAGAIN).
+_DOWN = (*_UNAVAILABLE, ClusterDownError, TryAgainError, SlotNotCoveredError)
+#: What it treats as Redis refusing. The cluster client's own errors are not RedisErrors: left
+#: out, they would escape the store, and the gate would run the task unchecked.
+_REFUSED = (RedisError, RedisClusterException)
 
 
 def script_source(name: str) -> str:
@@ -93,6 +108,7 @@ class RedisStore(BaseStore):
         self._sample_script = Script(registrar, script_source("sample"))
         lua = resources.files("throttle.store") / "lua"
         self._heartbeat_script = Script(registrar, (lua / "heartbeat.lua").read_text())
+        self._guard_script = Script(registrar, (lua / "guard.lua").read_text())
         self._fast = None if isinstance(client, RedisCluster) else _FastPath(client)
         self._starts: dict[tuple[int, int], bytes] = {}
         self._heads: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
@@ -243,6 +259,10 @@ class RedisStore(BaseStore):
         with _store_errors():
             self.client.set(key, value, px=max(1, round(ttl * 1000)))
 
+    def _set_guard(self, key: str, token: str, after: str, ttl: float) -> bool:
+        ttl_ms = str(max(1, round(ttl * 1000)))
+        return bool(self._run(self._guard_script, [key], [token, after, ttl_ms]))
+
     def _get_number(self, key: str) -> float | None:
         with _store_errors():
             value = self.client.get(key)
@@ -302,9 +322,9 @@ class RedisStore(BaseStore):
                 except NoScriptError:
                     pass  # Script below loads it and runs it again.
             return script(keys=keys, args=argv)
-        except _UNAVAILABLE as exc:
+        except _DOWN as exc:
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
-        except RedisError as exc:
+        except _REFUSED as exc:
             raise StoreError(f"Redis refused the throttle script: {exc}") from exc
 
 
@@ -489,9 +509,9 @@ def _store_errors() -> Iterator[None]:
     it refuses (an ACL, a read-only replica, a key of another type)."""
     try:
         yield
-    except _UNAVAILABLE as exc:
+    except _DOWN as exc:
         raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
-    except RedisError as exc:
+    except _REFUSED as exc:
         raise StoreError(f"Redis refused: {exc}") from exc
 
 

@@ -201,7 +201,11 @@ end
 local function charge(e, at)
   if e.cost == 0 or peek then return end
   if e.algo == 't' then
-    e.tat = e.new_tat
+    -- A narrower limit booked for a later slot is charged at that slot: charged from now, it
+    -- would bank the idle time before the slot beyond its burst, and the runs booked in a
+    -- wider limit would come at the wider limit's pace. (Else, and for the binding limit,
+    -- whose slot never lies beyond its own TAT, this is new_tat.)
+    if at > e.tat then e.tat = at + e.cost * e.T else e.tat = e.new_tat end
     set_tat(e.key, e.tat, e.stored, now)
   else
     redis.call('ZADD', e.key, at, fmt(e.cost) .. ':' .. nonce)
