@@ -16,12 +16,12 @@ shared factor (:meth:`throttle.store.base.BaseStore.report_load`).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from throttle.errors import ConfigurationError
+from throttle.limits import MAX_SPAN, MIN_FACTOR, finite_number
 
 __all__ = ["DEFAULT_LADDER", "DEFAULT_SIGNAL_LADDER", "LoadPolicy", "Sample"]
 
@@ -112,13 +112,15 @@ class LoadPolicy:
         ):
             if key in value:
                 kwargs[attr] = _ladder(value[key], f"{where}.{key}", scale)
-        for key in ("floor", "step"):
+        for key, least in (("floor", MIN_FACTOR), ("step", 0.0)):
             if key in value:
-                kwargs[key] = _fraction(value[key], f"{where}.{key}")
+                kwargs[key] = _fraction(value[key], f"{where}.{key}", least)
         if "relax" in value:
             relax = value["relax"]
-            if not _number(relax) or relax < 0:
-                raise ConfigurationError(f"{where}.relax", f"got {relax!r}", "seconds >= 0")
+            if not _number(relax) or not 0 <= relax <= MAX_SPAN:
+                raise ConfigurationError(
+                    f"{where}.relax", f"got {relax!r}", f"seconds from 0 to {MAX_SPAN:g}"
+                )
             kwargs["relax"] = float(relax)
         return cls(**kwargs)
 
@@ -153,14 +155,16 @@ def _ladder(value: object, where: str, scale: float) -> tuple[tuple[float, float
     return tuple(sorted(rungs, reverse=True))
 
 
-def _fraction(value: object, where: str) -> float:
-    if not _number(value) or not 0 < value <= 1:  # type: ignore[operator]
-        raise ConfigurationError(where, f"got {value!r}", "a number in (0, 1]")
-    return float(value)  # type: ignore[arg-type]
+def _fraction(value: object, where: str, least: float = 0.0) -> float:
+    number = finite_number(value)
+    if number is None or not 0 < number <= 1 or number < least:
+        accepted = f"a number in [{least:g}, 1]" if least else "a number in (0, 1]"
+        raise ConfigurationError(where, f"got {value!r}", accepted)
+    return number
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return finite_number(value) is not None
 
 
 def _percent(value: object) -> float:

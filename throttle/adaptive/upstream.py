@@ -37,6 +37,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from throttle.errors import ThrottleError
+from throttle.limits import finite_number
 
 __all__ = [
     "DEFAULT_MAX_DELAY",
@@ -312,7 +313,7 @@ def _seconds(value: object, name: str, longest: float, *, quiet: bool = False) -
     finite duration >= 0; cut to ``longest``."""
     seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = finite_number(value)  # None for an int past any float, as for its digits
     elif isinstance(value, str):
         seconds = _duration(value.strip())
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
@@ -378,10 +379,16 @@ def _text(value: object) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:  # an int with more digits than str() converts: no header has that
+            return None
     return None
 
 
 def _shown(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than repr() converts
+        text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else "?"
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."

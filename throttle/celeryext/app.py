@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.app import utils as celery_utils
 from celery.signals import before_task_publish, task_postrun
 from celery.utils.saferepr import saferepr
 from redis.cluster import RedisCluster
@@ -35,6 +37,7 @@ from throttle.celeryext import headers as H
 from throttle.celeryext.gate import Gate
 from throttle.celeryext.settings import ThrottleSettings, load_settings
 from throttle.celeryext.worker import (
+    EtaStep,
     GateStep,
     LoadStep,
     install_pool_fallback,
@@ -50,6 +53,17 @@ from throttle.store.base import BaseStore
 __all__ = ["Throttle"]
 
 logger = logging.getLogger("throttle")
+
+
+def _censor_in_celery_reports() -> None:
+    """``celery report``, ``celery inspect conf`` and Flower's worker configuration show the
+    app's settings, masking those whose names Celery's ``HIDDEN_SETTINGS`` pattern matches
+    (``KEY``, ``SECRET``, ``PASS``...) and the broker and backend URLs, but not
+    ``throttle_redis_url``, which may hold a password: add it to that pattern."""
+    hidden = getattr(celery_utils, "HIDDEN_SETTINGS", None)
+    if isinstance(hidden, re.Pattern) and not hidden.search("throttle_redis_url"):
+        pattern = f"{hidden.pattern}|THROTTLE_REDIS_URL"
+        celery_utils.HIDDEN_SETTINGS = re.compile(pattern, hidden.flags)
 
 
 class Throttle:
@@ -69,6 +83,7 @@ class Throttle:
     ) -> None:
         self.app = app
         self.settings: ThrottleSettings = load_settings(app.conf)
+        _censor_in_celery_reports()
         self.keyspace = Keyspace(self.settings.key_secret, prefix=self.settings.key_prefix)
         self.clock = clock or SystemClock()
         self.sleep = sleep
@@ -80,7 +95,11 @@ class Throttle:
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
+        app.steps["consumer"].add(EtaStep)
         app.steps["worker"].add(LoadStep)
+        #: This host's wall clock minus the store's, in seconds, as a worker last measured it
+        #: (None until it has): deferred copies say when they are due on the store's clock.
+        self.store_offset: float | None = None
         #: The running load sampler of this worker process (set by its bootstep).
         self.sampler: LoadSampler | None = None
         # Tasks created from now on get the pool-side fallback at once (eager mode may run a
@@ -92,6 +111,7 @@ class Throttle:
         before_task_publish.connect(self._seal_identity, weak=False)
         self._wrap_send_task()
         task_postrun.connect(self._settle, weak=False)
+        task_postrun.connect(self._close_guard, weak=False)
         task_postrun.connect(self._count_success, weak=False)
         #: Successes per tenant since the last report (this process): tag -> (identity, n).
         self._successes: dict[str, tuple[dict[str, object], int]] = {}
@@ -140,6 +160,16 @@ class Throttle:
         if self.settings.redis_cluster:
             return RedisCluster.from_url(self.settings.redis_url, **kwargs)
         return redis.Redis.from_url(self.settings.redis_url, **kwargs)
+
+    def measure_offset(self) -> None:
+        """Measure :attr:`store_offset` against the store's clock (Redis ``TIME``)."""
+        store = self.store()
+        if not isinstance(store, RedisStore):
+            return
+        before = time.time()
+        server = store.server_time()
+        after = time.time()
+        self.store_offset = (before + after) / 2 - server
 
     def heartbeat(self, member: str) -> int:
         """Record this worker as alive; return how many workers are (1 without Redis)."""
@@ -336,6 +366,28 @@ class Throttle:
             except ThrottleError as exc:
                 logger.debug("upstream successes not reported: %s", exc)
                 return
+
+    def _close_guard(
+        self, sender: Any = None, task: Any = None, state: str | None = None, **_: Any
+    ) -> None:
+        """After a deferred task succeeded: its guard says the work is done, so a copy of it
+        that comes back (redelivered because its acknowledgement was lost) is dropped."""
+        task = task or sender
+        if state != "SUCCESS" or task is None or getattr(task, "app", None) is not self.app:
+            return
+        request = task.request
+        token = getattr(request, H.TOKEN, None)
+        admitted = getattr(request, H.ADMITTED, None)
+        if not token or not isinstance(token, str) or not isinstance(admitted, dict):
+            return  # never deferred (no guard), or not admitted through the shared store
+        spec = self.gate.spec_for(task)
+        receipt = None if spec is None else self.gate.receipt_from_header(spec, admitted)
+        if receipt is None or not receipt.charges:
+            return
+        try:
+            self.store().close_guard(receipt.charges, request.id, token, self.settings.guard_ttl)
+        except (ThrottleError, ValueError) as exc:
+            logger.debug("task %s: guard not closed: %s", request.id, exc)
 
     def _settle(self, sender: Any = None, task: Any = None, **_: Any) -> None:
         """After the task body: settle its estimate with the usage it reported."""

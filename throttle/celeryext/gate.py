@@ -230,7 +230,7 @@ class Gate:
             return step
         try:
             outcome: Decision | Exception = self._admit(step)
-        except (CostError, StoreError) as exc:
+        except (CostError, IdentityError, StoreError) as exc:
             outcome = exc
         return self.conclude(step, outcome)
 
@@ -247,7 +247,10 @@ class Gate:
         spec = self.spec_for(task)
         if spec is None:
             return Verdict(Action.RUN)
-        call = self._call(spec, task_id, args, kwargs, headers)
+        try:
+            call = self._call(spec, task_id, args, kwargs, headers)
+        except ThrottleError as exc:  # an identity no fingerprint takes, or its callable failed
+            return Verdict(Action.FAIL, error=exc)
         try:
             call.costs = spec.costs(args, kwargs)
         except Exception as exc:  # a user callable
@@ -393,7 +396,7 @@ class Gate:
 
     def conclude(self, call: Call, outcome: Decision | Exception) -> Verdict:
         """The verdict for a call, from the store's decision or the error it raised."""
-        if isinstance(outcome, CostError):
+        if isinstance(outcome, CostError | IdentityError):
             return call.verdict(Action.FAIL, error=outcome)
         if isinstance(outcome, StoreUnavailable):
             logger.warning("throttle store unavailable (%s); on_store_error applies", outcome)
@@ -505,7 +508,10 @@ class Gate:
             countdown=min(max(wait, 0.0), self.settings.max_defer),
             headers={H.DEFERRALS: deferrals, H.BOOKING: booking, H.TOKEN: carried},
             decision=decision,
-            guard=None if token is None else Guard(call.task_id, token),
+            # Recorded only if the hand-over this denial recorded still stands (see set_guard).
+            guard=None
+            if token is None
+            else Guard(call.task_id, token, after=f"{call.token or '-'}>{token}"),
             bound_by=bound_by,
             reason=reason,
             deferrals=deferrals,
@@ -527,7 +533,10 @@ class Gate:
             # A scaled limit keeps its name, so the cost mapping applies as it is.
             names = {lim.name for lim in local}
             cost = {n: c for n, c in call.cost.items() if n in names}
-            decision = self._local.admit(local, call.identity, cost=cost)
+            try:
+                decision = self._local.admit(local, call.identity, cost=cost)
+            except (CostError, IdentityError) as exc:
+                return call.verdict(Action.FAIL, error=exc)
             if not decision.allowed:
                 return self._defer(
                     call, decision.retry_after, "local", decision.bound_by, call.booking, None

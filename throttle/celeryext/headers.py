@@ -17,16 +17,21 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
+from throttle.errors import IdentityError
 from throttle.identity import Fingerprint, Keyspace
 
 __all__ = [
     "ADMITTED",
     "BOOKING",
     "DEFERRALS",
+    "ETA",
     "IDENTITY",
     "INTERNAL",
     "TOKEN",
+    "USAGE",
+    "open_admitted",
     "open_identity",
+    "seal_admitted",
     "seal_identity",
 ]
 
@@ -38,10 +43,17 @@ BOOKING: Final = "throttle_booking"
 DEFERRALS: Final = "throttle_deferrals"
 #: The identity given by the caller (raw until published, then sealed).
 IDENTITY: Final = "throttle_identity"
-#: Set by the gate on work it let through, for the pool side: the receipt to settle.
+#: Set by the gate on work it let through, for the pool side: the receipt to settle. Signed
+#: (see :func:`seal_admitted`): a message that arrives carrying one proves nothing.
 ADMITTED: Final = "throttle_admitted"
+#: The request attribute where ``report_usage()`` adds up a task's usage (never a header: a
+#: message that carries one is not believed).
+USAGE: Final = "throttle_usage"
+#: When a deferred copy is due, in seconds since the epoch on the store's clock (the worker
+#: that receives it converts it to its own clock: see worker.EtaStep).
+ETA: Final = "throttle_eta"
 #: Headers a re-published copy must not inherit from the copy it replaces.
-INTERNAL: Final = (ADMITTED, "redelivered")
+INTERNAL: Final = (ADMITTED, ETA, "redelivered")
 
 _SEALED: Final = "sealed"
 
@@ -72,7 +84,13 @@ def open_identity(
     if not isinstance(header, Mapping):
         return None, "malformed"
     if not header.get(_SEALED):
-        return {str(k): v for k, v in header.items() if v is not None}, "raw"
+        raw = {str(k): v for k, v in header.items() if v is not None}
+        try:  # a value no fingerprint takes (a float, a list): the header is not an identity
+            for dim, value in raw.items():
+                keyspace.fingerprint(dim, value)
+        except IdentityError:
+            return None, "malformed"
+        return raw, "raw"
     fps = header.get("fp")
     sig = header.get("sig")
     if not isinstance(fps, Mapping) or not isinstance(sig, str):
@@ -85,6 +103,40 @@ def open_identity(
         return {k: Fingerprint(v) for k, v in fps.items()}, "sealed"
     except ValueError:
         return None, "malformed"
+
+
+def seal_admitted(
+    admitted: Mapping[str, Any], task_id: str, retries: object, keyspace: Keyspace
+) -> dict[str, Any]:
+    """The gate's admission header for one delivery of a task, signed for its id and retry
+    count, so the pool side can tell it from one a message brought (forged, or copied by
+    Celery into a retry of the same task)."""
+    fields = {k: v for k, v in admitted.items() if k != "sig"}
+    return {**fields, "sig": _sign_admitted(fields, task_id, retries, keyspace)}
+
+
+def open_admitted(
+    admitted: object, task_id: str, retries: object, keyspace: Keyspace
+) -> dict[str, Any] | None:
+    """The admission header if the gate signed it for this task and retry count, else None."""
+    if not isinstance(admitted, Mapping) or not isinstance(admitted.get("sig"), str):
+        return None
+    fields = {str(k): v for k, v in admitted.items() if k != "sig"}
+    try:
+        expected = _sign_admitted(fields, task_id, retries, keyspace)
+    except (TypeError, ValueError):  # not JSON: not ours
+        return None
+    return fields if hmac.compare_digest(admitted["sig"], expected) else None
+
+
+def _sign_admitted(
+    fields: Mapping[str, Any], task_id: str, retries: object, keyspace: Keyspace
+) -> str:
+    count = retries if isinstance(retries, int) and not isinstance(retries, bool) else 0
+    payload = json.dumps(
+        ["admitted", task_id, count, fields], sort_keys=True, separators=(",", ":")
+    ).encode()
+    return hmac.new(keyspace.signing_key, payload, hashlib.sha256).hexdigest()[:32]
 
 
 def _sign(fps: Mapping[str, str], task_id: str, keyspace: Keyspace) -> str:

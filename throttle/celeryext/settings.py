@@ -10,16 +10,17 @@ Django-style ``CELERY_THROTTLE_*`` names work through Celery's settings namespac
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from redis.connection import parse_url
 
 from throttle.adaptive.policy import LoadPolicy
 from throttle.errors import ConfigurationError
-from throttle.limits import Limit
+from throttle.limits import MAX_SPAN, MIN_FACTOR, Limit, finite_number
 
 __all__ = [
     "DEFAULT_TIER",
@@ -55,6 +56,8 @@ _LIMIT_KEYS: Final = frozenset(
 )
 _TIER_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_DIMENSION_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_SECONDS: Final = f"seconds > 0, at most {MAX_SPAN:g} (ten years)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,33 +127,38 @@ KNOWN: Final[dict[str, tuple[object, str]]] = {
     "throttle_limits": ({}, "a dict of limit name -> {rate, burst, unit, per, ...}"),
     "throttle_tiers": ({}, "a dict of tier name -> {limit name -> overrides}"),
     "throttle_tier_resolver": (None, "'module:function' or a callable(identity) -> tier"),
-    "throttle_dimensions": ((), "a list of custom dimension names"),
-    "throttle_max_defer": (300.0, "seconds > 0, well below the broker's visibility timeout"),
+    "throttle_dimensions": (
+        (),
+        "a list of custom dimension names (lowercase identifiers, at most 32 characters)",
+    ),
+    "throttle_max_defer": (300.0, f"{_SECONDS}, well below the broker's visibility timeout"),
     "throttle_max_deferrals": (None, "None (unlimited) or an integer >= 1"),
-    "throttle_booking_horizon": (3600.0, "seconds > 0"),
-    "throttle_booking_grace": (600.0, "seconds > 0"),
+    "throttle_booking_horizon": (3600.0, _SECONDS),
+    # Short: a copy that comes back later than this after its slot (one a dead worker held,
+    # restored late) is checked as a fresh arrival, so late copies do not run in a burst.
+    "throttle_booking_grace": (2.0, _SECONDS),
     "throttle_on_store_error": ("local", "'open', 'closed' or 'local'"),
-    "throttle_socket_timeout": (0.25, "seconds > 0"),
-    "throttle_store_retry": (1.0, "seconds > 0"),
+    "throttle_socket_timeout": (0.25, _SECONDS),
+    "throttle_store_retry": (1.0, _SECONDS),
     "throttle_guard_ttl": (
         None,
-        "seconds > 0; default: the longest a dead worker's message can take to come back "
+        f"{_SECONDS}; default: the longest a dead worker's message can take to come back "
         "(visibility timeout + restore sweep + 2 x max_defer), at least an hour",
     ),
-    "throttle_heartbeat_interval": (5.0, "seconds > 0"),
+    "throttle_heartbeat_interval": (5.0, _SECONDS),
     "throttle_adaptive": (
         {},
         "a dict with any of: enabled (bool), cpu and memory ([[percent, factor], ...]), busy "
         "([[share, factor], ...]), signals ({name: callable or 'module:function'} returning a "
-        "load in [0, 1]), signal_thresholds, floor, step (in (0, 1]), relax (seconds), "
-        "upstream_decrease, upstream_step, upstream_floor (in (0, 1]), upstream_ttl, "
-        "upstream_quiet, upstream_delay (seconds)",
+        f"load in [0, 1]), signal_thresholds, floor (in [{MIN_FACTOR:g}, 1]), step (in (0, 1]), "
+        "relax (seconds), upstream_decrease, upstream_step (in (0, 1]), upstream_floor (in "
+        f"[{MIN_FACTOR:g}, 1]), upstream_ttl, upstream_quiet, upstream_delay (seconds)",
     ),
-    "throttle_load_interval": (1.0, "seconds > 0"),
+    "throttle_load_interval": (1.0, _SECONDS),
     "throttle_counts_retention": (
         3600.0,
-        "seconds >= 60 that per-key traffic counts are kept for `celery throttle suggest`, "
-        "or 0 to keep none",
+        f"seconds from 60 to {MAX_SPAN:g} that per-key traffic counts are kept for "
+        "`celery throttle suggest`, or 0 to keep none",
     ),
 }
 
@@ -172,14 +180,15 @@ def load_settings(conf: Any) -> ThrottleSettings:
     _expect(
         "throttle_dimensions",
         dimensions,
-        isinstance(dimensions, list | tuple) and all(isinstance(d, str) for d in dimensions),
+        isinstance(dimensions, list | tuple)
+        and all(isinstance(d, str) and _DIMENSION_RE.match(d) for d in dimensions),
     )
     default_policy = get("throttle_on_store_error")
     _expect("throttle_on_store_error", default_policy, default_policy in STORE_ERROR_POLICIES)
     max_defer = _seconds(get, "throttle_max_defer")
     _check_visibility(conf, max_defer)
     guard_ttl = (
-        max(3600.0, _redelivery_delay(conf) + 2 * max_defer)
+        min(MAX_SPAN, max(3600.0, _redelivery_delay(conf) + 2 * max_defer))
         if get("throttle_guard_ttl") is None
         else _seconds(get, "throttle_guard_ttl")
     )
@@ -191,10 +200,12 @@ def load_settings(conf: Any) -> ThrottleSettings:
     )
     cluster = get("throttle_redis_cluster")
     _expect("throttle_redis_cluster", cluster, isinstance(cluster, bool))
+    dev = get("throttle_insecure_dev_secret")
+    _expect("throttle_insecure_dev_secret", dev, isinstance(dev, bool))
     return ThrottleSettings(
         redis_url=_redis_url(get("throttle_redis_url"), conf),
         redis_cluster=cluster,
-        key_secret=_secret(get("throttle_key_secret"), get("throttle_insecure_dev_secret")),
+        key_secret=_secret(get("throttle_key_secret"), dev),
         key_prefix=prefix,
         tiers=_tiers(
             get("throttle_limits"), get("throttle_tiers"), tuple(dimensions), default_policy
@@ -336,12 +347,16 @@ def _adaptive(value: object, interval: float) -> AdaptiveSettings:
         if name not in value:
             continue
         raw = value[name]
-        ok = isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw)
-        ok = ok and raw > 0 and (raw <= 1 or low == "seconds")
-        if not ok:
-            accepted = "a number in (0, 1]" if low == "fraction" else "seconds > 0"
+        number = finite_number(raw)
+        least = MIN_FACTOR if name == "upstream_floor" else 0.0
+        most = 1.0 if low == "fraction" else MAX_SPAN
+        if number is None or not (least <= number <= most and number > 0):
+            if low == "seconds":
+                accepted = _SECONDS
+            else:
+                accepted = f"a number in [{least:g}, 1]" if least else "a number in (0, 1]"
             raise ConfigurationError(f"{key}.{name}", f"got {raw!r}", accepted)
-        numbers[name] = float(raw)
+        numbers[name] = number
     return AdaptiveSettings(
         enabled=enabled,
         policy=LoadPolicy.from_settings(value, key),
@@ -360,8 +375,10 @@ def _callable(value: object, where: str) -> Callable[[], float]:
     module_name, _, attr = value.partition(":")
     try:
         target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(where, f"cannot import {value!r}: {exc}") from exc
+    except Exception as exc:  # not found, a relative or empty name, or the module failed
+        raise ConfigurationError(
+            where, f"cannot import {value!r}: {exc!r}", "a callable or 'module:function'"
+        ) from exc
     if not callable(target):
         raise ConfigurationError(where, f"{value!r} is not callable")
     return target  # type: ignore[no-any-return]
@@ -421,27 +438,46 @@ def build_policy(
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs, errors and reprs."""
+    """``url`` with its password, and any ``password`` or ``ssl_password`` in its query
+    (redis-py takes them from there too), replaced by ``***``, for logs, errors and reprs."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    # The host part as written: an IPv6 address keeps its brackets, a bad port stays.
+    netloc = f"{userinfo.partition(':')[0]}:***@{host}" if at and ":" in userinfo else None
+    query = "&".join(map(_redact_field, parts.query.split("&")))
+    if netloc is None and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=netloc or parts.netloc, query=query))
+
+
+def _redact_field(field: str) -> str:
+    name, eq, _ = field.partition("=")
+    return f"{name}=***" if eq and "password" in unquote(name).lower() else field
 
 
 def _present_keys(conf: Any) -> set[str]:
+    """The throttle settings ``conf`` holds, by their canonical names. One spelt so that Celery
+    never hands it over (``THROTTLE_LIMITS``, or ``CELERY_THROTTLE_LIMITS`` without the CELERY
+    namespace) is an error naming it as written: its value would otherwise be ignored."""
     found = set()
     for key in list(conf.keys()):
-        low = str(key).lower()
+        spelt = str(key)
+        low = spelt.lower()
         if low.startswith("celery_throttle_"):
             low = low[len("celery_") :]
-        if low.startswith("throttle_"):
-            found.add(low)
+        if not low.startswith("throttle_"):
+            continue
+        if low in KNOWN and spelt != low and conf.get(low) is not conf.get(spelt):
+            raise ConfigurationError(
+                spelt,
+                "is never read: Celery hands over a throttle setting only as spelt here",
+                f"{low!r} (or, through config_from_object(..., namespace='CELERY'), "
+                f"{'CELERY_' + low.upper()!r})",
+            )
+        found.add(low)
     return found
 
 
@@ -455,10 +491,26 @@ def _redis_url(value: object, conf: Any) -> str:
             "is required when the broker is not Redis",
             KNOWN["throttle_redis_url"][1],
         )
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        shown = redact_url(value) if isinstance(value, str) else repr(value)
+    if not isinstance(value, str):
         raise ConfigurationError(
-            "throttle_redis_url", f"not a Redis URL: {shown}", KNOWN["throttle_redis_url"][1]
+            "throttle_redis_url", f"not a string: {value!r}", KNOWN["throttle_redis_url"][1]
+        )
+    problem = ""
+    try:  # as redis-py reads it when the store connects
+        parts: dict[str, Any] = parse_url(value)  # type: ignore[no-untyped-call]
+        path = urlsplit(value).path.strip("/")
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if value.startswith("unix://") and "path" not in parts:
+            problem = "no socket path"
+        elif not value.startswith("unix://") and path and not path.isdigit():
+            problem = f"the database must be a number, got {path!r}"
+    if problem:
+        raise ConfigurationError(
+            "throttle_redis_url",
+            f"not a Redis URL ({problem}): {redact_url(value)}",
+            KNOWN["throttle_redis_url"][1],
         )
     return value
 
@@ -483,30 +535,42 @@ def _secret(value: object, dev: object) -> bytes:
 
 def _seconds(get: Callable[[str], Any], key: str) -> float:
     value = get(key)
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    _expect(key, value, numeric and math.isfinite(value) and value > 0)
+    number = finite_number(value)
+    _expect(key, value, number is not None and 0 < number <= MAX_SPAN)
     return float(value)
 
 
 def _retention(value: Any) -> float:
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = numeric and math.isfinite(value) and (value == 0 or value >= 60)
+    number = finite_number(value)
+    ok = number is not None and (number == 0 or 60 <= number <= MAX_SPAN)
     _expect("throttle_counts_retention", value, ok)
     return float(value)
 
 
-def _visibility_timeout(conf: Any) -> float:
+def _transport_seconds(conf: Any, name: str, default: float) -> float:
+    """A number of seconds from Celery's ``broker_transport_options`` (read to size deferrals
+    and guards)."""
     options = conf.get("broker_transport_options") or {}
-    value = options.get("visibility_timeout", 3600)
-    return float(value)
+    if not isinstance(options, Mapping):
+        raise ConfigurationError("broker_transport_options", f"got {options!r}", "a dict")
+    value = options.get(name, default)
+    number = finite_number(value)
+    if number is None or number < 0:
+        raise ConfigurationError(
+            f"broker_transport_options[{name!r}]", f"got {value!r}", "seconds >= 0"
+        )
+    return number
+
+
+def _visibility_timeout(conf: Any) -> float:
+    return _transport_seconds(conf, "visibility_timeout", 3600)
 
 
 def _redelivery_delay(conf: Any) -> float:
     """How long an unacknowledged message of a dead worker can take to be delivered again on a
     Redis broker: the visibility timeout plus kombu's restore sweep period."""
-    options = conf.get("broker_transport_options") or {}
-    sweep = float(options.get("unacked_restore_interval", 10)) * float(
-        options.get("unacked_restore_throttle", 10)
+    sweep = _transport_seconds(conf, "unacked_restore_interval", 10) * _transport_seconds(
+        conf, "unacked_restore_throttle", 10
     )
     return _visibility_timeout(conf) + sweep
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar
 
 from throttle.celeryext.settings import LimitPolicy
-from throttle.errors import ConfigurationError
-from throttle.limits import Limit, Rate
+from throttle.errors import ConfigurationError, CostError
+from throttle.limits import Limit, Rate, check_cost, finite_number
 
 __all__ = ["TaskSpec", "limit", "spec_from_options"]
 
@@ -62,10 +62,16 @@ class TaskSpec:
         return out
 
     def resolve_identity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, object]:
-        """The identity of one call, from its arguments."""
+        """The identity of one call, from its arguments. A callable that raises is a
+        :class:`ConfigurationError` naming the dimension."""
         out: dict[str, object] = {}
         for dim, source in self.identity.items():
-            value = source(args, kwargs) if callable(source) else kwargs.get(source)
+            try:
+                value = source(args, kwargs) if callable(source) else kwargs.get(source)
+            except Exception as exc:  # a user callable, given arguments it did not expect
+                raise ConfigurationError(
+                    f"throttle_identity[{dim!r}]", f"the identity callable raised {exc!r}"
+                ) from exc
             if value is not None:
                 out[dim] = value
         return out
@@ -128,6 +134,10 @@ def check_options(options: Mapping[str, Any], *, where: str) -> dict[str, Any]:
             )
         if "/" in item:
             Rate.parse(item, field=f"{where} throttle")
+            try:  # a rate no bucket can keep (a count or a period out of range)
+                Limit("inline", item)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{where} throttle", exc.problem, exc.accepted) from exc
     if len(set(spec)) != len(spec):
         raise ConfigurationError(f"{where} throttle", "a limit is listed twice")
     cost = options.get("throttle_cost")
@@ -142,11 +152,12 @@ def check_options(options: Mapping[str, Any], *, where: str) -> dict[str, Any]:
             raise ConfigurationError(
                 f"{where} throttle_cost[{name!r}]", "names a limit the task is not throttled by"
             )
-        numeric = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (numeric or callable(value)):
+        number = finite_number(value)
+        if not (callable(value) or (number is not None and number >= 0)):
             raise ConfigurationError(
                 f"{where} throttle_cost[{name!r}]",
                 f"must be a number or callable(args, kwargs), got {value!r}",
+                "a finite number >= 0, or callable(args, kwargs) returning one",
             )
     identity = options.get("throttle_identity")
     identity = dict(DEFAULT_IDENTITY) if identity is None else dict(identity)
@@ -184,6 +195,14 @@ def spec_from_options(
                     f"unknown limit {name!r}",
                     ", ".join(sorted(policies)) or "(throttle_limits defines none)",
                 )
+    limits = {name: inline.limit if inline else policies[name].limit for name in names}
+    for name, value in cost.items():
+        if callable(value):
+            continue
+        try:
+            check_cost(limits[name], value)
+        except CostError as exc:
+            raise ConfigurationError(f"{where} throttle_cost[{name!r}]", exc.problem) from exc
     for dim in checked["throttle_identity"]:
         if dim not in ("api_key", "agent_id", "tier", *dimensions):
             raise ConfigurationError(
@@ -204,8 +223,19 @@ def options_of_class(cls: type) -> object:
 
 
 def options_of(task: Any) -> dict[str, Any] | None:
-    """The throttle options a task was given, by either spelling, or None."""
+    """The throttle options a task was given, by either spelling, or None. A ``throttle_*``
+    option that does not exist (``@app.task(throttle_csot=...)``, which Celery would keep as a
+    plain attribute) is an error naming it."""
     from_function = getattr(getattr(task, "run", None), FUNCTION_ATTR, None)
+    unknown = sorted(
+        name
+        for name in vars(type(task))
+        if name.startswith("throttle_") and name not in _OPTION_KEYS
+    )
+    if unknown:
+        raise ConfigurationError(
+            f"task {task.name!r} {unknown[0]}", "unknown option", ", ".join(_OPTION_KEYS)
+        )
     attrs = {key: getattr(task, key, None) for key in _OPTION_KEYS}
     if attrs["throttle"] is not None and from_function is not None:
         raise ConfigurationError(

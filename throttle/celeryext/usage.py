@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery import current_task
 
 from throttle.adaptive.upstream import Feedback, parse_headers
+from throttle.celeryext import headers as H
 from throttle.errors import CostError, ThrottleError
+from throttle.limits import MAX_UNITS, finite_number
 
 __all__ = ["report_upstream", "report_usage"]
 
@@ -45,23 +46,32 @@ def report_usage(usage: Mapping[str, float]) -> None:
 
     Call it from inside a throttled task, once or several times (reports add up). When the task
     ends, successfully or not, the total replaces the estimate it was admitted with: the
-    difference is refunded or charged (see :meth:`throttle.store.BaseStore.settle`).
+    difference is refunded or charged (see :meth:`throttle.store.BaseStore.settle`). A limit
+    the task is not throttled by, or a value that is not a finite number >= 0 (or that adds up
+    past what any bucket counts), is a :class:`CostError` naming the limit; nothing of that
+    report is kept.
     """
     task = _running_task("report_usage")
     if not isinstance(usage, Mapping):
         raise CostError("usage", usage, "report_usage() takes a mapping of limit name to units")
+    from throttle.celeryext.worker import extension
+
+    spec = extension(task.app).gate.spec_for(task)
+    names = spec.names if spec is not None else ()
+    total = dict(getattr(task.request, H.USAGE, None) or {})
     for name, value in usage.items():
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if name not in names:
+            limits = ", ".join(names) or "none"
+            raise CostError(
+                str(name), value, f"the task is not throttled by it (it is by: {limits})"
+            )
+        number = finite_number(value)
+        if number is None or number < 0:
             raise CostError(str(name), value, "usage must be a finite number >= 0")
-    total = dict(getattr(task.request, "throttle_usage", None) or {})
-    for name, value in usage.items():
-        total[name] = total.get(name, 0.0) + float(value)
-    task.request.throttle_usage = total
+        total[name] = total.get(name, 0.0) + number
+        if total[name] > MAX_UNITS:
+            raise CostError(str(name), value, f"usage adds up to more than {MAX_UNITS:g} units")
+    setattr(task.request, H.USAGE, total)
 
 
 def _running_task(caller: str) -> Any:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from celery import Task as CeleryTask
@@ -105,15 +107,53 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
     terminate = stop  # see LoadStep.terminate
 
     def _beat(self) -> None:
-        """Count the live workers (for local fallback buckets), and notice Redis is back."""
+        """Count the live workers (for local fallback buckets), measure this host's clock
+        against the store's, and notice Redis is back."""
         try:
             count = self.ext.heartbeat(self._member)
+            self.ext.measure_offset()
         except ThrottleError as exc:
             logger.debug("throttle heartbeat failed: %s", exc)
             return
         self.ext.gate.live_workers = count
         self.ext.gate.store_answered()
         self.ext.flush_counts(background=True)
+
+
+class EtaStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: a deferred copy is due at a moment on the store's clock (its
+    ``throttle_eta`` header); this worker waits for it by its own clock, whatever the skew
+    between its clock and the deferring worker's. Celery's own ``eta`` on the copy (the
+    deferring worker's clock) is replaced on receipt, before Celery schedules the request."""
+
+    label = "throttle eta"
+    requires = ("celery.worker.consumer.tasks:Tasks",)  # the strategies exist by then
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        self.ext = extension(consumer.app)
+
+    def start(self, consumer: Any) -> None:
+        for name, strategy in list(consumer.strategies.items()):
+            if not getattr(strategy, "_throttle_eta", False):
+                consumer.strategies[name] = self._local_eta(strategy)
+
+    def _local_eta(self, strategy: Callable[..., Any]) -> Callable[..., Any]:
+        ext = self.ext
+
+        def handle(message: Any, *args: Any, **kwargs: Any) -> Any:
+            headers = getattr(message, "headers", None)
+            offset = ext.store_offset
+            if headers and offset is not None:
+                due = headers.get(H.ETA)
+                # Anything but a plausible time (a forged or mangled header) leaves Celery's eta.
+                if (type(due) is float or type(due) is int) and 0 < due + offset < 1e11:
+                    local = datetime.fromtimestamp(due + offset, tz=UTC)
+                    headers["eta"] = local.isoformat()
+            return strategy(message, *args, **kwargs)
+
+        handle._throttle_eta = True  # type: ignore[attr-defined]
+        return handle
 
 
 class LoadStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -184,9 +224,15 @@ def carry_out(
     """Run, defer, drop or fail a request as its verdict says."""
     if verdict.action is Action.RUN:
         admitted = verdict.headers.get(H.ADMITTED)
-        dispatcher = getattr(consumer, "event_dispatcher", None)
-        if isinstance(admitted, dict) and getattr(dispatcher, "enabled", False):
-            admitted["events"] = 1  # the pool side sends its deferrals' events too
+        if isinstance(admitted, dict):
+            dispatcher = getattr(consumer, "event_dispatcher", None)
+            if getattr(dispatcher, "enabled", False):
+                admitted["events"] = 1  # the pool side sends its deferrals' events too
+            # Signed: the pool side believes no admission header a message brought.
+            retries = request._request_dict.get("retries")
+            verdict.headers[H.ADMITTED] = H.seal_admitted(
+                admitted, request.id, retries, ext.keyspace
+            )
         request._request_dict.update(verdict.headers)
         return run(request)
     try:
@@ -332,8 +378,15 @@ class _Pipeline:
         self.timer = self.hub.call_later(max(delay, 0.001), self._expire)
 
     def _expire(self) -> None:
-        """No answer within the socket timeout: the store is as good as down."""
+        """No answer within the socket timeout: the store is as good as down. The event loop
+        fires its timers before it reads what has arrived, so after it was busy past the
+        timeout (a task run in a solo pool, a long batch, a loaded host) answers that came
+        meanwhile are read first: only what is still missing counts as unanswered."""
         self.timer = None
+        if self.pending and self.fd is not None and _readable(self.fd):
+            self._on_readable()
+            if self.timer is not None:
+                return
         if not self.pending:
             return
         waited = time.monotonic() - self.pending[0].sent
@@ -375,6 +428,15 @@ class _Pipeline:
             logger.exception("throttle could not carry out its verdict for task %s", request.id)
 
 
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has something to read now (never waits)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+
 def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict) -> None:
     ctx = request._context
     headers = {**(ctx.headers or {}), **verdict.headers}
@@ -390,11 +452,12 @@ def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict)
     try:
         record_guard(ext, verdict)
     except ThrottleError as exc:
-        # The new copy's token is not recorded: it will be dropped as stale. Keep the old
-        # copy alive instead of acknowledging it.
-        logger.warning("task %s: could not record its deferral (%s); requeued", request.id, exc)
-        request.reject(requeue=True)
-        return
+        # The new copy is published and the denial recorded the hand-over to it, so it will be
+        # admitted: it carries the work. Keeping the old copy too would leave two, and a store
+        # that comes back empty (the hand-over lost) would then let both run.
+        logger.warning(
+            "task %s: could not record its deferral (%s); the new copy carries it", request.id, exc
+        )
     request.acknowledge()
     _announce(ext, request.task, request.id, verdict, consumer.event_dispatcher)
 
@@ -465,6 +528,11 @@ def install_pool_fallback(cls: type) -> None:
     def before_start(
         self: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
+        # Celery makes every message header a request attribute: neither of these may come
+        # from a message (a usage report settled as if the task had made it; a marker that
+        # would keep a 429 from deferring the task).
+        setattr(self.request, H.USAGE, None)
+        setattr(self.request, _RUNNING, False)
         _pool_check(self, task_id, args, kwargs)
         previous(self, task_id, args, kwargs)
 
@@ -602,21 +670,36 @@ def _next_copy(
     countdown = verdict.countdown
     if 0 < countdown < 1 and ext.native_delays:
         countdown = 1.0
+    carried = {k: v for k, v in headers.items() if k not in _NOT_CARRIED}
+    identity = carried.get(H.IDENTITY)
+    if identity is not None and H.open_identity(identity, ctx.id, ext.keyspace)[0] is None:
+        # Ignored on this copy (malformed, or signed for another task): not carried, so the
+        # next copy is checked the same way, and publishing it cannot fail on sealing it.
+        del carried[H.IDENTITY]
+    offset = ext.store_offset
+    if offset is not None and countdown > 0:
+        # When it is due on the store's clock: the worker that receives it may keep another
+        # time than this one (see EtaStep). Celery's eta, from the countdown, is this one's.
+        carried[H.ETA] = round(time.time() - offset + countdown, 6)
     return task.signature_from_request(
         ctx,
         args=args,
         kwargs=kwargs,
         countdown=countdown,
         retries=ctx.retries or 0,
-        headers={k: v for k, v in headers.items() if k not in _NOT_CARRIED},
+        headers=carried,
     )
 
 
 def record_guard(ext: Throttle, verdict: Verdict) -> None:
     """Record a deferral's next copy as the live one (after it is published)."""
-    if verdict.guard is not None:
-        ext.store().set_guard(
-            verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+    if verdict.guard is not None and not ext.store().set_guard(
+        verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+    ):
+        logger.info(
+            "task %s: its earlier copy came back and took the work over; the copy just "
+            "published will be dropped as stale",
+            verdict.guard.work_id,
         )
 
 
@@ -646,9 +729,14 @@ def task_base(base: type) -> type:
 
 def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     req = task.request
-    if getattr(req, H.ADMITTED, None) is not None:
-        return  # the gate let it through
     ext = extension(task.app)
+    admitted = getattr(req, H.ADMITTED, None)
+    if admitted is not None:
+        opened = H.open_admitted(admitted, task_id, req.retries, ext.keyspace)
+        setattr(req, H.ADMITTED, opened)
+        if opened is not None:
+            return  # the gate let it through
+        logger.debug("task %s: admission header ignored (not the gate's)", task_id)
     headers = throttle_headers(req)
     eager = bool(req.is_eager)
     while True:
