@@ -22,6 +22,14 @@ from throttle import signals
 
 PREFIX = os.environ.get("THROTTLE_TEST_PREFIX", "t")
 
+if os.environ.get("THROTTLE_TEST_CLOCK_SKEW"):
+    # This worker's wall clock (time.time, datetime.now: what Celery's ETAs go by) runs this
+    # many seconds off the host's, as a machine with a wrong clock would.
+    import time_machine
+
+    _skew = float(os.environ["THROTTLE_TEST_CLOCK_SKEW"])
+    time_machine.travel(time.time() + _skew, tick=True).start()
+
 app = Celery(
     "workerapp",
     broker=os.environ.get("THROTTLE_TEST_BROKER", "redis://127.0.0.1:6379/1"),
@@ -60,17 +68,27 @@ def _count_deferrals(sender: Any = None, **fields: Any) -> None:
 
 
 def _start(self: Any, i: int, label: str) -> None:
+    # One entry per run for a test to block on (BLPOP), beside the record it reads after.
+    recorder().rpush(f"{PREFIX}:started", i)
+    seconds, micros = recorder().time()  # the record's clock: one for every worker
     recorder().rpush(
         f"{PREFIX}:starts",
         json.dumps(
             {
                 "i": i,
                 "id": self.request.id,
-                "t": time.time(),
+                "t": seconds + micros / 1e6,
                 "pid": os.getpid(),
                 "retries": self.request.retries,
                 "label": label,
                 "booked": bool(getattr(self.request, "throttle_booking", None)),
+                # Which copy of the task this is (None: never deferred), and whether the broker
+                # delivered this message before (to a worker that died holding it).
+                "token": getattr(self.request, "throttle_token", None),
+                "redelivered": bool(
+                    (self.request.delivery_info or {}).get("redelivered")  # RabbitMQ
+                    or getattr(self.request, "redelivered", None)  # kombu's Redis restore
+                ),
             }
         ),
     )

@@ -101,6 +101,19 @@ class Workers:
         env: dict[str, str] | None = None,
     ) -> str:
         """Start one worker named ``name@<host>``; return its node name once it answers."""
+        node = self.spawn(name, concurrency=concurrency, pool=pool, env=env)
+        self.wait_ready(node)
+        return node
+
+    def spawn(
+        self,
+        name: str,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+    ) -> str:
+        """Start one worker named ``name@<host>`` and return its node name at once."""
         node = f"{name}@{os.uname().nodename}"
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         self.procs[node] = subprocess.Popen(
@@ -111,7 +124,6 @@ class Workers:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        self.wait_ready(node)
         return node
 
     def wait_ready(self, node: str, timeout: float = 60) -> None:
