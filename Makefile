@@ -18,6 +18,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check throttle tests benchmarks examples tools
 	$(BIN)/mypy throttle
 
+# Two test files at a time: most of the suite waits on real workers, servers and countdowns,
+# and each file's tests keep to one process (its own private redis-server). PYTEST_ARGS= for
+# one at a time.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -60,7 +60,7 @@ def check_once(
     assert sorted(by_task) == (list(range(tasks)) if expect is None else expect), "lost tasks"
     for i, seen in by_task.items():
         seen.sort(key=lambda r: r["t"])
-        if seen[0]["pid"] in killed:
+        if seen[0].get("pid") in killed:
             continue
         copies = {r["token"] for r in seen}
         assert len(copies) == 1, f"task {i} ran as {len(copies)} copies: {seen}"
@@ -121,10 +121,11 @@ def test_workers_sigkilled_twenty_times_while_deferring(
         record = runs(redis_client)
     check_once(record, tasks, killed=frozenset(killed))
     # A dead worker's held copies come back to the others, some after their slots: those late
-    # by up to throttle_booking_grace (2 s) still redeem their booking, so a window after a
-    # crash may see up to rate x grace more runs than burst + rate. Over the run, the rate holds.
+    # by up to throttle_booking_grace (2 s) plus the booking key's 1 s margin still redeem their
+    # booking, so a window after a crash may see up to rate x 3 s more runs than burst + rate
+    # (see RELIABILITY.md). Over the run, the rate holds.
     times = sorted(r["t"] for r in record)
-    assert max_in_window(times, 1.0) <= 5 + 20 + 20 * 2
+    assert max_in_window(times, 1.0) <= 5 + 20 + 20 * 3
     assert tasks <= 5 + 20 * (times[-1] - times[0]) + 1
 
 
