@@ -340,24 +340,41 @@ def eager_app(redis_server: RedisServer, **conf: Any) -> tuple[Celery, list[floa
     return app, waits
 
 
-def test_eager_mode_waits_out_the_provider(redis_server: RedisServer) -> None:
-    """In eager mode a 429 waits (through the injected sleep) for the provider's delay, then
-    the task is admitted and run again."""
-    app, waits = eager_app(redis_server, throttle_max_defer=5.0)
+def flaky_task(app: Celery, failures: int) -> tuple[Any, list[int]]:
+    """A task throttled by ``llm`` whose first ``failures`` calls get a 429 (Retry-After 2 s)
+    from the provider, and the list its calls are counted in."""
     calls: list[int] = []
 
     @app.task(name=f"{app.main}.flaky", throttle=["llm"])
     def flaky(*, api_key: str) -> str:
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) <= failures:
             request = httpx.Request("POST", "http://127.0.0.1:9/")
             response = httpx.Response(429, headers={"retry-after": "2"}, request=request)
             response.raise_for_status()
         return "ok"
 
+    return flaky, calls
+
+
+def test_eager_mode_waits_out_the_provider(redis_server: RedisServer) -> None:
+    """In eager mode a 429 waits (through the injected sleep) for the provider's delay, then
+    the task is admitted and run again."""
+    app, waits = eager_app(redis_server, throttle_max_defer=5.0)
+    flaky, calls = flaky_task(app, failures=1)
     assert flaky.delay(api_key="k").get() == "ok"
     assert len(calls) == 2
     assert waits[0] == 2.0
+
+
+def test_eager_mode_waits_out_the_provider_again_and_again(redis_server: RedisServer) -> None:
+    """Three 429s in a row: each waits and runs the task again, to success (the new copy's
+    token is recorded as it is: no denial recorded a hand-over to complete)."""
+    app, waits = eager_app(redis_server, throttle_max_defer=5.0)
+    flaky, calls = flaky_task(app, failures=3)
+    assert flaky.delay(api_key="k").get() == "ok"
+    assert len(calls) == 4
+    assert waits[:3] == [2.0, 2.0, 2.0]
 
 
 def test_a_limit_that_opts_out_ignores_the_load() -> None:

@@ -87,15 +87,15 @@ def rabbit_queue() -> Iterator[str]:
 def test_workers_sigkilled_twenty_times_while_deferring(
     redis_server: RedisServer, redis_client: redis.Redis, rabbit_queue: str, tmp_path: Path
 ) -> None:
-    """Three workers take 300 acks_late tasks through a limit that defers most of them; every
-    few deferrals one worker, picked at random, is SIGKILLed (its whole process group) and a
-    new one started, twenty times. Every task then runs, as one copy.
+    """Three workers take 300 acks_late tasks through a limit (10/s) that defers most of them;
+    every few deferrals or runs one worker, picked at random, is SIGKILLed (its whole process
+    group) and a new one started, twenty times. Every task then runs, as one copy.
 
     The broker is RabbitMQ: on a Redis broker kombu itself can lose a message that a dying
     worker had just taken off the queue (see RELIABILITY.md), whatever throttle does."""
     base = redis_server.url.rsplit("/", 1)[0]
     conf = {
-        "throttle_limits": {"per-key": {"rate": "20/s", "burst": 5}},
+        "throttle_limits": {"per-key": {"rate": "10/s", "burst": 5}},
         "throttle_adaptive": {"enabled": False},  # twenty worker starts load the machine
         "task_default_queue": rabbit_queue,
         "throttle_max_defer": 5,
@@ -110,9 +110,10 @@ def test_workers_sigkilled_twenty_times_while_deferring(
             for i in range(tasks)
         ]
         killed: set[int] = set()
+        progress = ["t:deferred:booked", "t:deferred:early", "t:started"]
         for kill in range(20):
-            for _ in range(rng.randint(1, 8)):  # a few deferrals between kills
-                assert redis_client.blpop(["t:deferred:booked", "t:deferred:early"], TIMEOUT)
+            for _ in range(rng.randint(1, 8)):  # a few deferrals or runs between kills
+                assert redis_client.blpop(progress, TIMEOUT), f"no progress after {kill} kills"
             victim = alive.pop(rng.randrange(len(alive)))
             killed |= tree(workers, victim)
             workers.kill(victim)
@@ -125,8 +126,8 @@ def test_workers_sigkilled_twenty_times_while_deferring(
     # booking, so a window after a crash may see up to rate x 3 s more runs than burst + rate
     # (see RELIABILITY.md). Over the run, the rate holds.
     times = sorted(r["t"] for r in record)
-    assert max_in_window(times, 1.0) <= 5 + 20 + 20 * 3
-    assert tasks <= 5 + 20 * (times[-1] - times[0]) + 1
+    assert max_in_window(times, 1.0) <= 5 + 10 + 10 * 3
+    assert tasks <= 5 + 10 * (times[-1] - times[0]) + 1
 
 
 # -- the store's scripts and connections pulled away -------------------------------------------
@@ -387,8 +388,11 @@ def test_workers_with_clocks_minutes_apart_admit_as_without_skew(
     # 145 slots 0.1 s apart after the burst: 14.5 s, and no minutes lost to a skewed ETA.
     assert times[-1] - times[0] <= (tasks - 5) / 10 + 5
     assert len({r["pid"] for r in record}) >= 2  # the work spread over skewed workers
-    early = sum(1 for d in deferred if d["reason"] == "early")
-    assert early <= 0.05 * tasks, f"{early} copies came back before their slot"
+    # A copy comes back early only by the error of a worker's offset measurement (half a
+    # round trip to the store, which a loaded machine stretches): a few, never minutes.
+    early = [d for d in deferred if d["reason"] == "early"]
+    assert len(early) <= 0.15 * tasks, f"{len(early)} copies came back before their slot"
+    assert all(d["retry_after"] < 1 for d in early), early
 
 
 # -- broker and store on their own servers, each killed in turn --------------------------------

@@ -49,8 +49,8 @@ ADMITTED: Final = "throttle_admitted"
 #: The request attribute where ``report_usage()`` adds up a task's usage (never a header: a
 #: message that carries one is not believed).
 USAGE: Final = "throttle_usage"
-#: When a deferred copy is due, in seconds since the epoch on the store's clock (the worker
-#: that receives it converts it to its own clock: see worker.EtaStep).
+#: When a deferred copy is due, ``[seconds since the epoch on the store's clock, retries]``
+#: (the worker that receives it converts it to its own clock: see worker.EtaStep).
 ETA: Final = "throttle_eta"
 #: Headers a re-published copy must not inherit from the copy it replaces.
 INTERNAL: Final = (ADMITTED, ETA, "redelivered")

@@ -145,11 +145,19 @@ class EtaStep(bootsteps.StartStopStep):  # type: ignore[misc]
             headers = getattr(message, "headers", None)
             offset = ext.store_offset
             if headers and offset is not None:
-                due = headers.get(H.ETA)
-                # Anything but a plausible time (a forged or mangled header) leaves Celery's eta.
-                if (type(due) is float or type(due) is int) and 0 < due + offset < 1e11:
-                    local = datetime.fromtimestamp(due + offset, tz=UTC)
-                    headers["eta"] = local.isoformat()
+                stamp = headers.get(H.ETA)
+                # [due, retries] from the deferral that published this very message (a retry
+                # carries the header over with a higher count); anything but a plausible time
+                # (a forged or mangled header) leaves Celery's eta.
+                if isinstance(stamp, list | tuple) and len(stamp) == 2:
+                    due, retries = stamp
+                    if (
+                        retries == (headers.get("retries") or 0)
+                        and (type(due) is float or type(due) is int)
+                        and 0 < due + offset < 1e11
+                    ):
+                        local = datetime.fromtimestamp(due + offset, tz=UTC)
+                        headers["eta"] = local.isoformat()
             return strategy(message, *args, **kwargs)
 
         handle._throttle_eta = True  # type: ignore[attr-defined]
@@ -590,7 +598,9 @@ def _upstream_deferral(
         req.headers = {**(req.headers or {}), **verdict.headers}
         for name, value in verdict.headers.items():
             setattr(req, name, value)
-        record_guard(ext, verdict)
+        # No denial recorded a hand-over here (the copy was admitted): record the new token
+        # as it is. Nothing else holds the work in eager mode.
+        record_guard(ext, verdict, conditional=False)
         return True
     if verdict.guard is not None:
         # This copy was admitted, so no denial recorded the hand-over: record it now, before
@@ -676,11 +686,16 @@ def _next_copy(
         # Ignored on this copy (malformed, or signed for another task): not carried, so the
         # next copy is checked the same way, and publishing it cannot fail on sealing it.
         del carried[H.IDENTITY]
+    if ext.store_offset is None:  # a pool process, forked before the worker measured it
+        with contextlib.suppress(ThrottleError):
+            ext.measure_offset()
     offset = ext.store_offset
     if offset is not None and countdown > 0:
         # When it is due on the store's clock: the worker that receives it may keep another
         # time than this one (see EtaStep). Celery's eta, from the countdown, is this one's.
-        carried[H.ETA] = round(time.time() - offset + countdown, 6)
+        # Tied to the retry count, so a Celery retry of this copy (which carries its headers
+        # over) keeps its own countdown.
+        carried[H.ETA] = [round(time.time() - offset + countdown, 6), ctx.retries or 0]
     return task.signature_from_request(
         ctx,
         args=args,
@@ -691,15 +706,19 @@ def _next_copy(
     )
 
 
-def record_guard(ext: Throttle, verdict: Verdict) -> None:
-    """Record a deferral's next copy as the live one (after it is published)."""
-    if verdict.guard is not None and not ext.store().set_guard(
-        verdict.limits, verdict.identity, verdict.guard, ext.settings.guard_ttl
+def record_guard(ext: Throttle, verdict: Verdict, *, conditional: bool = True) -> None:
+    """Record a deferral's next copy as the live one (after it is published): only if the
+    hand-over its denial recorded still stands, unless not ``conditional``."""
+    guard = verdict.guard
+    if guard is not None and not conditional:
+        guard = guard._replace(after=None)
+    if guard is not None and not ext.store().set_guard(
+        verdict.limits, verdict.identity, guard, ext.settings.guard_ttl
     ):
         logger.info(
-            "task %s: its earlier copy came back and took the work over; the copy just "
-            "published will be dropped as stale",
-            verdict.guard.work_id,
+            "task %s: another copy took the work over; the copy just published will be "
+            "dropped as stale",
+            guard.work_id,
         )
 
 

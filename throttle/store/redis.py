@@ -30,6 +30,7 @@ from redis.commands.core import Script
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterDownError,
+    ClusterError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -58,7 +59,7 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 #: What the store treats as Redis not answering: the above, and what a cluster client raises
 #: while a slot has no master to serve it (between a master's death and its replica's
 #: promotion the whole cluster answers CLUSTERDOWN) or is being moved (TRYAGAIN).
-_DOWN = (*_UNAVAILABLE, ClusterDownError, TryAgainError, SlotNotCoveredError)
+_DOWN = (*_UNAVAILABLE, ClusterDownError, ClusterError, TryAgainError, SlotNotCoveredError)
 #: What it treats as Redis refusing. The cluster client's own errors are not RedisErrors: left
 #: out, they would escape the store, and the gate would run the task unchecked.
 _REFUSED = (RedisError, RedisClusterException)
@@ -325,6 +326,8 @@ class RedisStore(BaseStore):
         except _DOWN as exc:
             raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
         except _REFUSED as exc:
+            if _cluster_unreachable(exc):
+                raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
             raise StoreError(f"Redis refused the throttle script: {exc}") from exc
 
 
@@ -512,7 +515,18 @@ def _store_errors() -> Iterator[None]:
     except _DOWN as exc:
         raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
     except _REFUSED as exc:
+        if _cluster_unreachable(exc):
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
         raise StoreError(f"Redis refused: {exc}") from exc
+
+
+def _cluster_unreachable(exc: Exception) -> bool:
+    """A cluster client that reaches no node, or finds slots without a master while it maps
+    them (what it raises during a failover or a full outage): down, not refusing."""
+    text = str(exc)
+    return isinstance(exc, RedisClusterException) and (
+        "cannot be connected" in text or "slots are not covered" in text
+    )
 
 
 def _reply_error(message: str) -> RedisError:

@@ -6,7 +6,8 @@
 -- doubles and are written with %.17g so that they read back bit-exact: throttle/store/_engine.py
 -- performs the same operations in the same order and must agree with these scripts exactly.
 
--- TIME before a write needs effects replication, the default since Redis 5.0: no
+-- TIME before a write needs effects replication (the default since Redis 5.0; throttle needs
+-- 6.0 or later for SET ... KEEPTTL): no
 -- redis.replicate_commands() call here, it would cost every admission a call for nothing.
 
 local MARGIN_MS = 1000   -- keys outlive the moment their bucket is full again by this much
