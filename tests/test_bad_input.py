@@ -47,7 +47,13 @@ from throttle.adaptive import parse_headers
 from throttle.adaptive.upstream import DEFAULT_MAX_DELAY
 from throttle.adaptive.upstream import MAX_SPAN as PROVIDER_SPAN
 from throttle.celeryext import headers as H
-from throttle.celeryext.settings import _ADAPTIVE_KEYS, KNOWN, ThrottleSettings, load_settings
+from throttle.celeryext.settings import (
+    _ADAPTIVE_KEYS,
+    _LIMIT_KEYS,
+    KNOWN,
+    ThrottleSettings,
+    load_settings,
+)
 from throttle.limits import BUILTIN_DIMENSIONS, MAX_SPAN, MAX_UNITS, MIN_FACTOR
 from throttle.store.base import BaseStore
 
@@ -243,21 +249,7 @@ BAD_LIMIT_SPECS = st.one_of(
         rate="1/s",
     ),
 )
-_LIMIT_FIELDS = frozenset(
-    {
-        "rate",
-        "burst",
-        "unit",
-        "per",
-        "algorithm",
-        "max_cost",
-        "anonymous",
-        "mode",
-        "on_store_error",
-        "adaptive",
-        "upstream",
-    }
-)
+_LIMIT_FIELDS = _LIMIT_KEYS  # every field a limit takes
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 BAD_NAMES = st.one_of(
     st.text(max_size=70).filter(lambda n: not _NAME.fullmatch(n)), st.integers(), st.none()
