@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint pytest demo bench bench-decision bench-gate bench-adaptive bench-soak clean
+.PHONY: test lint pytest demo bench bench-decision bench-gate bench-adaptive bench-edge bench-soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-gate: $(STAMP)
 
 bench-adaptive: $(STAMP)
 	$(BIN)/python benchmarks/adaptive.py $(BENCH_ARGS)
+
+bench-edge: $(STAMP)
+	$(BIN)/python benchmarks/edge.py $(BENCH_ARGS)
 
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py $(BENCH_ARGS)

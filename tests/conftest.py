@@ -112,6 +112,9 @@ def make_app(server: RedisServer, **conf: Any) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         result_expires=600,
+        # A consumer waits up to this long on the broker before it sees a stop: a short wait
+        # makes each in-process worker stop in a tenth of a second instead of a second.
+        broker_transport_options={"polling_interval": 0.1},
     )
     app.conf.update(conf)
     return app

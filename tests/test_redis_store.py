@@ -251,3 +251,26 @@ def test_non_ascii_task_ids_go_over_the_fast_path(
     assert denied.outcome is Outcome.DENIED
     tag = store.charges([limit], KEY)[0].bucket.tag
     assert redis_client.get(keyspace.guard_key(tag, work)) == b"->next-token"
+
+
+def test_plain_admissions_repacked_from_a_template_are_each_their_own(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """A plain admission (no booking, guard or test clock) is packed from its plan's template
+    with a fresh nonce each time: a sliding window counts every one of them, the receipts
+    settle their own admissions, and peeks from a template charge nothing."""
+    store = RedisStore(redis_client, keyspace)
+    window = Limit("window", "5/h", algorithm="sliding_window")
+    tokens = Limit("tokens", "1000/h", burst=1000)
+    decisions = [store.admit([window, tokens], KEY, cost={"tokens": 100}) for _ in range(6)]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert len(store._templates) == 1
+    nonces = {d.receipt.nonce for d in decisions if d.receipt is not None}
+    assert len(nonces) == 5
+    first = decisions[0].receipt
+    assert first is not None
+    store.settle(first, {"tokens": 0})  # gives back the first admission's 100 tokens only
+    for _ in range(3):
+        peeked = store.peek([window, tokens], KEY, cost={"tokens": 100})
+        assert peeked.limits[1].remaining == pytest.approx(600, abs=1)
+        assert not peeked.allowed  # the window is full

@@ -8,8 +8,10 @@
      ├── IdentityError (ValueError)        an identity value or booking id of the wrong kind
      ├── CostError (ValueError)            a cost or usage report is not a finite number >= 0,
      │                                     or is larger than the limit can ever admit
-     └── StoreError                        the store could not give a decision
-          └── StoreUnavailable             the store did not answer (connection, timeout)
+     ├── StoreError                        the store could not give a decision
+     │    └── StoreUnavailable             the store did not answer (connection, timeout)
+     └── RetryBudgetExhausted              (throttle.client, which needs httpx) a rate-limited
+                                           API still refused when the retries ran out
 
 Every error carries the data a caller needs to act on it (the field, the limit, the value) as
 attributes, and names it in its message. Causes are chained with ``raise ... from exc``. The

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from throttle.errors import ConfigurationError, CostError
 
@@ -281,6 +281,27 @@ class Limit:
             ("wire_adaptive", wire_adaptive),
         ):
             object.__setattr__(self, attr, value)
+
+    def share(self, parts: int) -> Limit:
+        """This limit at ``1/parts`` of its rate and burst (never below its largest cost): the
+        part one of ``parts`` processes may admit on its own, in-process, while the store is
+        away, so that together they admit no more than the limit."""
+        if parts <= 1:
+            return self
+        burst = max(self.burst / parts, self.max_cost)
+        extra: dict[str, Any] = {} if self.algorithm == "sliding_window" else {"burst": burst}
+        return Limit(
+            self.name,
+            f"{self.rate.count / parts!r}/{self.rate.period!r}s",
+            per=self.per,
+            algorithm=self.algorithm,
+            unit=self.unit,
+            max_cost=min(self.max_cost, burst),
+            anonymous=self.anonymous,
+            adaptive=self.adaptive,
+            dimensions=[d for d in self.per if d not in BUILTIN_DIMENSIONS],
+            **extra,
+        )
 
     def __str__(self) -> str:
         per = ",".join(self.per) or "global"

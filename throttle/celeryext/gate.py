@@ -551,21 +551,7 @@ class Gate:
         cache_key = (limit.name, str(limit.rate), workers)
         scaled = self._local_limits.get(cache_key)
         if scaled is None:
-            burst = max(limit.burst / workers, limit.max_cost)
-            rate = f"{limit.rate.count / workers!r}/{limit.rate.period!r}s"
-            extra: dict[str, Any] = {} if limit.algorithm == "sliding_window" else {"burst": burst}
-            scaled = Limit(
-                limit.name,
-                rate,
-                per=limit.per,
-                algorithm=limit.algorithm,
-                unit=limit.unit,
-                max_cost=min(limit.max_cost, burst),
-                anonymous=limit.anonymous,
-                dimensions=[d for d in limit.per if d not in ("api_key", "agent_id", "tier")],
-                **extra,
-            )
-            self._local_limits[cache_key] = scaled
+            scaled = self._local_limits[cache_key] = limit.share(workers)
         return scaled
 
     def store_answered(self) -> None:

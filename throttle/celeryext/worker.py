@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from throttle.celeryext.spec import options_of_class
 from throttle.errors import StoreError, StoreUnavailable, ThrottleError
 from throttle.store import Decision, RedisStore
 from throttle.store.base import Guard, Prepared
+from throttle.store.redis import readable
 
 if TYPE_CHECKING:
     from throttle.celeryext.app import Throttle
@@ -391,7 +391,7 @@ class _Pipeline:
         timeout (a task run in a solo pool, a long batch, a loaded host) answers that came
         meanwhile are read first: only what is still missing counts as unanswered."""
         self.timer = None
-        if self.pending and self.fd is not None and _readable(self.fd):
+        if self.pending and self.fd is not None and readable(self.fd):
             self._on_readable()
             if self.timer is not None:
                 return
@@ -434,15 +434,6 @@ class _Pipeline:
         except Exception:
             # An event-loop callback must not raise: that would stop the worker.
             logger.exception("throttle could not carry out its verdict for task %s", request.id)
-
-
-def _readable(fd: int) -> bool:
-    """Whether ``fd`` has something to read now (never waits)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _defer_request(ext: Throttle, consumer: Any, request: Any, verdict: Verdict) -> None:

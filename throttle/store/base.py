@@ -152,6 +152,19 @@ class _Plan(NamedTuple):
     anchor: str  # the hash tag of the booking and guard keys
     follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
     wire: Any  # the store's own encoding of keys and argv (see BaseStore._encode_keys)
+    kept: bool  # remembered for the admissions that recur (then so is its template)
+
+
+class _Template(NamedTuple):
+    """A plan's plain admission (no booking, guard or test clock) as sent, but for its nonce:
+    ``keys`` and ``argv`` are shared by every call made from it (never changed), ``argv``'s
+    nonce is a placeholder, and the frame is ``before`` + the nonce + ``after``."""
+
+    plan: _Plan  # kept alive, so that the id it is remembered by stays its
+    keys: list[str]
+    argv: list[str]
+    before: bytes
+    after: bytes
 
 
 class Prepared(NamedTuple):
@@ -257,6 +270,8 @@ class BaseStore(Store):
         self._nonce = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
+        #: (id of a plan, peek, adaptive) -> its plain admission, packed around the nonce.
+        self._templates: dict[tuple[int, bool, bool], _Template] = {}
         self._shapes: dict[Hashable, _Shape] = {}
         self._plan_hits = 0  # since the plans were last cleared
         self._plan_pause = 0  # admissions left before plans are remembered again
@@ -391,6 +406,7 @@ class BaseStore(Store):
                 buckets[shape.anchor].tag,
                 shape.follows,
                 self._encode_keys(keys, shape.wire),
+                memo is not None,
             ),
         )
         if memo is not None:
@@ -514,6 +530,12 @@ class BaseStore(Store):
         denied."""
         if isinstance(limits, Limit):
             limits = (limits,)
+        if not self.sharded:
+            prepared = self._prepare(
+                limits, identity, cost, False, None, None, None, adaptive, now_us, True
+            )
+            assert isinstance(prepared, Prepared)
+            return self.finish_peek(prepared, self._run_prepared(prepared))
         plan = self._plan(limits, identity, cost)
         head = [
             "" if now_us is None else str(int(now_us)),
@@ -525,7 +547,7 @@ class BaseStore(Store):
             self._grace,
             "",
         ]
-        groups = self._group(plan.charges) if self.sharded else [plan.charges]
+        groups = self._group(plan.charges)
         states: list[LimitState] = []
         bound: str | None = None
         retry = 0.0
@@ -552,13 +574,18 @@ class BaseStore(Store):
         guard: Guard | None = None,
         adaptive: bool = False,
         now_us: int | None = None,
+        peek: bool = False,
     ) -> Prepared | tuple[Any, ...]:
         """Validate an admission and encode its one script run, without running it: for callers
         that send the run themselves (pipelined on a connection of their own) and then pass the
         reply to :meth:`finish`. An admission that spans several shards cannot be one run: it
-        comes back as a tuple that only :meth:`admit` understands."""
+        comes back as a tuple that only :meth:`admit` understands. With ``peek`` the run is
+        :meth:`peek`'s (charge nothing, book nothing; ``reserve``, ``booking`` and ``guard``
+        must be left out); pass its reply to :meth:`finish_peek`."""
+        if peek and (reserve or booking is not None or guard is not None):
+            raise ConfigurationError("peek", "a peek neither books, redeems nor guards")
         return self._prepare(
-            limits, identity, cost, reserve, booking, horizon, guard, adaptive, now_us
+            limits, identity, cost, reserve, booking, horizon, guard, adaptive, now_us, peek
         )
 
     def _prepare(
@@ -572,10 +599,29 @@ class BaseStore(Store):
         guard: Guard | None,
         adaptive: bool,
         now_us: int | None,
+        peek: bool = False,
     ) -> Prepared | tuple[Any, ...]:
         if isinstance(limits, Limit):
             limits = (limits,)
         plan = self._plan(limits, identity, cost)
+        if (
+            plan.wire is not None
+            and not reserve
+            and booking is None
+            and guard is None
+            and now_us is None
+            and horizon is None
+        ):
+            # A plain admission (or peek) of a plan sent whole: everything but the nonce is
+            # the same from call to call, and is kept packed.
+            template = self._templates.get((id(plan), peek, adaptive))
+            if template is not None and template.plan is plan:
+                nonce = self._nonce()
+                argv = template.argv.copy()
+                argv[5] = nonce
+                data = nonce.encode()
+                packed = b"%s$%d\r\n%s\r\n%s" % (template.before, len(data), data, template.after)
+                return Prepared(plan.charges, template.keys, argv, None, nonce, packed)
         if horizon is not None and not _positive(horizon, zero=True, most=MAX_SPAN):
             raise ConfigurationError(
                 "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"
@@ -591,10 +637,10 @@ class BaseStore(Store):
         nonce = booking or self._nonce()
         head = [
             "" if now_us is None else str(int(now_us)),
-            "1" if reserve else "0",
+            "p" if peek else "1" if reserve else "0",
             "" if horizon is None else str(round(horizon * _US)),
             bmode,
-            "1",
+            "0" if peek else "1",
             nonce,
             self._grace,
             "" if guard is None else _guard_arg(guard),
@@ -617,10 +663,19 @@ class BaseStore(Store):
         if guard is not None:
             extra.append(self.keyspace.guard_key(plan.anchor, guard.work_id))
         frame = None
-        if plan.wire is not None:
-            frame = self._encode_call(plan.wire, extra, head, fspec, tail is not plan.argv)
         keys = [*plan.keys, *extra]
         argv = [*head, fspec, *tail]
+        if plan.wire is not None:
+            before, after = self._encode_call(plan.wire, extra, head, fspec, tail is not plan.argv)
+            data = nonce.encode()
+            frame = b"%s$%d\r\n%s\r\n%s" % (before, len(data), data, after)
+            plain = not (reserve or booking or guard or now_us is not None or horizon is not None)
+            if plain and plan.kept:
+                if len(self._templates) >= _PLANS:
+                    self._templates.clear()
+                self._templates[(id(plan), peek, adaptive)] = _Template(
+                    plan, keys, argv, before, after
+                )
         return Prepared(plan.charges, keys, argv, booking, nonce, frame)
 
     def _encode_args(self, argv: Sequence[str], argv_adaptive: Sequence[str]) -> Any:
@@ -635,10 +690,11 @@ class BaseStore(Store):
 
     def _encode_call(
         self, wire: Any, extra: list[str], head: list[str], fspec: str, adaptive: bool
-    ) -> bytes | None:
-        """The admission script call of a plan encoded by :meth:`_encode_keys`: its buckets'
-        keys, then ``extra`` keys; ``head`` and ``fspec``, then the plan's (adaptive) argv."""
-        return None
+    ) -> tuple[bytes, bytes]:
+        """The admission script call of a plan encoded by :meth:`_encode_keys` (never called
+        without one): its buckets' keys, then ``extra`` keys; ``head`` and ``fspec``, then the
+        plan's (adaptive) argv. In two parts, before and after the nonce (``head[5]``)."""
+        raise NotImplementedError
 
     def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
         """Run a prepared admission's script and return the reply."""
@@ -666,6 +722,14 @@ class BaseStore(Store):
         return self._decision(
             prepared.charges, reply, prepared.booking, prepared.nonce, prepared.argv[8] != ""
         )
+
+    def finish_peek(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
+        """The answer of a prepared peek, from the script's reply (as :meth:`peek` gives it:
+        no receipt, as nothing was charged)."""
+        decision = self.finish(prepared, reply)
+        if decision.allowed:
+            return Decision(Outcome.ADMITTED, 0.0, None, decision.limits)
+        return Decision(Outcome.DENIED, decision.retry_after, decision.bound_by, decision.limits)
 
     def set_guard(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import ssl
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -150,7 +151,7 @@ class RedisStore(BaseStore):
 
     def _encode_call(
         self, wire: _Wire, extra: list[str], head: list[str], fspec: str, adaptive: bool
-    ) -> bytes:
+    ) -> tuple[bytes, bytes]:
         if adaptive:
             tail, ntail = wire.argv_adaptive, wire.nargv_adaptive
         else:
@@ -175,18 +176,7 @@ class RedisStore(BaseStore):
             packed = _pack(head[:5]), _pack([head[6], head[7], fspec])
             if not head[0] and not head[7] and len(self._heads) < 64:
                 self._heads[around] = packed
-        nonce = head[5]
-        return b"".join(
-            (
-                start,
-                wire.keys,
-                _pack(extra),
-                packed[0],
-                f"${len(nonce)}\r\n{nonce}\r\n".encode(),
-                packed[1],
-                tail,
-            )
-        )
+        return b"".join((start, wire.keys, _pack(extra), packed[0])), packed[1] + tail
 
     def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
         frame = prepared.frame
@@ -504,6 +494,15 @@ class _Link:
         if isinstance(exc, TimeoutError):
             raise RedisTimeoutError("Timeout reading from Redis") from exc
         raise RedisConnectionError(f"Error talking to Redis: {exc}") from exc
+
+
+def readable(fd: int) -> bool:
+    """Whether ``fd`` has something to read now (never waits)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 @contextlib.contextmanager

@@ -1,0 +1,311 @@
+# SPDX-License-Identifier: MIT
+"""What the ASGI middleware costs: requests per second through uvicorn with it and without it.
+
+Run from the repository root: ``python benchmarks/edge.py`` (``make bench-edge``); ``--quick``
+runs fewer, shorter rounds, ``--markdown`` prints the table as Markdown. The store is a
+private ``redis-server`` started for the run unless ``--redis-url`` is given (its db is then
+FLUSHED).
+
+What is measured
+    Two uvicorn servers run side by side for the whole run, one process each, with uvicorn's
+    defaults (its HTTP parser and event loop are whichever it picks; the first line says
+    which): ``benchmarks.edgeapp:bare``, a Starlette app with one JSON endpoint, and
+    ``benchmarks.edgeapp:throttled``, the same app behind ``ThrottleMiddleware`` checking two
+    limits (per API key, and per agent within it) that never bind, so every request pays a
+    full admission in Redis and gets its rate headers. The load comes from this process: a
+    fixed number of keep-alive HTTP/1.1 connections on one asyncio loop, each sending its next
+    request as soon as the answer to its last one is read (a closed loop), spread over 50 API
+    keys and 5 agents each. Rounds alternate the servers (bare then throttled, then throttled
+    then bare, ...) after an untimed warm-up of each, so drift in the machine's load hits both
+    alike; a round counts the answers in a fixed span. Every answer must be a 200, and every
+    answer of the throttled server must carry its rate headers, or the run fails.
+
+How to read it
+    Requests per second of each server (the median of its rounds, and the rounds' spread),
+    then throttled / bare, whose goal is at least 0.8. The machine has 2 cores: a server, the
+    load and Redis share them, so "other load" says how many CPUs other processes kept busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import redis_server, table, verdict  # noqa: E402
+
+GOAL = 0.8
+KEYS = 50
+AGENTS = 5
+PATH = "/v1/runs"
+
+
+class Server:
+    """One uvicorn process serving ``app`` on a free loopback port."""
+
+    def __init__(self, app: str, redis_url: str) -> None:
+        self.app = app
+        env = {**os.environ, "EDGE_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-access-log",
+                "--log-level",
+                "info",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.port = self._wait_port()
+
+    def _wait_port(self) -> int:
+        """uvicorn says where it listens on its log; port 0 let the kernel pick one."""
+        assert self.proc.stderr is not None
+        seen = []
+        for line in self.proc.stderr:
+            seen.append(line)
+            if "Uvicorn running on http://127.0.0.1:" in line:
+                return int(line.rsplit(":", 1)[1].split()[0])
+        raise RuntimeError(f"uvicorn {self.app} did not start:\n{''.join(seen)}")
+
+    def cpu(self) -> float:
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def servers(redis_url: str) -> Iterator[dict[str, Server]]:
+    started: dict[str, Server] = {}
+    try:
+        for kind in ("bare", "throttled"):
+            started[kind] = Server(f"benchmarks.edgeapp:{kind}", redis_url)
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.ok = 0
+        self.bad: dict[int, int] = {}
+        self.unmarked = 0  # throttled answers without rate headers
+
+
+async def _connection(
+    port: int, index: int, until: float, tally: Tally, marked: bool, counting: list[bool]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key, agent = index % KEYS, (index // KEYS) % AGENTS
+    request = (
+        f"GET {PATH} HTTP/1.1\r\nHost: bench\r\nX-API-Key: bench-key-{key:03d}\r\n"
+        f"X-Agent-ID: agent-{agent}\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    try:
+        while loop.time() < until:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lower = head.lower()
+            at = lower.index(b"content-length:") + 15
+            await reader.readexactly(int(lower[at : lower.index(b"\r\n", at)]))
+            if not counting[0]:
+                continue
+            status = int(head[9:12])
+            if status != 200:
+                tally.bad[status] = tally.bad.get(status, 0) + 1
+            else:
+                tally.ok += 1
+                if marked and b"x-ratelimit-remaining:" not in lower:
+                    tally.unmarked += 1
+    finally:
+        writer.close()
+
+
+async def _load(port: int, seconds: float, connections: int, marked: bool) -> tuple[Tally, float]:
+    """Answers counted over ``seconds`` (after the connections are open and busy)."""
+    tally = Tally()
+    counting = [False]
+    loop = asyncio.get_running_loop()
+    warm = 0.3
+    until = loop.time() + warm + seconds
+    tasks = [
+        asyncio.create_task(_connection(port, i, until, tally, marked, counting))
+        for i in range(connections)
+    ]
+    await asyncio.sleep(warm)  # the benchmark's own clock: the span measured starts here
+    counting[0] = True
+    start = loop.time()
+    await asyncio.gather(*tasks)
+    return tally, loop.time() - start
+
+
+def measure(port: int, seconds: float, connections: int, marked: bool) -> tuple[float, Tally]:
+    tally, span = asyncio.run(_load(port, seconds, connections, marked))
+    return tally.ok / span, tally
+
+
+def _implementations() -> str:
+    """Which HTTP parser and event loop uvicorn picks by default here."""
+    try:
+        import httptools  # noqa: F401
+
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    import uvicorn
+
+    return f"uvicorn {uvicorn.__version__} (http {http}, loop {loop})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 2 s")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--redis-url", help="run against this Redis (its db is FLUSHED)")
+    parser.add_argument("--rounds", type=int, help="rounds per server (default 7, quick 3)")
+    parser.add_argument("--seconds", type=float, help="length of a round (default 5, quick 2)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 7)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    began = time.monotonic()
+    with redis_server(args.redis_url) as (url, how):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        version = client.info("server")["redis_version"]
+        client.flushdb()
+        print(
+            f"Redis {version} ({how}); {_implementations()}; Python "
+            f"{platform.python_version()}; {psutil.cpu_count()} CPUs"
+        )
+        with servers(url) as running:
+            print(_pin(running, url))
+            print(f"warm-up, then {rounds} rounds x {seconds:g} s per server ...", flush=True)
+            for kind, server in running.items():
+                measure(server.port, 1.0, args.connections, kind == "throttled")
+            rates: dict[str, list[float]] = {kind: [] for kind in running}
+            failures: list[str] = []
+            mine = {os.getpid(), *(s.proc.pid for s in running.values())}
+            busy_before = _others_cpu(mine)
+            wall_before = time.monotonic()
+            for r in range(rounds):
+                order = list(running) if r % 2 == 0 else list(reversed(running))
+                for kind in order:
+                    rate, tally = measure(
+                        running[kind].port, seconds, args.connections, kind == "throttled"
+                    )
+                    rates[kind].append(rate)
+                    if tally.bad:
+                        failures.append(f"{kind}: answers other than 200: {tally.bad}")
+                    if tally.unmarked:
+                        failures.append(f"{kind}: {tally.unmarked} answers without rate headers")
+            other = (_others_cpu(mine) - busy_before) / (time.monotonic() - wall_before)
+    bare = statistics.median(rates["bare"])
+    throttled = statistics.median(rates["throttled"])
+    ratio = throttled / bare
+    rows = [["measure", "throttle", "bare", "ratio", "goal", "result"]]
+    rows.append(
+        [
+            "requests/s, median (rounds' spread)",
+            f"{throttled:,.0f} ({_spread(rates['throttled'])})",
+            f"{bare:,.0f} ({_spread(rates['bare'])})",
+            f"{ratio:.2f}",
+            f">= {GOAL}",
+            verdict(ratio >= GOAL),
+        ]
+    )
+    print()
+    print(
+        f"Throughput through uvicorn, {args.connections} keep-alive connections, "
+        f"{KEYS} API keys x {AGENTS} agents, 2 limits that never bind:"
+    )
+    print(table(rows, args.markdown, [False, True, True, True, False, False]))
+    print(f"(other load {other:.2f} CPUs)")
+    print()
+    for problem in failures:
+        print(f"FAILED CHECK: {problem}")
+    print(f"throttled / bare: {ratio:.2f} (goal >= {GOAL}): {verdict(ratio >= GOAL)}")
+    print(f"total time {time.monotonic() - began:.0f} s")
+    return 1 if failures else 0
+
+
+def _pin(running: dict[str, Server], url: str) -> str:
+    """Give the servers a CPU of their own, and this process (the load) and a local Redis the
+    others: each server's throughput is then what one core gives it, whatever the scheduler
+    would have made of three busy processes on few cores."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return "CPUs: not pinned (fewer than 2)"
+    serving, rest = {cpus[-1]}, set(cpus[:-1])
+    for server in running.values():
+        os.sched_setaffinity(server.proc.pid, serving)
+    os.sched_setaffinity(0, rest)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    pinned = "the load"
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] == "redis-server" and f":{port}" in command:
+            os.sched_setaffinity(proc.pid, rest)
+            pinned = "the load and Redis"
+    return f"CPUs: each server on CPU {cpus[-1]}, {pinned} on CPU {min(rest)}-{max(rest)}"
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
+def _others_cpu(mine: set[int]) -> float:
+    """CPU seconds used so far by every process on the machine but ours and Redis's (a
+    process that starts or ends meanwhile makes this approximate)."""
+    total = 0.0
+    for proc in psutil.process_iter(["pid", "name", "cpu_times"]):
+        if proc.info["pid"] in mine or proc.info["cpu_times"] is None:
+            continue
+        if proc.info["name"] == "redis-server":
+            continue
+        total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return total
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+# SPDX-License-Identifier: MIT
+"""The ASGI middleware, served by a real uvicorn on loopback and called with httpx: the rate
+headers, 429 bodies, tiers, the per-IP fallback, exclusions, check-only mode, outages and
+50 concurrent clients.
+
+Limits here refill far slower than a test runs (per hour), so every count is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import throttle
+from tests.conftest import SECRET, TIMEOUT, make_app
+from tests.redis_servers import RedisServer
+from throttle import Keyspace, Limit, MemoryStore, RedisStore
+from throttle.asgi import ThrottleMiddleware
+from throttle.client import Backoff, arequest, request
+from throttle.errors import ConfigurationError
+from throttle.testing import ManualClock
+
+pytestmark = pytest.mark.usefixtures("redis_client")  # every db emptied before each test
+
+KEY = "sk-edge-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    started = threading.Event()
+    original = server.startup
+
+    async def startup(sockets: Any = None) -> None:
+        await original(sockets)
+        started.set()
+
+    server.startup = startup  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(TIMEOUT), "uvicorn did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+
+
+async def _hello(request: Any) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+def starlette_app() -> Starlette:
+    paths = ["/", "/enqueue", "/healthz", "/healthz/deep", "/healthzX", "/docs"]
+    return Starlette(routes=[Route(p, _hello, methods=["GET", "POST"]) for p in paths])
+
+
+LIMITS = {
+    "requests": {"rate": "5/h"},
+    "tokens": {"rate": "1000/h", "unit": "tokens"},
+}
+
+
+def celery_app(server: RedisServer, **conf: Any) -> Any:
+    conf.setdefault("throttle_limits", LIMITS)
+    return make_app(server, **conf)
+
+
+def edge(server: RedisServer, conf: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """A Starlette app behind the middleware, for the limits in ``conf``."""
+    app = starlette_app()
+    kwargs.setdefault("limits", ["requests"])
+    app.add_middleware(ThrottleMiddleware, celery_app=celery_app(server, **(conf or {})), **kwargs)
+    return app
+
+
+def store_for(server: RedisServer) -> RedisStore:
+    return RedisStore(server.client(), Keyspace(SECRET))
+
+
+def limit(name: str) -> Limit:
+    spec = dict(LIMITS[name])
+    return Limit(name, spec.pop("rate"), **spec)
+
+
+# -- headers and answers ------------------------------------------------------------------------
+
+
+def test_answers_carry_rate_headers(redis_server: RedisServer) -> None:
+    """Each admitted answer says the tightest limit's size, what is left and when it is full
+    again, and every limit as IETF RateLimit and RateLimit-Policy items."""
+    app = edge(redis_server, limits=["requests", "tokens"], cost={"requests": 1, "tokens": 100})
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        answers = [client.get("/", headers={"X-API-Key": KEY}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    last = answers[-1].headers
+    assert last["x-ratelimit-limit"] == "5"
+    assert last["x-ratelimit-remaining"] == "2"
+    # 3 of 5 spent at 5/h: full again in 3 x 720 s.
+    assert 2159 <= int(last["x-ratelimit-reset"]) <= 2160
+    items = [item.strip() for item in last["ratelimit"].split(",")]
+    assert items[0].startswith('"requests";r=2;t=')
+    assert items[1].startswith('"tokens";r=700;t=')
+    assert last["ratelimit-policy"] == '"requests";q=5;w=3600, "tokens";q=1000;w=3600;qu="tokens"'
+    assert answers[-1].json() == {"ok": True}
+
+
+def test_denial_is_429_with_exact_body(redis_server: RedisServer) -> None:
+    """Past the limit the answer is 429 with Retry-After rounded up to whole seconds and a JSON
+    body with the exact wait and the limit's name; the app is not called."""
+    app = edge(redis_server)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for _ in range(5):
+            assert client.get("/", headers={"X-API-Key": KEY}).status_code == 200
+        denied = client.post("/", headers={"X-API-Key": KEY})
+    assert denied.status_code == 429
+    body = denied.json()
+    assert body["error"] == "rate_limited"
+    assert body["limit"] == "requests"
+    assert "requests" in body["message"]
+    assert 715 < body["retry_after"] <= 720  # the next token at 5/h
+    assert denied.headers["retry-after"] == str(math.ceil(body["retry_after"]))
+    assert denied.headers["x-ratelimit-remaining"] == "0"
+    assert denied.headers["content-type"] == "application/json"
+    assert '"requests";r=0;' in denied.headers["ratelimit"]
+
+
+def test_edge_charges_the_tasks_buckets(redis_server: RedisServer) -> None:
+    """The edge charges the same bucket a task of the same API key is charged: what it spent
+    is gone for the workers too."""
+    app = edge(redis_server)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for _ in range(3):
+            client.get("/", headers={"X-API-Key": KEY})
+    state = store_for(redis_server).peek([limit("requests")], {"api_key": KEY})
+    assert state.limits[0].remaining == pytest.approx(2, abs=0.01)
+
+
+def test_agents_and_tiers(redis_server: RedisServer) -> None:
+    """The agent header keys per-agent limits within the API key; the tier resolver's tier
+    gives a key its tier's limits."""
+    conf = {
+        "throttle_limits": {
+            "requests": {"rate": "5/h"},
+            "per_agent": {"rate": "2/h", "per": ["api_key", "agent_id"]},
+        },
+        "throttle_tiers": {"gold": {"requests": {"rate": "8/h"}}},
+        "throttle_tier_resolver": lambda ident: "gold" if ident["api_key"] == "gold" else None,
+    }
+    app = edge(redis_server, conf, limits=["requests", "per_agent"], agent_header="X-Agent-ID")
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+
+        def get(key: str, agent: str) -> int:
+            return client.get("/", headers={"X-API-Key": key, "X-Agent-ID": agent}).status_code
+
+        assert [get(KEY, "a") for _ in range(3)] == [200, 200, 429]
+        assert [get(KEY, "b") for _ in range(3)] == [200, 200, 429]
+        assert get(KEY, "c") == 200  # the key's 5th
+        assert get(KEY, "d") == 429  # the key's own limit now
+        gold = [get("gold", f"agent{i}") for i in range(9)]
+        assert gold == [200] * 8 + [429]
+
+
+def test_unauthenticated_calls_are_limited_per_client_ip(redis_server: RedisServer) -> None:
+    """Without an API key each client IP has buckets of its own (ip_limits), which no API
+    key reaches, even one spelt as that IP."""
+    conf = {"throttle_limits": {**LIMITS, "anon": {"rate": "2/h"}}}
+    app = edge(redis_server, conf, ip_limits=["anon"])
+    with serve(app) as url:
+        one = httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.1"))
+        two = httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        with one, two:
+            assert [one.get("/").status_code for _ in range(3)] == [200, 200, 429]
+            assert one.get("/").json()["limit"] == "anon"
+            assert [two.get("/").status_code for _ in range(3)] == [200, 200, 429]
+            # An API key that reads like the IP is a tenant of its own.
+            spelt = one.get("/", headers={"X-API-Key": "127.0.0.1"})
+            assert spelt.status_code == 200
+            assert spelt.headers["x-ratelimit-remaining"] == "4"
+            assert one.get("/", headers={"X-API-Key": ""}).json()["limit"] == "anon"
+
+
+def test_excluded_paths_pass_unchecked(redis_server: RedisServer) -> None:
+    """Excluded paths and the paths under them are neither charged nor given rate headers;
+    a path that only starts with the same letters is checked."""
+    app = edge(redis_server, exclude_paths=["/healthz", "/docs/"])
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for path in ["/healthz", "/healthz/deep", "/docs"] * 4:
+            answer = client.get(path, headers={"X-API-Key": KEY})
+            assert answer.status_code == 200
+            assert "x-ratelimit-limit" not in answer.headers
+        checked = client.get("/healthzX", headers={"X-API-Key": KEY})
+    assert checked.headers["x-ratelimit-remaining"] == "4"
+
+
+def test_check_only_charges_nothing(redis_server: RedisServer) -> None:
+    """check_only answers whether the cost fits without charging it, and 429 once the tasks
+    have spent the bucket."""
+    app = edge(redis_server, mode="check_only")
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for _ in range(8):
+            answer = client.post("/enqueue", headers={"X-API-Key": KEY})
+            assert answer.status_code == 200
+            assert answer.headers["x-ratelimit-remaining"] == "5"
+        store = store_for(redis_server)
+        for _ in range(5):
+            assert store.admit([limit("requests")], {"api_key": KEY}).allowed
+        denied = client.post("/enqueue", headers={"X-API-Key": KEY})
+    assert denied.status_code == 429
+    assert denied.json()["limit"] == "requests"
+
+
+def test_fastapi_app(redis_server: RedisServer) -> None:
+    """A FastAPI app takes the middleware as any Starlette one does."""
+    app = FastAPI()
+
+    @app.get("/items/{item}")
+    async def item(item: int) -> dict[str, int]:
+        return {"item": item}
+
+    app.add_middleware(
+        ThrottleMiddleware,
+        celery_app=celery_app(redis_server),
+        limits=["requests"],
+        api_key_header=lambda scope: dict(scope["headers"]).get(b"authorization", b"").decode(),
+    )
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        codes = [
+            client.get("/items/1", headers={"Authorization": KEY}).status_code for _ in range(6)
+        ]
+    assert codes == [200] * 5 + [429]
+
+
+def test_cost_callable_and_scripts_flushed(redis_server: RedisServer) -> None:
+    """A callable cost is asked per request; after SCRIPT FLUSH the middleware loads the
+    script again and the request is decided, not failed."""
+    app = edge(
+        redis_server,
+        limits=["tokens"],
+        cost=lambda scope: {"tokens": 100 if scope["method"] == "POST" else 10},
+    )
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/", headers={"X-API-Key": KEY}).headers["x-ratelimit-remaining"] == (
+            "990"
+        )
+        redis_server.client().script_flush()
+        answer = client.post("/", headers={"X-API-Key": KEY})
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-remaining"] == "890"
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+def test_fifty_concurrent_clients_exact(redis_server: RedisServer) -> None:
+    """50 clients at once against a burst of 20: exactly 20 admitted, 30 refused."""
+    conf = {"throttle_limits": {"requests": {"rate": "20/h"}}}
+    app = edge(redis_server, conf)
+
+    async def run(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=50)) as c:
+            gate = asyncio.Event()
+
+            async def one() -> int:
+                await gate.wait()
+                return (await c.get("/", headers={"X-API-Key": KEY})).status_code
+
+            tasks = [asyncio.create_task(one()) for _ in range(50)]
+            await asyncio.sleep(0)  # every task is waiting on the gate
+            gate.set()
+            return await asyncio.gather(*tasks)
+
+    with serve(app) as url:
+        codes = asyncio.run(run(url))
+    assert sorted(codes) == [200] * 20 + [429] * 30
+
+
+# -- while Redis is away ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def store_server() -> Iterator[RedisServer]:
+    """The throttle store on a server of its own, which the test kills and restarts."""
+    with RedisServer() as server:
+        yield server
+
+
+def outage_app(
+    redis_server: RedisServer, store_server: RedisServer, mode: str, clock: ManualClock
+) -> Any:
+    conf = {
+        "throttle_redis_url": store_server.url,
+        "throttle_limits": {"requests": {"rate": "4/h", "on_store_error": mode}},
+        "throttle_store_retry": 5.0,
+    }
+    app = celery_app(redis_server, **conf)
+    throttle.Throttle(app, clock=clock)
+    web = starlette_app()
+    web.add_middleware(ThrottleMiddleware, celery_app=app, limits=["requests"], processes=2)
+    return web
+
+
+@pytest.mark.parametrize("mode", ["open", "local", "closed"])
+def test_store_outage_modes(
+    redis_server: RedisServer, store_server: RedisServer, mode: str
+) -> None:
+    """With the store down, open lets requests through unchecked, local admits this process's
+    share (1/processes of the limit), closed answers 503 with Retry-After; once the store is
+    back and the retry delay has passed, the shared bucket is in force again."""
+    clock = ManualClock()
+    app = outage_app(redis_server, store_server, mode, clock)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+
+        def get() -> httpx.Response:
+            return client.get("/", headers={"X-API-Key": KEY})
+
+        assert get().status_code == 200  # the shared bucket: 3 of 4 left
+        store_server.client().execute_command("SAVE")  # comes back with it
+        store_server.kill()
+        answers = [get() for _ in range(4)]
+        codes = [a.status_code for a in answers]
+        if mode == "open":
+            assert codes == [200] * 4
+            assert "x-ratelimit-limit" not in answers[0].headers
+        elif mode == "local":
+            assert codes == [200, 200, 429, 429]  # 4/h over 2 processes: 2 here
+            assert answers[0].headers["x-ratelimit-limit"] == "2"
+        else:
+            assert codes == [503] * 4
+            assert answers[0].headers["retry-after"] == "5"
+            assert answers[0].json()["error"] == "unavailable"
+        store_server.start()
+        clock.advance(5.0)
+        back = [get().status_code for _ in range(4)]
+    assert back == [200, 200, 200, 429]  # the shared bucket again: 3 left
+
+
+def test_store_that_stops_answering(redis_server: RedisServer, store_server: RedisServer) -> None:
+    """A store that takes longer than throttle_socket_timeout to answer counts as down: the
+    request is decided by on_store_error at once, not left waiting."""
+    clock = ManualClock()
+    app = outage_app(redis_server, store_server, "closed", clock)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/", headers={"X-API-Key": KEY}).status_code == 200
+        store_server.client().execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        answer = client.get("/", headers={"X-API-Key": KEY})
+    assert answer.status_code == 503  # an answer waited for would have been a 200
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"limits": ["nope"]}, "limits"),
+        ({"limits": []}, "limits"),
+        ({"limits": "requests"}, "limits"),
+        ({"limits": ["requests", "requests"]}, "limits"),
+        ({"ip_limits": ["nope"]}, "ip_limits"),
+        ({"mode": "charge_all"}, "mode"),
+        ({"api_key_header": "X API Key"}, "api_key_header"),
+        ({"api_key_header": ""}, "api_key_header"),
+        ({"agent_header": 7}, "agent_header"),
+        ({"exclude_paths": "/healthz"}, "exclude_paths"),
+        ({"exclude_paths": ["healthz"]}, "exclude_paths"),
+        ({"cost": 6}, "cost"),
+        ({"cost": -1}, "cost"),
+        ({"cost": float("nan")}, "cost"),
+        ({"cost": {"tokens": 1}}, "cost"),
+        ({"cost": "1"}, "cost"),
+        ({"processes": 0}, "processes"),
+        ({"processes": True}, "processes"),
+    ],
+)
+def test_bad_arguments_rejected_when_built(
+    redis_server: RedisServer, kwargs: dict[str, Any], field: str
+) -> None:
+    """A bad argument raises ConfigurationError naming it when the middleware is built."""
+    arguments = {"celery_app": celery_app(redis_server), "limits": ["requests"], **kwargs}
+    with pytest.raises(ConfigurationError) as caught:
+        ThrottleMiddleware(starlette_app(), **arguments)
+    assert caught.value.field == field
+
+
+def test_no_raw_key_in_redis(redis_server: RedisServer) -> None:
+    """The edge writes fingerprints only: no raw API key, agent or IP in any key or value."""
+    conf = {
+        "throttle_limits": {**LIMITS, "per_agent": {"rate": "9/h", "per": ["api_key", "agent_id"]}}
+    }
+    app = edge(redis_server, conf, limits=["requests", "per_agent"], agent_header="X-Agent-ID")
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        client.get("/", headers={"X-API-Key": KEY, "X-Agent-ID": "agent-secret-name"})
+        client.get("/")
+    client_ = redis_server.client()
+    dump = json.dumps([[k.decode(), repr(client_.dump(k))] for k in client_.scan_iter(count=1000)])
+    assert "throttle:" in dump
+    for secret in (KEY, "agent-secret-name", "127.0.0.1"):
+        assert secret not in dump
+
+
+# -- the client helper against the middleware -------------------------------------------------
+
+
+def test_client_backs_off_exactly_as_the_edge_says(redis_server: RedisServer) -> None:
+    """throttle.client against the middleware: every call ends 200, each wait is at least the
+    exact retry_after of the 429 body (not the whole second of Retry-After), and async agents
+    sharing one key all get through."""
+    conf = {"throttle_limits": {"requests": {"rate": "20/s", "burst": 2}}}
+    app = edge(redis_server, conf)
+    waits: list[float] = []
+    hints: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)  # the client's own backoff, as in production
+
+    backoff = Backoff(max_attempts=20, max_wait=30, base=0.01, cap=0.05)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+
+        def hook(response: httpx.Response) -> None:
+            if response.status_code == 429:
+                response.read()
+                hints.append(response.json()["retry_after"])
+
+        client.event_hooks["response"] = [hook]
+        codes = [
+            request(
+                client, "GET", "/", headers={"X-API-Key": KEY}, backoff=backoff, sleep=sleep
+            ).status_code
+            for _ in range(6)
+        ]
+
+        async def agents() -> list[int]:
+            async with httpx.AsyncClient(base_url=url) as aclient:
+
+                async def one() -> int:
+                    answer = await arequest(
+                        aclient, "POST", "/", headers={"X-API-Key": "other"}, backoff=backoff
+                    )
+                    return answer.status_code
+
+                return await asyncio.gather(*(one() for _ in range(10)))
+
+        async_codes = asyncio.run(agents())
+    assert codes == [200] * 6
+    assert async_codes == [200] * 10
+    assert len(waits) == len(hints) >= 4  # 6 calls through a burst of 2
+    for wait, hint in zip(waits, hints, strict=True):
+        assert hint <= wait < 1  # the exact hint plus jitter, not Retry-After's whole second
+
+
+@pytest.mark.usefixtures("cluster_client")  # every master emptied
+def test_on_redis_cluster_and_in_process(redis_server: RedisServer, redis_cluster: Any) -> None:
+    """On Redis Cluster (admissions go through the cluster client, in a thread) and with the
+    in-process store, the edge admits exactly the burst."""
+    cluster = celery_app(
+        redis_server, throttle_redis_url=redis_cluster.url, throttle_redis_cluster=True
+    )
+    local = celery_app(redis_server)
+    throttle.Throttle(local, store=MemoryStore(Keyspace(SECRET)))
+    for app in (cluster, local):
+        web = starlette_app()
+        web.add_middleware(ThrottleMiddleware, celery_app=app, limits=["requests"])
+        with serve(web) as url, httpx.Client(base_url=url) as client:
+            codes = [client.get("/", headers={"X-API-Key": KEY}).status_code for _ in range(6)]
+        assert codes == [200] * 5 + [429]

@@ -1,0 +1,413 @@
+# SPDX-License-Identifier: MIT
+"""Rate limits at the HTTP door: an ASGI middleware that answers 429 before anything is queued.
+
+``ThrottleMiddleware`` checks the same named limits as the Celery tasks (``throttle_limits``,
+with the same tiers and the same Redis), so an API that enqueues agent work turns a tenant
+away while its budget is spent instead of queueing work that would only wait. It is plain
+ASGI (FastAPI, Starlette, or any ASGI app; no dependency on either)::
+
+    app.add_middleware(ThrottleMiddleware, celery_app=celery, limits=["requests"])
+
+Who is charged
+    The API key from the ``X-API-Key`` header (``api_key_header``: another header name, or a
+    callable taking the ASGI scope), the agent from ``agent_header`` when given, the tier from
+    ``throttle_tier_resolver``: the buckets are the tasks' own. A request without an API key
+    is charged per client IP (``scope["client"]``; behind a proxy let the server rewrite it,
+    as uvicorn's ``--forwarded-allow-ips`` does) to ``ip_limits`` (default: the same limits),
+    in buckets of their own that no API key can reach.
+
+What it charges
+    ``mode="charge"`` (the default) charges ``cost`` (1 per request, a mapping of limit name
+    to cost, or a callable taking the scope) for endpoints that are the work.
+    ``mode="check_only"`` charges nothing: it answers 429 when the cost would not fit now, for
+    an endpoint that enqueues work whose task is charged when it runs. Limits in ``shadow``
+    mode are not checked here.
+
+What it answers
+    Every checked answer carries ``X-RateLimit-Limit``, ``X-RateLimit-Remaining`` and
+    ``X-RateLimit-Reset`` (seconds until the bucket is full again) for the tightest limit,
+    and the IETF ``RateLimit`` and ``RateLimit-Policy`` fields (draft-ietf-httpapi-ratelimit-
+    headers) for every limit. A denial is a 429 with ``Retry-After`` (whole seconds, rounded
+    up) and a JSON body: ``error``, ``message``, ``retry_after`` (exact seconds) and ``limit``.
+
+While Redis does not answer
+    Each limit's ``on_store_error`` applies, as in the workers: ``closed`` answers 503 with
+    ``Retry-After``, ``local`` uses in-process buckets at ``1/processes`` of the limit (set
+    ``processes`` to the number of server processes, so that together they admit no more than
+    the limit), ``open`` lets the request through. Redis is tried again after
+    ``throttle_store_retry`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, Final, Literal, NamedTuple
+
+from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSettings
+from throttle.errors import ConfigurationError, CostError, StoreError, StoreUnavailable
+from throttle.identity import Fingerprint
+from throttle.limits import Limit, check_cost
+from throttle.store import Decision, MemoryStore
+from throttle.store.aio import AsyncStore
+
+__all__ = ["ThrottleMiddleware"]
+
+logger = logging.getLogger("throttle.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Cost = float | Mapping[str, float]
+Mode = Literal["charge", "check_only"]
+
+_US: Final = 1_000_000
+_MODES: Final = ("charge", "check_only")
+_JSON: Final = (b"content-type", b"application/json")
+
+
+class _Limits(NamedTuple):
+    """Limits as the answers describe them."""
+
+    limits: tuple[Limit, ...]
+    by_name: Mapping[str, Limit]
+    policy: bytes  # the RateLimit-Policy field: it does not change between answers
+    quotas: Mapping[str, tuple[float, bytes]]  # name -> burst, and as X-RateLimit-Limit says it
+
+
+class _Checked(NamedTuple):
+    """What one tier's requests are checked against."""
+
+    shared: _Limits  # the enforced limits
+    closed: str | None  # the first limit that is closed while Redis is away
+    local: _Limits  # the limits kept in-process while Redis is away (at their share)
+
+
+class ThrottleMiddleware:
+    """Reject over-limit requests at the door (see the module docstring for the contract).
+
+    ``celery_app`` is the Celery app whose ``throttle_*`` settings hold the limits; the
+    :class:`~throttle.Throttle` extension installed on it is used (installed here if it is
+    not). Every argument is checked here, when the app is built: an unknown limit name, a cost
+    a limit can never admit, or a header name that is not one raises
+    :class:`~throttle.errors.ConfigurationError` naming the argument.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        celery_app: Any,
+        limits: Sequence[str],
+        api_key_header: str | Callable[[Scope], str | None] = "X-API-Key",
+        agent_header: str | Callable[[Scope], str | None] | None = None,
+        ip_limits: Sequence[str] | None = None,
+        exclude_paths: Iterable[str] = (),
+        mode: Mode = "charge",
+        cost: float | Mapping[str, float] | Callable[[Scope], Cost] = 1,
+        processes: int = 1,
+    ) -> None:
+        from throttle.celeryext.app import Throttle  # the Celery layer, only when used
+
+        self.app = app
+        ext = getattr(celery_app, "_throttle_extension", None)
+        if not isinstance(ext, Throttle):
+            ext = Throttle(celery_app)
+        self.ext = ext
+        settings: ThrottleSettings = ext.settings
+        self.settings = settings
+        if mode not in _MODES:
+            raise ConfigurationError("mode", f"unknown mode {mode!r}", " or ".join(_MODES))
+        self.mode = mode
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ConfigurationError("processes", f"must be an integer >= 1, got {processes!r}")
+        self.processes = processes
+        names = _names("limits", limits, settings)
+        ip_names = names if ip_limits is None else _names("ip_limits", ip_limits, settings, True)
+        self._tiers = {tier: self._checked(names, tier) for tier in settings.tiers}
+        self._ip = self._checked(ip_names, DEFAULT_TIER)
+        self._key_header = _header_source("api_key_header", api_key_header)
+        self._agent_header = (
+            None if agent_header is None else _header_source("agent_header", agent_header)
+        )
+        self._exclude = _paths(exclude_paths)
+        self._cost = _cost_source(cost, [*self._tiers.values(), self._ip])
+        self._store = AsyncStore(ext.store(), timeout=settings.socket_timeout)
+        self._local = MemoryStore(ext.keyspace, clock=ext.clock)
+        self._down_until = 0
+        self._adaptive = settings.adaptive.enabled
+
+    def _checked(self, names: Sequence[str], tier: str) -> _Checked:
+        policies: list[LimitPolicy] = [self.settings.policy(n, tier) for n in names]
+        enforced = [p for p in policies if p.mode == "enforce"]
+        closed = next((p.name for p in enforced if p.on_store_error == "closed"), None)
+        local = [p.limit.share(self.processes) for p in enforced if p.on_store_error == "local"]
+        return _Checked(_limits([p.limit for p in enforced]), closed, _limits(local))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._excluded(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        checked, identity = self._who(scope)
+        if not checked.shared.limits:
+            await self.app(scope, receive, send)
+            return
+        cost = self._cost(scope)
+        decided = await self._decide(checked, identity, cost)
+        if decided is None:  # open while Redis is away: unchecked, so nothing to tell
+            await self.app(scope, receive, send)
+            return
+        if isinstance(decided, str):
+            await _refuse(send, 503, decided, self.settings.store_retry, [])
+            return
+        decision, described = decided
+        fields = _fields(described, decision)
+        if not decision.allowed:
+            await _refuse(send, 429, decision.bound_by, decision.retry_after, fields)
+            return
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), *fields]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+    # -- who and what --------------------------------------------------------------------------
+
+    def _excluded(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self._exclude)
+
+    def _who(self, scope: Scope) -> tuple[_Checked, dict[str, object]]:
+        key = self._key_header(scope)
+        if not key:
+            client = scope.get("client")
+            host = str(client[0]) if client else "unknown"
+            # A fingerprint under a dimension of its own: no API key can name these buckets.
+            tag = Fingerprint(self.ext.keyspace.fingerprint("client_ip", host))
+            return self._ip, {"api_key": tag, "tier": DEFAULT_TIER}
+        identity: dict[str, object] = {"api_key": key}
+        if self._agent_header is not None:
+            agent = self._agent_header(scope)
+            if agent:
+                identity["agent_id"] = agent
+        tier = self.ext.gate.tier_of(identity)
+        identity["tier"] = tier
+        return self._tiers.get(tier, self._tiers[DEFAULT_TIER]), identity
+
+    # -- the decision --------------------------------------------------------------------------
+
+    async def _decide(
+        self, checked: _Checked, identity: Mapping[str, object], cost: Cost
+    ) -> tuple[Decision, _Limits] | str | None:
+        """The store's decision and the limits it is about; while the store is away, the local
+        ones, or the name of the closed limit that refuses (a str), or None (open)."""
+        if self.ext.clock.now_us() >= self._down_until:
+            run = self._store.peek if self.mode == "check_only" else self._store.admit
+            shared = checked.shared
+            try:
+                decision = await run(shared.limits, identity, cost=cost, adaptive=self._adaptive)
+                return decision, shared
+            except StoreUnavailable as exc:
+                logger.warning("throttle store unavailable (%s); on_store_error applies", exc)
+                retry = round(self.settings.store_retry * _US)
+                self._down_until = self.ext.clock.now_us() + retry
+            except StoreError as exc:
+                logger.error("throttle store error (%r); on_store_error applies", exc)
+        if checked.closed is not None:
+            return checked.closed
+        local = checked.local
+        if not local.limits:
+            return None
+        if not isinstance(cost, int | float):
+            cost = {n: c for n, c in cost.items() if n in local.by_name}
+        run_local = self._local.peek if self.mode == "check_only" else self._local.admit
+        return run_local(local.limits, identity, cost=cost), local
+
+    def store_answered(self) -> None:
+        """Use Redis again at once, without waiting out ``throttle_store_retry``."""
+        self._down_until = 0
+
+
+# -- the answer ----------------------------------------------------------------------------------
+
+
+def _limits(limits: Sequence[Limit]) -> _Limits:
+    policy = ", ".join(_policy_item(limit) for limit in limits).encode()
+    quotas = {limit.name: (limit.burst, _number(limit.burst).encode()) for limit in limits}
+    return _Limits(tuple(limits), {limit.name: limit for limit in limits}, policy, quotas)
+
+
+def _fields(limits: _Limits, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """The rate-limit header fields of an answer: the X-RateLimit ones describe the limit
+    that denied, else the one with the least room left for its size. (On every request:
+    kept lean.)"""
+    bound = decision.bound_by
+    quotas = limits.quotas
+    items = []
+    shown = None
+    room = math.inf
+    for state in decision.limits:
+        name = state.name
+        left = max(0, math.floor(state.remaining + 1e-9))
+        reset = math.ceil(state.reset_after)
+        items.append(f'"{name}";r={left};t={reset}')
+        burst, quota = quotas[name]
+        if bound is None:
+            share = state.remaining / burst
+            if share < room:
+                room, shown = share, (quota, left, reset)
+        elif name == bound:
+            room, shown = -math.inf, (quota, left, reset)
+    if shown is None:  # no state (a stale copy): nothing to describe
+        return [(b"ratelimit-policy", limits.policy)]
+    return [
+        (b"x-ratelimit-limit", shown[0]),
+        (b"x-ratelimit-remaining", b"%d" % shown[1]),
+        (b"x-ratelimit-reset", b"%d" % shown[2]),
+        (b"ratelimit", ", ".join(items).encode()),
+        (b"ratelimit-policy", limits.policy),
+    ]
+
+
+def _policy_item(limit: Limit) -> str:
+    """One limit as an IETF quota policy: its burst (q) and the seconds it takes to refill
+    all of it (w); ``qu`` names the unit when it is not requests."""
+    window = math.ceil(limit.burst / limit.rate.per_second - 1e-9)
+    item = f'"{limit.name}";q={_number(limit.burst)};w={max(1, window)}'
+    if limit.unit != "requests":
+        item += f';qu="{limit.unit}"'
+    return item
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+async def _refuse(
+    send: Send,
+    status: int,
+    limit: str | None,
+    retry_after: float,
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    """A 429 (or a 503 while a closed limit's store is away) with a JSON body."""
+    wait = max(1, math.ceil(retry_after - 1e-9))
+    if status == 429:
+        error = "rate_limited"
+        message = f"rate limit {limit!r} exceeded; retry after {retry_after:.3f} s"
+    else:
+        error = "unavailable"
+        message = f"rate limit {limit!r} cannot be checked now; retry after {retry_after:.3f} s"
+    body = json.dumps(
+        {"error": error, "message": message, "retry_after": round(retry_after, 6), "limit": limit}
+    ).encode()
+    headers = [
+        _JSON,
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(wait).encode()),
+        *fields,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- arguments -------------------------------------------------------------------------------------
+
+
+def _names(
+    argument: str, names: object, settings: ThrottleSettings, empty: bool = False
+) -> tuple[str, ...]:
+    known = settings.limit_names
+    accepted = "a list of names from throttle_limits: " + (", ".join(sorted(known)) or "(none)")
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        problem = f"must be a list of limit names, got {names!r}"
+        raise ConfigurationError(argument, problem, accepted)
+    if not names and not empty:
+        raise ConfigurationError(argument, "names no limit", accepted)
+    for name in names:
+        if name not in known:
+            raise ConfigurationError(argument, f"unknown limit {name!r}", accepted)
+    if len(set(names)) != len(names):
+        raise ConfigurationError(argument, "names a limit twice", accepted)
+    return tuple(names)
+
+
+def _header_source(argument: str, source: object) -> Callable[[Scope], str | None]:
+    """A function that finds a header's value in a scope (None when absent)."""
+    if callable(source):
+        user: Callable[[Scope], str | None] = source
+
+        def call(scope: Scope) -> str | None:
+            value = user(scope)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(
+                    argument, f"the callable returned {type(value).__name__}", "a str or None"
+                )
+            return value
+
+        return call
+    token = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+    if not isinstance(source, str) or not source or set(source.lower()) - set(token):
+        raise ConfigurationError(
+            argument, f"not a header name: {source!r}", "a header name, or a callable(scope)"
+        )
+    wanted = source.lower().encode()
+
+    def find(scope: Scope) -> str | None:
+        for name, value in scope.get("headers", ()):
+            if name == wanted:
+                return bytes(value).decode("latin-1")
+        return None
+
+    return find
+
+
+def _paths(paths: object) -> tuple[str, ...]:
+    if isinstance(paths, str) or not isinstance(paths, Iterable):
+        raise ConfigurationError(
+            "exclude_paths", f"must be a list of paths, got {paths!r}", "paths such as '/healthz'"
+        )
+    found = []
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigurationError(
+                "exclude_paths", f"not a path: {path!r}", "paths starting with '/'"
+            )
+        found.append(path.rstrip("/") or "/")
+    return tuple(found)
+
+
+def _cost_source(cost: object, sets: Sequence[_Checked]) -> Callable[[Scope], Cost]:
+    """A function giving a request's cost, checked now against every limit it may meet."""
+    if callable(cost):
+        user: Callable[[Scope], Cost] = cost
+        return user
+    try:
+        if isinstance(cost, Mapping):
+            named = set().union(*(c.shared.by_name for c in sets))
+            for name, value in cost.items():
+                if name not in named:
+                    raise ConfigurationError(
+                        "cost", f"names limit {name!r}, which is not checked here"
+                    )
+                for checked in sets:
+                    for limits in (checked.shared, checked.local):
+                        if name in limits.by_name:
+                            check_cost(limits.by_name[name], value)
+            fixed: Cost = dict(cost)
+        else:
+            for checked in sets:
+                for limit in (*checked.shared.limits, *checked.local.limits):
+                    check_cost(limit, cost)
+            fixed = cost  # type: ignore[assignment]
+    except CostError as exc:
+        raise ConfigurationError(
+            "cost", str(exc), "a number >= 0, a mapping of limit name to one, or a callable(scope)"
+        ) from exc
+    return lambda scope: fixed
