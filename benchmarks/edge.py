@@ -22,8 +22,10 @@ What is measured
 
 How to read it
     Requests per second of each server (the median of its rounds, and the rounds' spread),
-    then throttled / bare, whose goal is at least 0.8. The machine has 2 cores: a server, the
-    load and Redis share them, so "other load" says how many CPUs other processes kept busy.
+    then throttled / bare, whose goal is at least 0.8. Each server has a CPU of its own (the
+    load and Redis share the other), and keeps it busy: the second row is the server's CPU
+    time per answer, whose ratio says the same from the cost side, less moved by how the
+    round went. "Other load" says how many CPUs other processes kept busy.
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind, server in running.items():
                 measure(server.port, 1.0, args.connections, kind == "throttled")
             rates: dict[str, list[float]] = {kind: [] for kind in running}
+            cpu: dict[str, list[float]] = {kind: [] for kind in running}  # s per request
             failures: list[str] = []
             mine = {os.getpid(), *(s.proc.pid for s in running.values())}
             busy_before = _others_cpu(mine)
@@ -231,10 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in range(rounds):
                 order = list(running) if r % 2 == 0 else list(reversed(running))
                 for kind in order:
+                    used = running[kind].cpu()
                     rate, tally = measure(
                         running[kind].port, seconds, args.connections, kind == "throttled"
                     )
                     rates[kind].append(rate)
+                    cpu[kind].append((running[kind].cpu() - used) / max(tally.ok, 1))
                     if tally.bad:
                         failures.append(f"{kind}: answers other than 200: {tally.bad}")
                     if tally.unmarked:
@@ -252,6 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{ratio:.2f}",
             f">= {GOAL}",
             verdict(ratio >= GOAL),
+        ]
+    )
+    us = {kind: statistics.median(cpu[kind]) * 1e6 for kind in cpu}
+    rows.append(
+        [
+            "server CPU per request, median",
+            f"{us['throttled']:.0f} us",
+            f"{us['bare']:.0f} us",
+            f"{us['bare'] / us['throttled']:.2f}",
+            "",
+            "",
         ]
     )
     print()

@@ -3,7 +3,7 @@
 
     python benchmarks/readme.py [--quick] [--only NAME] [--readme PATH] [--dry-run]
 
-Each benchmark (``benchmarks/decision.py``, ``gate.py``, ``adaptive.py``) runs with
+Each benchmark (``benchmarks/decision.py``, ``gate.py``, ``adaptive.py``, ``edge.py``) runs with
 ``--markdown``, one after the other (they measure the machine: never in parallel), its output
 echoed as it comes. Only when all of them have succeeded is the README read again and the text
 between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` replaced with each one's output,
@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "decision": "decision.py",
     "gate": "gate.py",
     "adaptive": "adaptive.py",
+    "edge": "edge.py",
 }
 
 

@@ -30,3 +30,27 @@ def test_admission_core_example(redis_server: RedisServer, redis_client: redis.R
     assert lines[0].startswith("step 0: admitted")
     assert any("booked by agent-share" in line for line in lines)
     assert any("came back at its slot: redeemed" in line for line in lines)
+
+
+def test_edge_api_example(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    """examples/edge_api.py: the first calls pass, the next are refused at the door and get
+    through after the client's wait, each wait under the whole second Retry-After says."""
+    env = {**os.environ, "REDIS_URL": redis_server.url}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "edge_api.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5
+    assert all(": 200 after " in line for line in lines)
+    assert lines[0].startswith("call 0: 200 after 0 429(s)")
+    assert lines[0].endswith("1 left")
+    refused = [line for line in lines if " after 0 429(s)" not in line]
+    assert refused  # 5 calls at once through a burst of 2 at 2/s: later ones wait
+    for line in refused:
+        waited = float(line.split("waited ")[1].split(" s")[0])
+        assert 0 < waited < 1

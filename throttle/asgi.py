@@ -14,7 +14,11 @@ Who is charged
     ``throttle_tier_resolver``: the buckets are the tasks' own. A request without an API key
     is charged per client IP (``scope["client"]``; behind a proxy let the server rewrite it,
     as uvicorn's ``--forwarded-allow-ips`` does) to ``ip_limits`` (default: the same limits),
-    in buckets of their own that no API key can reach.
+    in buckets of their own that no API key can reach. The key is taken as sent: this
+    middleware cannot tell a valid key from a made-up one, and a client that sends a new
+    made-up key with each call gets a new bucket each time. Let ``api_key_header`` be a
+    callable that returns the key only once it is known to be valid (None otherwise: the call
+    is then charged per IP), or reject unknown keys before this middleware runs.
 
 What it charges
     ``mode="charge"`` (the default) charges ``cost`` (1 per request, a mapping of limit name
@@ -85,6 +89,7 @@ class _Checked(NamedTuple):
     shared: _Limits  # the enforced limits
     closed: str | None  # the first limit that is closed while Redis is away
     local: _Limits  # the limits kept in-process while Redis is away (at their share)
+    cost: Cost = 1  # a request's cost for these limits, when it is the same for every request
 
 
 class ThrottleMiddleware:
@@ -136,6 +141,9 @@ class ThrottleMiddleware:
         )
         self._exclude = _paths(exclude_paths)
         self._cost = _cost_source(cost, [*self._tiers.values(), self._ip])
+        if not callable(cost):  # the same for every request: each set's part, computed now
+            self._tiers = {t: c._replace(cost=_part(cost, c)) for t, c in self._tiers.items()}
+            self._ip = self._ip._replace(cost=_part(cost, self._ip))
         self._store = AsyncStore(ext.store(), timeout=settings.socket_timeout)
         self._local = MemoryStore(ext.keyspace, clock=ext.clock)
         self._down_until = 0
@@ -156,13 +164,14 @@ class ThrottleMiddleware:
         if not checked.shared.limits:
             await self.app(scope, receive, send)
             return
-        cost = self._cost(scope)
+        cost = checked.cost if self._cost is None else _part(self._cost(scope), checked)
         decided = await self._decide(checked, identity, cost)
         if decided is None:  # open while Redis is away: unchecked, so nothing to tell
             await self.app(scope, receive, send)
             return
         if isinstance(decided, str):
-            await _refuse(send, 503, decided, self.settings.store_retry, [])
+            wait = max(self._down_until - self.ext.clock.now_us(), 0) / _US
+            await _refuse(send, 503, decided, wait or self.settings.store_retry, [])
             return
         decision, described = decided
         fields = _fields(described, decision)
@@ -226,8 +235,9 @@ class ThrottleMiddleware:
             return None
         if not isinstance(cost, int | float):
             cost = {n: c for n, c in cost.items() if n in local.by_name}
-        run_local = self._local.peek if self.mode == "check_only" else self._local.admit
-        return run_local(local.limits, identity, cost=cost), local
+        # Charged in either mode: a check-only door that peeked at buckets nothing else
+        # charges while Redis is away would refuse nothing.
+        return self._local.admit(local.limits, identity, cost=cost), local
 
     def store_answered(self) -> None:
         """Use Redis again at once, without waiting out ``throttle_store_retry``."""
@@ -286,7 +296,9 @@ def _policy_item(limit: Limit) -> str:
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    """A quota as the fields take it: an integer (a fractional burst, such as one process's
+    share of a limit, is rounded down, but never below 1)."""
+    return str(max(1, math.floor(value + 1e-9)))
 
 
 async def _refuse(
@@ -300,12 +312,18 @@ async def _refuse(
     wait = max(1, math.ceil(retry_after - 1e-9))
     if status == 429:
         error = "rate_limited"
-        message = f"rate limit {limit!r} exceeded; retry after {retry_after:.3f} s"
+        message = f"rate limit {limit} exceeded; retry after {retry_after:.3f} s"
     else:
         error = "unavailable"
-        message = f"rate limit {limit!r} cannot be checked now; retry after {retry_after:.3f} s"
+        message = f"rate limit {limit} cannot be checked now; retry after {retry_after:.3f} s"
     body = json.dumps(
-        {"error": error, "message": message, "retry_after": round(retry_after, 6), "limit": limit}
+        {
+            "error": error,
+            "message": message,
+            # Rounded up: a client that comes back after this is never early.
+            "retry_after": math.ceil(retry_after * _US) / _US,
+            "limit": limit,
+        }
     ).encode()
     headers = [
         _JSON,
@@ -383,8 +401,17 @@ def _paths(paths: object) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _cost_source(cost: object, sets: Sequence[_Checked]) -> Callable[[Scope], Cost]:
-    """A function giving a request's cost, checked now against every limit it may meet."""
+def _part(cost: Cost, checked: _Checked) -> Cost:
+    """The part of a cost mapping that names ``checked``'s limits (a tier may lack one, or
+    hold it in shadow mode; the per-IP limits may be others)."""
+    if isinstance(cost, Mapping):
+        return {n: c for n, c in cost.items() if n in checked.shared.by_name}
+    return cost
+
+
+def _cost_source(cost: object, sets: Sequence[_Checked]) -> Callable[[Scope], Cost] | None:
+    """The callable giving a request's cost, or None for a fixed cost, which is checked now
+    against every limit it may meet."""
     if callable(cost):
         user: Callable[[Scope], Cost] = cost
         return user
@@ -400,14 +427,12 @@ def _cost_source(cost: object, sets: Sequence[_Checked]) -> Callable[[Scope], Co
                     for limits in (checked.shared, checked.local):
                         if name in limits.by_name:
                             check_cost(limits.by_name[name], value)
-            fixed: Cost = dict(cost)
         else:
             for checked in sets:
                 for limit in (*checked.shared.limits, *checked.local.limits):
                     check_cost(limit, cost)
-            fixed = cost  # type: ignore[assignment]
     except CostError as exc:
         raise ConfigurationError(
             "cost", str(exc), "a number >= 0, a mapping of limit name to one, or a callable(scope)"
         ) from exc
-    return lambda scope: fixed
+    return None

@@ -289,10 +289,17 @@ class Limit:
         if parts <= 1:
             return self
         burst = max(self.burst / parts, self.max_cost)
-        extra: dict[str, Any] = {} if self.algorithm == "sliding_window" else {"burst": burst}
+        count, period = self.rate.count / parts, self.rate.period
+        extra: dict[str, Any] = {"burst": burst}
+        if self.algorithm == "sliding_window":
+            # A window's capacity is its count: one too small for the largest cost becomes
+            # that cost over a window stretched to keep the rate.
+            extra = {}
+            if count < self.max_cost:
+                count, period = self.max_cost, period * self.max_cost / count
         return Limit(
             self.name,
-            f"{self.rate.count / parts!r}/{self.rate.period!r}s",
+            f"{count!r}/{period!r}s",
             per=self.per,
             algorithm=self.algorithm,
             unit=self.unit,

@@ -148,7 +148,7 @@ class Gate:
         self._down_until = 0
         self.live_workers = 1
         self._local = MemoryStore(keyspace, clock=clock)
-        self._local_limits: dict[tuple[str, str, int], Limit] = {}
+        self._local_limits: dict[tuple[str, tuple[str, ...], int], Limit] = {}
         #: Per-key counts for ``celery throttle`` (None when ``throttle_counts_retention`` is 0).
         self.tally: Tally | None = Tally() if settings.counts_retention else None
 
@@ -548,7 +548,7 @@ class Gate:
         workers = max(1, self.live_workers)
         if workers == 1:
             return limit
-        cache_key = (limit.name, str(limit.rate), workers)
+        cache_key = (limit.name, limit.wire, workers)  # wire: algorithm, period, count, burst
         scaled = self._local_limits.get(cache_key)
         if scaled is None:
             scaled = self._local_limits[cache_key] = limit.share(workers)

@@ -8,10 +8,12 @@ the request that asked. A request costs the loop the packing of its frame and th
 its reply, never a round trip of idle time.
 
 Anything unusual falls back to what the store does itself: a script Redis lost (after
-``SCRIPT FLUSH`` or a restart) is loaded again in a thread and the admission sent again; an
-admission that spans several Redis Cluster slots, or any store that is not a single Redis
-server, runs in a thread (:class:`~throttle.store.MemoryStore`, which never waits on I/O,
-runs inline). A reply that does not come within ``timeout`` raises
+``SCRIPT FLUSH`` or a restart) is loaded again in a thread, once for all the requests that
+met it, and their admissions sent again; an admission that spans several Redis Cluster slots,
+a store that is not a single Redis server, and a connection that cannot be read without
+blocking (TLS, RESP3, no ``hiredis``) run in a thread (:class:`~throttle.store.MemoryStore`,
+which never waits on I/O, runs inline). Connecting happens in a thread too, bounded by
+``timeout``. A reply that does not come within ``timeout`` raises
 :class:`~throttle.errors.StoreUnavailable` for every request waiting on the connection, and
 the connection is closed: a late reply can then never be read as another request's.
 """
@@ -20,30 +22,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from throttle.errors import ConfigurationError, StoreError, StoreUnavailable
 from throttle.limits import Limit
 from throttle.store.base import BaseStore, Decision, Prepared
 from throttle.store.memory import MemoryStore
-from throttle.store.redis import RedisStore, readable
+from throttle.store.redis import _UNAVAILABLE, RedisStore, readable
 
 __all__ = ["AsyncStore"]
-
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class AsyncStore:
     """``store``'s admissions and peeks as coroutines (see the module docstring).
 
-    Use it from one event loop at a time; it opens its connection on first use and again on
-    the loop it is next used from. ``timeout`` (seconds) is how long a reply may take.
+    Each event loop it is used from gets a connection of its own, opened on first use.
+    ``timeout`` (seconds) is how long connecting, or a reply, may take.
     """
 
     def __init__(self, store: BaseStore, *, timeout: float = 0.25) -> None:
@@ -51,35 +51,39 @@ class AsyncStore:
             raise ConfigurationError("timeout", f"must be seconds > 0, got {timeout!r}")
         self.store = store
         self.timeout = float(timeout)
-        self._pipe: _Pipe | None = None
+        self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._loading: asyncio.Future[None] | None = None
 
-    async def admit(
+    def admit(
         self,
         limits: Sequence[Limit],
         identity: Mapping[str, object],
         *,
         cost: float | Mapping[str, float] = 1,
         adaptive: bool = False,
-    ) -> Decision:
+    ) -> Awaitable[Decision]:
         """:meth:`BaseStore.admit <throttle.store.BaseStore.admit>` without reservations."""
-        return await self._run(limits, identity, cost, adaptive, peek=False)
+        return self._run(limits, identity, cost, adaptive, False)
 
-    async def peek(
+    def peek(
         self,
         limits: Sequence[Limit],
         identity: Mapping[str, object],
         *,
         cost: float | Mapping[str, float] = 1,
         adaptive: bool = False,
-    ) -> Decision:
+    ) -> Awaitable[Decision]:
         """:meth:`BaseStore.peek <throttle.store.BaseStore.peek>`: charge nothing."""
-        return await self._run(limits, identity, cost, adaptive, peek=True)
+        return self._run(limits, identity, cost, adaptive, True)
 
     async def aclose(self) -> None:
-        """Close the connection (requests still waiting get :class:`StoreUnavailable`)."""
-        if self._pipe is not None:
-            self._pipe.fail(StoreUnavailable("the store was closed"))
-            self._pipe = None
+        """Close this loop's connection (requests still waiting on it get
+        :class:`StoreUnavailable`)."""
+        pipe = self._pipes.pop(asyncio.get_running_loop(), None)
+        if pipe is not None:
+            pipe.fail(StoreUnavailable("the store was closed"))
 
     async def _run(
         self,
@@ -87,49 +91,66 @@ class AsyncStore:
         identity: Mapping[str, object],
         cost: float | Mapping[str, float],
         adaptive: bool,
-        *,
         peek: bool,
     ) -> Decision:
         store = self.store
+        method = store.peek if peek else store.admit
         if isinstance(store, MemoryStore):
-            method = store.peek if peek else store.admit
             return method(limits, identity, cost=cost, adaptive=adaptive)
         pipe = self._pipe_for(store)
         prepared = None
-        if pipe is not None:
+        if pipe is not None and pipe.direct is not False:
             prepared = store.prepare(limits, identity, cost=cost, adaptive=adaptive, peek=peek)
-        if not isinstance(prepared, Prepared) or pipe is None:
-            method = store.peek if peek else store.admit
+        if pipe is None or not isinstance(prepared, Prepared):
             return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
         finish = store.finish_peek if peek else store.finish
+        frame = pipe.encode(prepared)
         try:
-            reply = await pipe.call(pipe.encode(prepared))
+            reply = await pipe.call(frame)
         except NoScriptError:
-            # Nothing ran: load the scripts (a blocking call, so in a thread) and send again.
-            await asyncio.to_thread(_load_scripts, store)
-            reply = await pipe.call(pipe.encode(prepared))
+            # Nothing ran: load the scripts (a blocking call, so in a thread; once for every
+            # request that met the loss meanwhile) and send again.
+            await self._load_scripts(store)
+            try:
+                reply = await pipe.call(frame)
+            except NoScriptError as exc:
+                raise StoreError(f"Redis lost the throttle script again: {exc}") from exc
+        except _Blocking:  # this connection cannot be read without blocking the loop
+            return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
         return finish(prepared, reply)
+
+    async def _load_scripts(self, store: BaseStore) -> None:
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(_load_scripts, store))
+            self._loading.add_done_callback(self._loaded)
+        await asyncio.shield(self._loading)
+
+    def _loaded(self, future: asyncio.Future[None]) -> None:
+        self._loading = None
+        if not future.cancelled():
+            future.exception()  # retrieved: each waiter sees it through the shield
 
     def _pipe_for(self, store: BaseStore) -> _Pipe | None:
         loop = asyncio.get_running_loop()
-        pipe = self._pipe
-        if pipe is not None and pipe.loop is loop:
+        pipe = self._pipes.get(loop)
+        if pipe is not None:
             return pipe
-        if pipe is not None:  # used from another loop now: the old one may be gone
-            pipe.abandon()
-            self._pipe = None
         if not isinstance(store, RedisStore):
             return None
         link = store.pipeline()
         if link is None:  # a cluster: its client routes each admission
             return None
-        self._pipe = _Pipe(loop, *link, self.timeout)
-        return self._pipe
+        pipe = self._pipes[loop] = _Pipe(loop, *link, self.timeout)
+        return pipe
 
 
 def _load_scripts(store: BaseStore) -> None:
     if isinstance(store, RedisStore):
         store.load_scripts()
+
+
+class _Blocking(Exception):
+    """The connection is one redis-py reads itself (TLS, RESP3, no hiredis): it would block."""
 
 
 class _Waiting(NamedTuple):
@@ -140,54 +161,78 @@ class _Waiting(NamedTuple):
 class _Pipe:
     """One pipelined connection, read by the event loop (see :class:`AsyncStore`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, link: Any, encode: Any, timeout: float):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        link: Any,  # throttle.store.redis._Link
+        encode: Callable[[Prepared], bytes],
+        timeout: float,
+    ) -> None:
         self.loop = loop
         self.link = link
         self.encode = encode
         self.timeout = timeout
         self.fd: int | None = None
+        #: Whether the connection is read straight off its socket (None: not connected yet).
+        self.direct: bool | None = None
         self.pending: deque[_Waiting] = deque()
+        self.out: list[bytes] = []  # frames to send at the end of this turn of the loop
         self.timer: asyncio.TimerHandle | None = None
-        self._connecting: asyncio.Future[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
 
     async def call(self, frame: bytes) -> Any:
         """Send one script run and wait for its reply (an error reply is raised)."""
-        if self.fd is None:
+        while self.fd is None:
             await self._connect()
+        if not self.direct:
+            raise _Blocking
         future: asyncio.Future[Any] = self.loop.create_future()
-        # Sent at once rather than gathered for one write per turn of the loop: Redis then
-        # works on the first request while this loop reads the next, instead of the requests
-        # moving in lockstep batches with the server idle during each batch's round trip.
-        try:
-            self.link.send(frame)
-        except _UNAVAILABLE as exc:
-            self.fail(StoreUnavailable(f"Redis did not answer: {exc}"))
-            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        # Requests made in one turn of the loop go out in one write at its end: one system
+        # call for all of them here, and one read for Redis.
+        if not self.out:
+            self.loop.call_soon(self._flush)
+        self.out.append(frame)
         self.pending.append(_Waiting(future, self.loop.time()))
         if self.timer is None:
             self.timer = self.loop.call_later(self.timeout, self._expire)
         return await future
 
+    def _flush(self) -> None:
+        data = b"".join(self.out)
+        self.out.clear()
+        if not data or self.fd is None:  # failed meanwhile: its requests were told
+            return
+        try:
+            self.link.send(data)
+        except _UNAVAILABLE as exc:
+            self.fail(StoreUnavailable(f"Redis did not answer: {exc}"))
+
     async def _connect(self) -> None:
-        # Connecting blocks (DNS, TCP, TLS, AUTH): done in a thread, once for all callers.
+        """Connect (in a thread: DNS, TCP, TLS and AUTH block) once for every caller waiting,
+        within the timeout. The connecting is a task of its own, so a caller that is cancelled
+        (its client went away) cancels only its own wait."""
         if self._connecting is None:
-            self._connecting = self.loop.create_future()
-            try:
-                fd = await asyncio.to_thread(self.link.fileno)
-            except BaseException as exc:
-                error = StoreUnavailable(f"Redis did not answer: {exc}")
-                self._connecting.set_exception(error)
-                self._connecting.exception()  # retrieved: nobody else may be waiting
-                self._connecting = None
-                if isinstance(exc, _UNAVAILABLE):
-                    raise error from exc
-                raise
-            self.fd = fd
-            self.loop.add_reader(fd, self._on_readable)
-            self._connecting.set_result(None)
+            self._connecting = self.loop.create_task(self._open())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._connecting), self.timeout)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"could not connect to Redis within {self.timeout:g} s") from exc
+
+    async def _open(self) -> None:
+        try:
+            fd = await asyncio.to_thread(self.link.fileno)
+        except _UNAVAILABLE as exc:
+            self.link.close()
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        except Exception as exc:  # refused at connection (AUTH, SELECT, HELLO)
+            self.link.close()
+            raise StoreError(f"Redis refused the connection: {exc}") from exc
+        finally:
             self._connecting = None
-        else:
-            await asyncio.shield(self._connecting)
+        self.direct = self.link.direct
+        self.fd = fd
+        if self.direct:
+            self.loop.add_reader(fd, self._on_readable)
 
     def _on_readable(self) -> None:
         if not self.pending:
@@ -197,7 +242,7 @@ class _Pipe:
             return
         try:
             replies = self.link.ready()
-        except _UNAVAILABLE as exc:
+        except Exception as exc:  # a reader callback must not raise: fail the waiters instead
             self.fail(StoreUnavailable(f"Redis did not answer: {exc}"))
             return
         for reply in replies:
@@ -220,10 +265,10 @@ class _Pipe:
 
     def _expire(self) -> None:
         """No reply within the timeout: the store is as good as down. After the loop was busy
-        past the timeout, replies that came meanwhile are read first: only what is still
+        past the timeout, every reply that came meanwhile is read first: only what is still
         missing counts as unanswered."""
         self.timer = None
-        if self.pending and self.fd is not None and readable(self.fd):
+        while self.pending and self.fd is not None and readable(self.fd):
             self._on_readable()
         if not self.pending:
             return
@@ -233,26 +278,20 @@ class _Pipe:
         else:
             self.timer = self.loop.call_later(self.timeout - waited, self._expire)
 
-    def fail(self, error: StoreUnavailable) -> None:
+    def fail(self, error: StoreError) -> None:
         """Close the connection; every request waiting on it gets ``error``."""
         waiting = list(self.pending)
         self.pending.clear()
+        self.out.clear()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.fd is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.fd)
+            if self.direct:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(self.fd)
             self.fd = None
         self.link.close()
         for item in waiting:
             if not item.future.done():
                 item.future.set_exception(error)
-
-    def abandon(self) -> None:
-        """Drop the connection of a loop that is no longer the one in use (it may be closed:
-        nothing is asked of it)."""
-        self.pending.clear()
-        self.fd = None
-        self.timer = None
-        self.link.close()

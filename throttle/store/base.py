@@ -157,8 +157,9 @@ class _Plan(NamedTuple):
 
 class _Template(NamedTuple):
     """A plan's plain admission (no booking, guard or test clock) as sent, but for its nonce:
-    ``keys`` and ``argv`` are shared by every call made from it (never changed), ``argv``'s
-    nonce is a placeholder, and the frame is ``before`` + the nonce + ``after``."""
+    ``keys`` is shared by every call made from it (never to be changed), ``argv`` is copied
+    for each with its own nonce (``argv[5]``), and the frame is ``before`` + the nonce +
+    ``after``."""
 
     plan: _Plan  # kept alive, so that the id it is remembered by stays its
     keys: list[str]
@@ -674,7 +675,7 @@ class BaseStore(Store):
                 if len(self._templates) >= _PLANS:
                     self._templates.clear()
                 self._templates[(id(plan), peek, adaptive)] = _Template(
-                    plan, keys, argv, before, after
+                    plan, keys, list(argv), before, after
                 )
         return Prepared(plan.charges, keys, argv, booking, nonce, frame)
 

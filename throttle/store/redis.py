@@ -397,6 +397,12 @@ class _Link:
         self._sock: Any = None
         self._reader: Any = None
 
+    @property
+    def direct(self) -> bool:
+        """Whether requests and replies go straight over the socket (once connected): then a
+        readable socket can be read without blocking."""
+        return self._reader is not None
+
     def fileno(self) -> int:
         """The socket's descriptor, connecting first if need be."""
         self._connect()
