@@ -15,18 +15,22 @@ from tests.redis_servers import RedisServer
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def test_admission_core_example(redis_server: RedisServer, redis_client: redis.Redis) -> None:
-    """examples/admission_core.py admits, books, comes back at its slot and redeems."""
-    env = {**os.environ, "REDIS_URL": redis_server.url}
+def run_example(name: str, server: RedisServer) -> list[str]:
+    """Run ``examples/<name>`` against ``server``; its output lines."""
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "admission_core.py")],
-        env=env,
+        [sys.executable, str(EXAMPLES / name)],
+        env={**os.environ, "REDIS_URL": server.url},
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def test_admission_core_example(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    """examples/admission_core.py admits, books, comes back at its slot and redeems."""
+    lines = run_example("admission_core.py", redis_server)
     assert lines[0].startswith("step 0: admitted")
     assert any("booked by agent-share" in line for line in lines)
     assert any("came back at its slot: redeemed" in line for line in lines)
@@ -35,16 +39,7 @@ def test_admission_core_example(redis_server: RedisServer, redis_client: redis.R
 def test_edge_api_example(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     """examples/edge_api.py: the first calls pass, the next are refused at the door and get
     through after the client's wait, each wait under the whole second Retry-After says."""
-    env = {**os.environ, "REDIS_URL": redis_server.url}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "edge_api.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    lines = result.stdout.splitlines()
+    lines = run_example("edge_api.py", redis_server)
     assert len(lines) == 5
     assert all(": 200 after " in line for line in lines)
     assert lines[0].startswith("call 0: 200 after 0 429(s)")
