@@ -18,13 +18,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check throttle tests benchmarks examples tools
 	$(BIN)/mypy throttle
 
-# One test file at a time: the fault tests kill workers and servers and count what happens
-# meanwhile, and two files at once (PYTEST_ARGS="-n 2 --dist loadfile", about 5.5 minutes
-# instead of 10) loads this 2-core machine enough to make some of them fail.
+# Two passes. The tests that kill workers and servers and count what happens meanwhile (and
+# the long runs with real worker processes) run one at a time: two at once load this 2-core
+# machine enough to make some of them fail. Everything else runs in two processes first.
+# PYTEST_ARGS="..." runs pytest once with those arguments instead.
+PROCESS_TESTS := tests/test_faults.py tests/test_load.py tests/test_workers.py \
+	tests/test_rabbitmq.py tests/test_cluster_failover.py tests/test_demo.py tests/test_flower.py
 PYTEST_ARGS ?=
 
 pytest: $(STAMP)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(addprefix --ignore=,$(PROCESS_TESTS))
+	$(BIN)/python -m pytest $(PROCESS_TESTS)
+else
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+endif
 
 test: lint pytest
 
