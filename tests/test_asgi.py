@@ -28,7 +28,7 @@ import throttle
 from tests.conftest import SECRET, TIMEOUT, make_app
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, MemoryStore, RedisStore
-from throttle.asgi import ThrottleMiddleware
+from throttle.asgi import ThrottleMiddleware, _network
 from throttle.client import Backoff, arequest, request
 from throttle.errors import ConfigurationError
 from throttle.testing import ManualClock
@@ -548,3 +548,19 @@ def test_lifespan_and_websockets_pass_through(redis_server: RedisServer) -> None
 
     asyncio.run(run())
     assert seen == ["lifespan"] + ["websocket"] * 7
+
+
+@pytest.mark.parametrize(
+    ("host", "stands_for"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("/run/api.sock", "/run/api.sock"),
+    ],
+)
+def test_whom_a_client_address_stands_for(host: str, stands_for: str) -> None:
+    """An IPv4 client is its address (also on a dual-stack socket); an IPv6 one is its /64,
+    so a client cannot take a fresh bucket with each address of its allocation."""
+    assert _network(host) == stands_for

@@ -12,7 +12,8 @@ Who is charged
     The API key from the ``X-API-Key`` header (``api_key_header``: another header name, or a
     callable taking the ASGI scope), the agent from ``agent_header`` when given, the tier from
     ``throttle_tier_resolver``: the buckets are the tasks' own. A request without an API key
-    is charged per client IP (``scope["client"]``; behind a proxy let the server rewrite it,
+    is charged per client IP (``scope["client"]``, an IPv6 one by its /64; behind a proxy
+    let the server rewrite it,
     as uvicorn's ``--forwarded-allow-ips`` does) to ``ip_limits`` (default: the same limits),
     in buckets of their own that no API key can reach. The key is taken as sent: this
     middleware cannot tell a valid key from a made-up one, and a client that sends a new
@@ -44,6 +45,8 @@ While Redis does not answer
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 import logging
 import math
@@ -196,7 +199,7 @@ class ThrottleMiddleware:
         key = self._key_header(scope)
         if not key:
             client = scope.get("client")
-            host = str(client[0]) if client else "unknown"
+            host = _network(str(client[0])) if client else "unknown"
             # A fingerprint under a dimension of its own: no API key can name these buckets.
             tag = Fingerprint(self.ext.keyspace.fingerprint("client_ip", host))
             return self._ip, {"api_key": tag, "tier": DEFAULT_TIER}
@@ -242,6 +245,22 @@ class ThrottleMiddleware:
     def store_answered(self) -> None:
         """Use Redis again at once, without waiting out ``throttle_store_retry``."""
         self._down_until = 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(host: str) -> str:
+    """Whom a client address stands for: an IPv4 address itself, an IPv6 address's /64 (one
+    subscriber's usual allocation: keyed by the address, a client could take a new one for
+    each call), anything else (a Unix socket's path) as it is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 client on a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 # -- the answer ----------------------------------------------------------------------------------
