@@ -7,25 +7,26 @@ private ``redis-server`` started for the run unless ``--redis-url`` is given (it
 FLUSHED).
 
 What is measured
-    Two uvicorn servers run side by side for the whole run, one process each, with uvicorn's
+    Four uvicorn servers run side by side for the whole run, one process each, with uvicorn's
     defaults (its HTTP parser and event loop are whichever it picks; the first line says
-    which): ``benchmarks.edgeapp:bare``, a Starlette app with one JSON endpoint, and
-    ``benchmarks.edgeapp:throttled``, the same app behind ``ThrottleMiddleware`` checking two
-    limits (per API key, and per agent within it) that never bind, so every request pays a
-    full admission in Redis and gets its rate headers. The load comes from this process: a
-    fixed number of keep-alive HTTP/1.1 connections on one asyncio loop, each sending its next
-    request as soon as the answer to its last one is read (a closed loop), spread over 50 API
-    keys and 5 agents each. Rounds alternate the servers (bare then throttled, then throttled
-    then bare, ...) after an untimed warm-up of each, so drift in the machine's load hits both
-    alike; a round counts the answers in a fixed span. Every answer must be a 200, and every
-    answer of the throttled server must carry its rate headers, or the run fails.
+    which): a Starlette app with one JSON endpoint and a FastAPI app whose endpoint validates
+    its query and answers a pydantic model (``benchmarks/edgeapp.py``), each bare and behind
+    ``ThrottleMiddleware`` checking two limits (per API key, and per agent within it) that
+    never bind, so every request pays a full admission in Redis and gets its rate headers.
+    The load comes from this process: a fixed number of keep-alive HTTP/1.1 connections on
+    one asyncio loop, each sending its next request as soon as the answer to its last one is
+    read (a closed loop), spread over 50 API keys and 5 agents each. Rounds alternate each
+    app's two servers (bare then throttled, then throttled then bare, ...) after an untimed
+    warm-up of each, so drift in the machine's load hits both alike; a round counts the
+    answers in a fixed span. Every answer must be a 200, and every answer of a throttled
+    server must carry its rate headers, or the run fails.
 
 How to read it
-    Requests per second of each server (the median of its rounds, and the rounds' spread),
-    then throttled / bare, whose goal is at least 0.8. Each server has a CPU of its own (the
-    load and Redis share the other), and keeps it busy: the second row is the server's CPU
-    time per answer, whose ratio says the same from the cost side, less moved by how the
-    round went. "Other load" says how many CPUs other processes kept busy.
+    Per app, requests per second of each server (the median of its rounds, and the rounds'
+    spread), then throttled / bare, whose goal is at least 0.8. Each server has a CPU of its
+    own (the load and Redis share the other) and keeps it busy: the second row is the
+    server's CPU time per answer, whose ratio says the same from the cost side, less moved by
+    how a round went. "Other load" says how many CPUs other processes kept busy.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ if str(ROOT) not in sys.path:
 from benchmarks._common import redis_server, table, verdict  # noqa: E402
 
 GOAL = 0.8
+FRAMEWORKS = ("starlette", "fastapi")
 KEYS = 50
 AGENTS = 5
 PATH = "/v1/runs"
@@ -111,8 +113,10 @@ class Server:
 def servers(redis_url: str) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     try:
-        for kind in ("bare", "throttled"):
-            started[kind] = Server(f"benchmarks.edgeapp:{kind}", redis_url)
+        for framework in FRAMEWORKS:
+            for kind in ("bare", "throttled"):
+                name = f"{framework}_{kind}"
+                started[name] = Server(f"benchmarks.edgeapp:{name}", redis_url)
         yield started
     finally:
         for server in started.values():
@@ -223,64 +227,74 @@ def main(argv: Sequence[str] | None = None) -> int:
         with servers(url) as running:
             print(_pin(running, url))
             print(f"warm-up, then {rounds} rounds x {seconds:g} s per server ...", flush=True)
-            for kind, server in running.items():
-                measure(server.port, 1.0, args.connections, kind == "throttled")
-            rates: dict[str, list[float]] = {kind: [] for kind in running}
-            cpu: dict[str, list[float]] = {kind: [] for kind in running}  # s per request
+            for name, server in running.items():
+                measure(server.port, 1.0, args.connections, name.endswith("throttled"))
+            rates: dict[str, list[float]] = {name: [] for name in running}
+            cpu: dict[str, list[float]] = {name: [] for name in running}  # s per request
             failures: list[str] = []
             mine = {os.getpid(), *(s.proc.pid for s in running.values())}
             busy_before = _others_cpu(mine)
             wall_before = time.monotonic()
             for r in range(rounds):
-                order = list(running) if r % 2 == 0 else list(reversed(running))
-                for kind in order:
-                    used = running[kind].cpu()
-                    rate, tally = measure(
-                        running[kind].port, seconds, args.connections, kind == "throttled"
-                    )
-                    rates[kind].append(rate)
-                    cpu[kind].append((running[kind].cpu() - used) / max(tally.ok, 1))
-                    if tally.bad:
-                        failures.append(f"{kind}: answers other than 200: {tally.bad}")
-                    if tally.unmarked:
-                        failures.append(f"{kind}: {tally.unmarked} answers without rate headers")
+                for framework in FRAMEWORKS:
+                    pair = [f"{framework}_bare", f"{framework}_throttled"]
+                    for name in pair if r % 2 == 0 else reversed(pair):
+                        server = running[name]
+                        used = server.cpu()
+                        rate, tally = measure(
+                            server.port, seconds, args.connections, name.endswith("throttled")
+                        )
+                        rates[name].append(rate)
+                        cpu[name].append((server.cpu() - used) / max(tally.ok, 1))
+                        if tally.bad:
+                            failures.append(f"{name}: answers other than 200: {tally.bad}")
+                        if tally.unmarked:
+                            failures.append(f"{name}: {tally.unmarked} answers without headers")
             other = (_others_cpu(mine) - busy_before) / (time.monotonic() - wall_before)
-    bare = statistics.median(rates["bare"])
-    throttled = statistics.median(rates["throttled"])
-    ratio = throttled / bare
-    rows = [["measure", "throttle", "bare", "ratio", "goal", "result"]]
-    rows.append(
-        [
-            "requests/s, median (rounds' spread)",
-            f"{throttled:,.0f} ({_spread(rates['throttled'])})",
-            f"{bare:,.0f} ({_spread(rates['bare'])})",
-            f"{ratio:.2f}",
-            f">= {GOAL}",
-            verdict(ratio >= GOAL),
-        ]
-    )
-    us = {kind: statistics.median(cpu[kind]) * 1e6 for kind in cpu}
-    rows.append(
-        [
-            "server CPU per request, median",
-            f"{us['throttled']:.0f} us",
-            f"{us['bare']:.0f} us",
-            f"{us['bare'] / us['throttled']:.2f}",
-            "",
-            "",
-        ]
-    )
+    rows = [["app", "measure", "throttle", "bare", "ratio", "goal", "result"]]
+    ratios: dict[str, float] = {}
+    for framework in FRAMEWORKS:
+        bare_rates, throttled_rates = rates[f"{framework}_bare"], rates[f"{framework}_throttled"]
+        bare, throttled = statistics.median(bare_rates), statistics.median(throttled_rates)
+        ratio = ratios[framework] = throttled / bare
+        rows.append(
+            [
+                framework,
+                "requests/s, median (rounds' spread)",
+                f"{throttled:,.0f} ({_spread(throttled_rates)})",
+                f"{bare:,.0f} ({_spread(bare_rates)})",
+                f"{ratio:.2f}",
+                f">= {GOAL}",
+                verdict(ratio >= GOAL),
+            ]
+        )
+        bare_us = statistics.median(cpu[f"{framework}_bare"]) * 1e6
+        throttled_us = statistics.median(cpu[f"{framework}_throttled"]) * 1e6
+        rows.append(
+            [
+                framework,
+                "server CPU per request, median",
+                f"{throttled_us:.0f} us",
+                f"{bare_us:.0f} us",
+                f"{bare_us / throttled_us:.2f}",
+                "",
+                "",
+            ]
+        )
     print()
     print(
         f"Throughput through uvicorn, {args.connections} keep-alive connections, "
         f"{KEYS} API keys x {AGENTS} agents, 2 limits that never bind:"
     )
-    print(table(rows, args.markdown, [False, True, True, True, False, False]))
+    print(table(rows, args.markdown, [False, False, True, True, True, False, False]))
     print(f"(other load {other:.2f} CPUs)")
     print()
     for problem in failures:
         print(f"FAILED CHECK: {problem}")
-    print(f"throttled / bare: {ratio:.2f} (goal >= {GOAL}): {verdict(ratio >= GOAL)}")
+    for framework, ratio in ratios.items():
+        print(
+            f"{framework}: throttled / bare {ratio:.2f} (goal >= {GOAL}): {verdict(ratio >= GOAL)}"
+        )
     print(f"total time {time.monotonic() - began:.0f} s")
     return 1 if failures else 0
 

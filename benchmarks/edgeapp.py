@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: MIT
-"""The web app ``benchmarks/edge.py`` serves with uvicorn: one Starlette JSON endpoint, bare
-(``benchmarks.edgeapp:bare``) and behind :class:`throttle.asgi.ThrottleMiddleware`
-(``benchmarks.edgeapp:throttled``) with limits that never bind. The store is the Redis at
+"""The web apps ``benchmarks/edge.py`` serves with uvicorn, each bare and behind
+:class:`throttle.asgi.ThrottleMiddleware` with limits that never bind: a Starlette JSON endpoint
+(``starlette_bare``, ``starlette_throttled``) and a FastAPI one that validates its query and
+answers a pydantic model (``fastapi_bare``, ``fastapi_throttled``). The store is the Redis at
 ``EDGE_REDIS_URL``."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 from typing import Any
 
 from celery import Celery
+from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -29,22 +32,41 @@ async def enqueue(request: Request) -> JSONResponse:
     return JSONResponse({"queued": True})
 
 
-def _app() -> Starlette:
+class Queued(BaseModel):
+    queued: bool
+    agent: str
+
+
+def _starlette() -> Starlette:
     return Starlette(routes=[Route("/v1/runs", enqueue, methods=["GET", "POST"])])
 
 
-bare = _app()
+def _fastapi() -> FastAPI:
+    api = FastAPI()
 
-throttled = _app()
+    @api.get("/v1/runs")
+    async def runs(agent: str = "default") -> Queued:
+        return Queued(queued=True, agent=agent)
+
+    return api
+
+
 _celery = Celery("edgebench", set_as_current=False)
 _celery.conf.update(
     throttle_redis_url=os.environ.get("EDGE_REDIS_URL", "redis://127.0.0.1:6379/0"),
     throttle_key_secret="benchmark-secret-0123456789abcdef",
     throttle_limits=LIMITS,
 )
-throttled.add_middleware(
-    ThrottleMiddleware,
-    celery_app=_celery,
-    limits=list(LIMITS),
-    agent_header="X-Agent-ID",
-)
+
+
+def _throttled(app: Any) -> Any:
+    app.add_middleware(
+        ThrottleMiddleware, celery_app=_celery, limits=list(LIMITS), agent_header="X-Agent-ID"
+    )
+    return app
+
+
+starlette_bare = _starlette()
+starlette_throttled = _throttled(_starlette())
+fastapi_bare = _fastapi()
+fastapi_throttled = _throttled(_fastapi())

@@ -142,7 +142,8 @@ class ThrottleMiddleware:
         self._agent_header = (
             None if agent_header is None else _header_source("agent_header", agent_header)
         )
-        self._exclude = _paths(exclude_paths)
+        self._exclude = frozenset(_paths(exclude_paths))
+        self._under = tuple(p + "/" for p in self._exclude)  # what lies under each
         self._cost = _cost_source(cost, [*self._tiers.values(), self._ip])
         if not callable(cost):  # the same for every request: each set's part, computed now
             self._tiers = {t: c._replace(cost=_part(cost, c)) for t, c in self._tiers.items()}
@@ -160,7 +161,8 @@ class ThrottleMiddleware:
         return _Checked(_limits([p.limit for p in enforced]), closed, _limits(local))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._excluded(scope.get("path", "")):
+        # On every request: kept lean.
+        if scope["type"] != "http" or (self._exclude and self._excluded(scope.get("path", ""))):
             await self.app(scope, receive, send)
             return
         checked, identity = self._who(scope)
@@ -193,7 +195,7 @@ class ThrottleMiddleware:
     # -- who and what --------------------------------------------------------------------------
 
     def _excluded(self, path: str) -> bool:
-        return any(path == p or path.startswith(p + "/") for p in self._exclude)
+        return path in self._exclude or path.startswith(self._under)
 
     def _who(self, scope: Scope) -> tuple[_Checked, dict[str, object]]:
         key = self._key_header(scope)

@@ -94,15 +94,16 @@ class AsyncStore:
         peek: bool,
     ) -> Decision:
         store = self.store
-        method = store.peek if peek else store.admit
-        if isinstance(store, MemoryStore):
-            return method(limits, identity, cost=cost, adaptive=adaptive)
-        pipe = self._pipe_for(store)
+        pipe = self._pipes.get(asyncio.get_running_loop()) or self._pipe_for(store)
         prepared = None
         if pipe is not None and pipe.direct is not False:
             prepared = store.prepare(limits, identity, cost=cost, adaptive=adaptive, peek=peek)
-        if pipe is None or not isinstance(prepared, Prepared):
+        if type(prepared) is not Prepared:
+            method = store.peek if peek else store.admit
+            if isinstance(store, MemoryStore):  # never waits on I/O
+                return method(limits, identity, cost=cost, adaptive=adaptive)
             return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
+        assert pipe is not None
         finish = store.finish_peek if peek else store.finish
         frame = pipe.encode(prepared)
         try:
@@ -116,6 +117,7 @@ class AsyncStore:
             except NoScriptError as exc:
                 raise StoreError(f"Redis lost the throttle script again: {exc}") from exc
         except _Blocking:  # this connection cannot be read without blocking the loop
+            method = store.peek if peek else store.admit
             return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
         return finish(prepared, reply)
 
@@ -252,16 +254,16 @@ class _Pipe:
             future = self.pending.popleft().future
             if future.done():  # its caller was cancelled (the client went away)
                 continue
-            if isinstance(reply, NoScriptError):
+            if type(reply) is list:  # the script's answer: nearly always
+                future.set_result(reply)
+            elif isinstance(reply, NoScriptError):
                 future.set_exception(reply)
             elif isinstance(reply, RedisConnectionError):  # LOADING, MASTERDOWN, TRYAGAIN
                 future.set_exception(StoreUnavailable(str(reply)))
             elif isinstance(reply, RedisError):
                 future.set_exception(StoreError(f"Redis refused the throttle script: {reply}"))
-            elif not isinstance(reply, list):
-                future.set_exception(StoreError(f"unexpected reply from Redis: {reply!r}"))
             else:
-                future.set_result(reply)
+                future.set_exception(StoreError(f"unexpected reply from Redis: {reply!r}"))
 
     def _expire(self) -> None:
         """No reply within the timeout: the store is as good as down. After the loop was busy
