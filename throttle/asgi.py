@@ -148,6 +148,7 @@ class ThrottleMiddleware:
         if not callable(cost):  # the same for every request: each set's part, computed now
             self._tiers = {t: c._replace(cost=_part(cost, c)) for t, c in self._tiers.items()}
             self._ip = self._ip._replace(cost=_part(cost, self._ip))
+        self._default = self._tiers[DEFAULT_TIER]
         self._store = AsyncStore(ext.store(), timeout=settings.socket_timeout)
         self._local = MemoryStore(ext.keyspace, clock=ext.clock)
         self._down_until = 0
@@ -186,8 +187,7 @@ class ThrottleMiddleware:
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [*message.get("headers", ()), *fields]
+                message = {**message, "headers": [*message.get("headers", ()), *fields]}
             await send(message)
 
         await self.app(scope, receive, send_with_fields)
@@ -210,9 +210,12 @@ class ThrottleMiddleware:
             agent = self._agent_header(scope)
             if agent:
                 identity["agent_id"] = agent
+        if self.settings.tier_resolver is None:
+            identity["tier"] = DEFAULT_TIER
+            return self._default, identity
         tier = self.ext.gate.tier_of(identity)
         identity["tier"] = tier
-        return self._tiers.get(tier, self._tiers[DEFAULT_TIER]), identity
+        return self._tiers.get(tier, self._default), identity
 
     # -- the decision --------------------------------------------------------------------------
 
@@ -221,7 +224,7 @@ class ThrottleMiddleware:
     ) -> tuple[Decision, _Limits] | str | None:
         """The store's decision and the limits it is about; while the store is away, the local
         ones, or the name of the closed limit that refuses (a str), or None (open)."""
-        if self.ext.clock.now_us() >= self._down_until:
+        if not self._down_until or self.ext.clock.now_us() >= self._down_until:
             run = self._store.peek if self.mode == "check_only" else self._store.admit
             shared = checked.shared
             try:
