@@ -18,12 +18,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check throttle tests benchmarks examples tools
 	$(BIN)/mypy throttle
 
-# Two passes. The tests that kill workers and servers, or time what real worker processes do,
-# run one at a time: two at once load this 2-core machine enough to make some of them fail.
-# Everything else (the 20,000-task load test too: it counts, it does not time) runs first, two
-# files at a time. PYTEST_ARGS="..." runs pytest once with those arguments instead.
-PROCESS_TESTS := tests/test_faults.py tests/test_workers.py tests/test_rabbitmq.py \
-	tests/test_cluster_failover.py tests/test_demo.py
+# Two passes. The tests that kill workers and servers, or run real worker processes for long,
+# run one at a time: two at once load this 2-core machine enough to make some of them fail,
+# and the load and Flower tests, run beside the first pass, slowed it more than they saved.
+# Everything else runs first, two files at a time. PYTEST_ARGS="..." runs pytest once with
+# those arguments instead.
+PROCESS_TESTS := tests/test_faults.py tests/test_load.py tests/test_workers.py \
+	tests/test_rabbitmq.py tests/test_cluster_failover.py tests/test_demo.py tests/test_flower.py
 PYTEST_ARGS ?=
 
 pytest: $(STAMP)
