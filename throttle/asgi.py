@@ -247,10 +247,6 @@ class ThrottleMiddleware:
         # charges while Redis is away would refuse nothing.
         return self._local.admit(local.limits, identity, cost=cost), local
 
-    def store_answered(self) -> None:
-        """Use Redis again at once, without waiting out ``throttle_store_retry``."""
-        self._down_until = 0
-
 
 @functools.lru_cache(maxsize=4096)
 def _network(host: str) -> str:

@@ -54,7 +54,6 @@ class AsyncStore:
         self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = (
             weakref.WeakKeyDictionary()
         )
-        self._loading: asyncio.Future[None] | None = None
 
     def admit(
         self,
@@ -111,7 +110,7 @@ class AsyncStore:
         except NoScriptError:
             # Nothing ran: load the scripts (a blocking call, so in a thread; once for every
             # request that met the loss meanwhile) and send again.
-            await self._load_scripts(store)
+            await pipe.load_scripts(store)
             try:
                 reply = await pipe.call(frame)
             except NoScriptError as exc:
@@ -120,17 +119,6 @@ class AsyncStore:
             method = store.peek if peek else store.admit
             return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
         return finish(prepared, reply)
-
-    async def _load_scripts(self, store: BaseStore) -> None:
-        if self._loading is None:
-            self._loading = asyncio.ensure_future(asyncio.to_thread(_load_scripts, store))
-            self._loading.add_done_callback(self._loaded)
-        await asyncio.shield(self._loading)
-
-    def _loaded(self, future: asyncio.Future[None]) -> None:
-        self._loading = None
-        if not future.cancelled():
-            future.exception()  # retrieved: each waiter sees it through the shield
 
     def _pipe_for(self, store: BaseStore) -> _Pipe | None:
         loop = asyncio.get_running_loop()
@@ -181,6 +169,7 @@ class _Pipe:
         self.out: list[bytes] = []  # frames to send at the end of this turn of the loop
         self.timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._loading: asyncio.Task[None] | None = None
 
     async def call(self, frame: bytes) -> Any:
         """Send one script run and wait for its reply (an error reply is raised)."""
@@ -208,6 +197,19 @@ class _Pipe:
             self.link.send(data)
         except _UNAVAILABLE as exc:
             self.fail(StoreUnavailable(f"Redis did not answer: {exc}"))
+
+    async def load_scripts(self, store: BaseStore) -> None:
+        """Load the scripts (a blocking call, so in a thread), once for every request of this
+        loop that found them lost meanwhile."""
+        if self._loading is None:
+            self._loading = self.loop.create_task(asyncio.to_thread(_load_scripts, store))
+            self._loading.add_done_callback(self._loaded)
+        await asyncio.shield(self._loading)
+
+    def _loaded(self, task: asyncio.Task[None]) -> None:
+        self._loading = None
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter sees it through the shield
 
     async def _connect(self) -> None:
         """Connect (in a thread: DNS, TCP, TLS and AUTH block) once for every caller waiting,
