@@ -33,14 +33,17 @@ What it answers
     ``X-RateLimit-Reset`` (seconds until the bucket is full again) for the tightest limit,
     and the IETF ``RateLimit`` and ``RateLimit-Policy`` fields (draft-ietf-httpapi-ratelimit-
     headers) for every limit. A denial is a 429 with ``Retry-After`` (whole seconds, rounded
-    up) and a JSON body: ``error``, ``message``, ``retry_after`` (exact seconds) and ``limit``.
+    up) and a JSON body: ``error``, ``message``, ``retry_after`` (exact seconds, rounded up
+    to the microsecond) and ``limit``. A ``cost`` callable that raises, or returns what no
+    limit takes, is the app's error (a 500), not the client's.
 
 While Redis does not answer
     Each limit's ``on_store_error`` applies, as in the workers: ``closed`` answers 503 with
     ``Retry-After``, ``local`` uses in-process buckets at ``1/processes`` of the limit (set
     ``processes`` to the number of server processes, so that together they admit no more than
-    the limit), ``open`` lets the request through. Redis is tried again after
-    ``throttle_store_retry`` seconds.
+    the limit; in ``check_only`` mode too, these are charged, as nothing else charges them),
+    ``open`` lets the request through. Redis is tried again after ``throttle_store_retry``
+    seconds.
 """
 
 from __future__ import annotations
