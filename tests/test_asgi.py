@@ -426,8 +426,20 @@ def test_no_raw_key_in_redis(redis_server: RedisServer) -> None:
     with serve(app) as url, httpx.Client(base_url=url) as client:
         client.get("/", headers={"X-API-Key": KEY, "X-Agent-ID": "agent-secret-name"})
         client.get("/")
-    client_ = redis_server.client()
-    dump = json.dumps([[k.decode(), repr(client_.dump(k))] for k in client_.scan_iter(count=1000)])
+    client_ = redis_server.client(decode_responses=True)
+    stored = []
+    for key in client_.scan_iter(count=1000):
+        kind = client_.type(key)
+        if kind == "string":
+            value: object = client_.get(key)
+        elif kind == "hash":
+            value = client_.hgetall(key)
+        elif kind == "zset":
+            value = client_.zrange(key, 0, -1, withscores=True)
+        else:
+            raise AssertionError(f"{key}: a {kind} the edge does not write")
+        stored.append([key, value])
+    dump = json.dumps(stored)
     assert "throttle:" in dump
     for secret in (KEY, "agent-secret-name", "127.0.0.1"):
         assert secret not in dump

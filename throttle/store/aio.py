@@ -93,7 +93,7 @@ class AsyncStore:
         peek: bool,
     ) -> Decision:
         store = self.store
-        pipe = self._pipes.get(asyncio.get_running_loop()) or self._pipe_for(store)
+        pipe = self._pipe_for(store)
         prepared = None
         if pipe is not None and pipe.direct is not False:
             prepared = store.prepare(limits, identity, cost=cost, adaptive=adaptive, peek=peek)

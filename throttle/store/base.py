@@ -605,16 +605,17 @@ class BaseStore(Store):
         if isinstance(limits, Limit):
             limits = (limits,)
         plan = self._plan(limits, identity, cost)
-        if (
+        # A plain admission (or peek: no booking, guard, horizon or test clock) of a plan sent
+        # whole: everything but the nonce is the same from call to call, and is kept packed.
+        plain = (
             plan.wire is not None
             and not reserve
             and booking is None
             and guard is None
             and now_us is None
             and horizon is None
-        ):
-            # A plain admission (or peek) of a plan sent whole: everything but the nonce is
-            # the same from call to call, and is kept packed.
+        )
+        if plain:
             template = self._templates.get((id(plan), peek, adaptive))
             if template is not None and template.plan is plan:
                 nonce = self._nonce()
@@ -670,7 +671,6 @@ class BaseStore(Store):
             before, after = self._encode_call(plan.wire, extra, head, fspec, tail is not plan.argv)
             data = nonce.encode()
             frame = b"%s$%d\r\n%s\r\n%s" % (before, len(data), data, after)
-            plain = not (reserve or booking or guard or now_us is not None or horizon is not None)
             if plain and plan.kept:
                 if len(self._templates) >= _PLANS:
                     self._templates.clear()
