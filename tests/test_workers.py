@@ -59,8 +59,13 @@ def check_accuracy(workers: Workers, db: redis.Redis, tasks: int = 300) -> None:
     record = starts(db)
     assert sorted(s["i"] for s in record) == list(range(tasks))  # each ran exactly once
     assert all(s["retries"] == 0 for s in record)
-    busiest = max_in_window([s["t"] for s in record], 1.0)
-    assert busiest <= 10 + 10, busiest  # burst + rate in any 1 s window
+    # Burst + rate in any 1 s window, on the admissions. A run is recorded as it starts, a
+    # little after its admission (the worker hands it to a pool process): two more allow for
+    # starts up to 0.2 s late. Over the whole run, the rate holds.
+    times = sorted(s["t"] for s in record)
+    busiest = max_in_window(times, 1.0)
+    assert busiest <= 10 + 10 + 2, busiest
+    assert tasks <= 10 + 10 * (times[-1] - times[0]) + 2
     deferred = deferrals(db)
     assert len(deferred) >= tasks - 20  # nearly every task waited for its slot
     # Work that came back holding a booking and was deferred again.
@@ -68,13 +73,18 @@ def check_accuracy(workers: Workers, db: redis.Redis, tasks: int = 300) -> None:
     assert redenied <= 0.05 * tasks, redenied
 
 
-ACCURACY = {"throttle_limits": {"per-key": {"rate": "10/s", "burst": 10}}}
+ACCURACY = {
+    # The limit itself is under test: three busy workers on a small machine would tighten it
+    # (to about 4/s here), and a limit never reached proves little.
+    "throttle_adaptive": {"enabled": False},
+    "throttle_limits": {"per-key": {"rate": "10/s", "burst": 10}},
+}
 
 
 def test_three_workers_hold_one_limit(
     urls: dict[str, str], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    """3 workers x 2 prefork slots, 300 tasks, 10/s burst 10: at most 20 starts in any second,
+    """3 workers x 2 prefork slots, 300 tasks, 10/s burst 10: burst + rate admitted in any second,
     all succeed, retries stay 0, re-denials at most 5%."""
     with Workers(**urls, conf=ACCURACY, logdir=tmp_path) as workers:
         for n in range(3):
