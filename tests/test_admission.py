@@ -39,6 +39,25 @@ def test_burst_then_exact_retry_after(store: BaseStore) -> None:
     assert store.admit([limit], KEY, now_us=T0 + 100_000).allowed
 
 
+def test_a_decision_tells_when_the_store_decided(
+    store: BaseStore, redis_client: redis.Redis
+) -> None:
+    """``at`` is the store's clock at the decision: admitted, denied, booked, and a global
+    limit admitted in a slot of its own (Redis Cluster); without a test clock, a Redis
+    server's TIME."""
+    limit = Limit("req", "1/s", burst=1)
+    both = [limit, Limit("all", "100/s", per=[])]
+    assert store.admit(both, KEY, now_us=T0).at == T0 / US
+    assert store.admit([limit], KEY, now_us=T0 + 7).at == (T0 + 7) / US
+    assert store.admit([limit], KEY, reserve=True, now_us=T0 + 9).at == (T0 + 9) / US
+    assert store.peek(both, KEY, now_us=T0 + 11).at == (T0 + 11) / US
+    if isinstance(store, RedisStore) and not store.sharded:
+        seconds, micros = redis_client.time()
+        at = store.admit([limit], {"api_key": "tenant-2"}).at
+        assert at is not None
+        assert seconds + micros / US <= at < seconds + micros / US + 5
+
+
 def test_rate_below_one_per_second_is_exact(store: BaseStore) -> None:
     """0.7/s with burst 1, tried every 10 ms for 60 s, admits 42 or 43 (not 30)."""
     limit = Limit("slow", "0.7/s", burst=1)

@@ -45,7 +45,7 @@ from redis.crc import key_slot
 
 from tests.redis_servers import CLUSTER_SLOTS, HOST, RedisCluster, RedisServer
 from tests.test_faults import check_once, runs, wait_for_starts
-from tests.test_workers import max_in_window
+from tests.test_workers import admitted_at, max_in_window
 from tests.workers import Workers
 from throttle import Keyspace, Limit, RedisStore
 from throttle.errors import StoreUnavailable
@@ -103,6 +103,7 @@ def _register_task() -> None:
             # The shared buckets' admission carries a receipt (with its nonce); what the
             # on_store_error fallback lets through carries {"local": 1}.
             "shared": isinstance(admitted, dict) and "nonce" in admitted,
+            "at": admitted.get("at") if isinstance(admitted, dict) else None,
         }
         db = workerapp.recorder()
         db.rpush(f"{workerapp.PREFIX}:started", i)
@@ -228,14 +229,15 @@ def by_group(
     fields (one group of all runs when ``by`` is empty)."""
     groups: dict[tuple[str, ...], list[float]] = {}
     for r in record:
-        groups.setdefault(tuple(r[f] for f in by), []).append(r["t"])
+        groups.setdefault(tuple(r[f] for f in by), []).append(admitted_at(r))
     return groups
 
 
 def check_limits(record: list[dict[str, Any]]) -> None:
     """Every limit holds over ``record``: no 1 s window has more than burst + rate runs, plus
-    the copies that may redeem a booking late (rate x LATE), plus one (a run starts a moment
-    after its admission); and in all, no more than burst + rate x their span, plus those."""
+    the copies that may redeem a booking late (rate x LATE), plus one; and in all, no more
+    than burst + rate x their span, plus those. Runs are counted when the store admitted them,
+    on its clock."""
     for by, (rate, burst) in (((), GLOBAL), (("key",), PER_KEY), (("key", "agent"), PER_AGENT)):
         late = rate * LATE + 1
         for group, times in by_group(record, by).items():
@@ -316,6 +318,6 @@ def test_master_killed_and_replica_promoted_during_a_run(
     assert db.llen("t:deferred:store-closed") > 0
     # From the promotion on, the shared buckets hold every limit. (Each of these runs was
     # admitted in the global limit's slot, which only the promoted replica serves now.)
-    after = [r for r in record if r["t"] >= back]
+    after = [r for r in record if admitted_at(r) >= back]
     assert len(after) >= TASKS // 2, len(after)
     check_limits(after)

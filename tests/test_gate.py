@@ -51,6 +51,29 @@ def test_deferred_tasks_run_once_in_order_with_no_retries_used(
     assert all(r.endswith(":0") for r in runs)
 
 
+def test_a_task_sees_when_the_store_admitted_it(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """The admission header a task's request carries says when the store admitted it, on the
+    store's clock: for a task let through at once and for one deferred to its slot, between
+    its sending and its run."""
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "5/s", "burst": 1}})
+    throttle.Throttle(app)
+
+    @app.task(bind=True, name=f"{app.main}.when", throttle=["req"])
+    def when(self: Any, *, api_key: str) -> tuple[float, float]:
+        seconds, micros = db.time()
+        return getattr(self.request, H.ADMITTED)["at"], seconds + micros / 1e6
+
+    worker(app)
+    seconds, micros = db.time()
+    sent = seconds + micros / 1e6
+    results = [when.delay(api_key="k") for _ in range(2)]
+    (first, ran_first), (second, ran_second) = sorted(r.get(timeout=TIMEOUT) for r in results)
+    assert sent <= first <= ran_first
+    assert first + 0.2 <= second <= ran_second  # the later one waited for its slot (1 / 5 s)
+
+
 def test_one_task_deferred_many_times_keeps_its_retry_budget(
     redis_server: RedisServer,
     db: redis.Redis,

@@ -34,7 +34,7 @@ from tests.conftest import TIMEOUT as RESULT_TIMEOUT
 from tests.conftest import make_app
 from tests.redis_servers import RedisServer
 from tests.test_faults import check_once
-from tests.test_workers import max_in_window
+from tests.test_workers import admitted_at, max_in_window
 from tests.workers import Workers
 from throttle import signals
 
@@ -206,8 +206,8 @@ def check_limits(runs: list[dict[str, Any]], plan: list[tuple[str, str]]) -> tup
     by_agent: dict[tuple[str, str], list[float]] = {}
     for r in runs:
         api_key, agent_id = plan[r["i"]]
-        by_key.setdefault(api_key, []).append(r["t"])
-        by_agent.setdefault((api_key, agent_id), []).append(r["t"])
+        by_key.setdefault(api_key, []).append(admitted_at(r))
+        by_agent.setdefault((api_key, agent_id), []).append(admitted_at(r))
     busiest_key = max((max_in_window(t, 1.0), k) for k, t in by_key.items())
     busiest_agent = max((max_in_window(t, 1.0), k) for k, t in by_agent.items())
     assert busiest_key[0] <= KEY_BURST + KEY_RATE, busiest_key

@@ -36,6 +36,15 @@ def deferrals(db: redis.Redis, prefix: str = "t") -> list[dict[str, Any]]:
     return [json.loads(x) for x in db.lrange(f"{prefix}:deferrals", 0, -1)]
 
 
+def admitted_at(run: dict[str, Any]) -> float:
+    """When a recorded run was admitted: the store's decision time, which its admission header
+    carries, else (admitted in-process, while the store was away) when the run started. A
+    run starts a while after its admission (the worker hands it to a pool process, which may
+    be busy, or stalled on a loaded machine): limits are about admissions."""
+    at = run.get("at")
+    return float(at) if at is not None else float(run["t"])
+
+
 def max_in_window(times: list[float], window: float) -> int:
     """The most events in any half-open window of ``window`` seconds."""
     times = sorted(times)
@@ -59,10 +68,10 @@ def check_accuracy(workers: Workers, db: redis.Redis, tasks: int = 300) -> None:
     record = starts(db)
     assert sorted(s["i"] for s in record) == list(range(tasks))  # each ran exactly once
     assert all(s["retries"] == 0 for s in record)
-    # Burst + rate in any 1 s window, on the admissions. A run is recorded as it starts, a
-    # little after its admission (the worker hands it to a pool process): two more allow for
-    # starts up to 0.2 s late. Over the whole run, the rate holds.
-    times = sorted(s["t"] for s in record)
+    # Burst + rate in any 1 s window, on the store's clock. A copy that comes back a little
+    # after its slot still redeems its booking: two more allow for copies up to 0.2 s later
+    # than others. Over the whole run, the rate holds.
+    times = sorted(admitted_at(s) for s in record)
     busiest = max_in_window(times, 1.0)
     assert busiest <= 10 + 10 + 2, busiest
     assert tasks <= 10 + 10 * (times[-1] - times[0]) + 2

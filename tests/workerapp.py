@@ -82,6 +82,8 @@ def _start(self: Any, i: int, label: str) -> None:
                 "retries": self.request.retries,
                 "label": label,
                 "booked": bool(getattr(self.request, "throttle_booking", None)),
+                # When the shared store admitted it, on its clock (None: not admitted there).
+                "at": (getattr(self.request, "throttle_admitted", None) or {}).get("at"),
                 # Which copy of the task this is (None: never deferred), and whether the broker
                 # delivered this message before (to a worker that died holding it).
                 "token": getattr(self.request, "throttle_token", None),

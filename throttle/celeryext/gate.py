@@ -464,7 +464,7 @@ class Gate:
             assert decision.receipt is not None
             return call.verdict(
                 Action.RUN,
-                headers={H.ADMITTED: receipt_header(decision.receipt, call.tier)},
+                headers={H.ADMITTED: receipt_header(decision.receipt, call.tier, decision.at)},
                 decision=decision,
             )
         # A booking made now or kept (early) travels with the next copy; a plain denial keeps
@@ -616,13 +616,15 @@ class Gate:
         return Receipt(tuple(charges), str(admitted["nonce"]), adaptive)
 
 
-def receipt_header(receipt: Receipt, tier: str) -> dict[str, Any]:
-    """A receipt as a JSON-able header, for settlement in the pool process."""
+def receipt_header(receipt: Receipt, tier: str, at: float | None) -> dict[str, Any]:
+    """A receipt as a JSON-able header, for settlement in the pool process, with the moment
+    the store admitted the work (``at``: seconds on its clock)."""
     return {
         "tier": tier,
         "nonce": receipt.nonce,
         "charges": [[c.limit.name, c.bucket.tag, c.bucket.key, c.cost] for c in receipt.charges],
         "adaptive": receipt.adaptive,
+        "at": at,
     }
 
 

@@ -394,6 +394,7 @@ class Engine:
                 math.ceil(wait),
                 1 if e.booked else 0,
             ]
+        out.append(int(now))  # as Redis answers a Lua number: an integer
         return out
 
     # -- settle.lua --------------------------------------------------------------------------

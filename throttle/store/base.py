@@ -195,7 +195,9 @@ class Decision(NamedTuple):
     ``retry_after`` is in seconds, exact (not rounded): when denied, the earliest moment the
     same request could pass if nothing else happens; when booked, the wait until the booked
     slot. ``bound_by`` names the limit that decided it (None when admitted). ``booking`` is the
-    id to present on return (when booked or early). ``receipt`` is set when admitted.
+    id to present on return (when booked or early). ``receipt`` is set when admitted. ``at`` is
+    when the store decided, in seconds on its clock (a Redis server's: since the epoch; an
+    in-process store's: its clock's), None for a stale copy.
     """
 
     outcome: Outcome
@@ -204,6 +206,7 @@ class Decision(NamedTuple):
     limits: tuple[LimitState, ...]
     booking: str | None = None
     receipt: Receipt | None = None
+    at: float | None = None
 
     @property
     def allowed(self) -> bool:
@@ -552,16 +555,18 @@ class BaseStore(Store):
         states: list[LimitState] = []
         bound: str | None = None
         retry = 0.0
+        at = None
         for group in groups:
             reply = self._run_admit(*self._admit_args(group, head, None, None, adaptive))
             decision = self._decision(group, reply, None, head[5], adaptive)
             states += decision.limits
+            at = decision.at
             if not decision.allowed and (bound is None or decision.retry_after > retry):
                 bound, retry = decision.bound_by, decision.retry_after
         order = {lim.name: i for i, lim in enumerate(limits)}
         states.sort(key=lambda state: order[state.name])
         outcome = Outcome.ADMITTED if bound is None else Outcome.DENIED
-        return Decision(outcome, retry, bound, tuple(states))
+        return Decision(outcome, retry, bound, tuple(states), None, None, at)
 
     def prepare(
         self,
@@ -729,8 +734,14 @@ class BaseStore(Store):
         no receipt, as nothing was charged)."""
         decision = self.finish(prepared, reply)
         if decision.allowed:
-            return Decision(Outcome.ADMITTED, 0.0, None, decision.limits)
-        return Decision(Outcome.DENIED, decision.retry_after, decision.bound_by, decision.limits)
+            return Decision(Outcome.ADMITTED, 0.0, None, decision.limits, at=decision.at)
+        return Decision(
+            Outcome.DENIED,
+            decision.retry_after,
+            decision.bound_by,
+            decision.limits,
+            at=decision.at,
+        )
 
     def set_guard(
         self,
@@ -827,6 +838,8 @@ class BaseStore(Store):
                     decision.bound_by,
                     (*states, *decision.limits),
                     decision.booking,
+                    None,
+                    decision.at,
                 )
             done.append((group, reply))
         if head[3] == "old":
@@ -839,7 +852,9 @@ class BaseStore(Store):
         if any(_OUTCOMES.get(r[0]) is Outcome.REDEEMED for _, r in done):
             outcome = Outcome.REDEEMED
         receipt = Receipt(all_charges, nonce, adaptive)
-        return Decision(outcome, 0.0, None, tuple(states), None, receipt)
+        # Decided when the last slot admitted (one store, one clock: its servers').
+        at = done[-1][1][3 + 4 * len(done[-1][0])] / _US
+        return Decision(outcome, 0.0, None, tuple(states), None, receipt, at)
 
     def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
         """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
@@ -892,8 +907,10 @@ class BaseStore(Store):
             if outcome is _STALE:
                 return Decision(outcome, 0.0, None, ())
             states = tuple(self._states(charges, reply))
+            at = reply[3 + 4 * len(charges)] / _US
             if outcome in _ALLOWED:  # on every admission: kept lean
-                return Decision(outcome, 0.0, None, states, None, Receipt(charges, nonce, adaptive))
+                receipt = Receipt(charges, nonce, adaptive)
+                return Decision(outcome, 0.0, None, states, None, receipt, at)
             binding = int(reply[1])
             retry = reply[2] / _US
         except (IndexError, KeyError, ValueError, TypeError) as exc:
@@ -905,6 +922,8 @@ class BaseStore(Store):
             charges[binding - 1].limit.name,
             states,
             booking if keeps_booking else None,
+            None,
+            at,
         )
 
     # -- adaptive factors ----------------------------------------------------------------------

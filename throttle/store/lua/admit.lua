@@ -51,7 +51,7 @@
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
 --          then 4 per limit: remaining in millionths of a unit (rounded), us until full,
 --          us until it admits the cost, 1 if the booking presented paid for this limit (it
---          was not charged now) else 0}. Durations are rounded up to whole microseconds, so
+--          was not charged now) else 0, then now_us (the time this call decided at)}. Durations are rounded up to whole microseconds, so
 --          work that comes back after retry_after_us is never early.
 --   outcome: 'admitted', 'redeemed' (admitted by a booking), 'denied', 'booked', 'early'
 --   (a booking presented before its slot), 'horizon' (the slot was beyond the horizon),
@@ -283,4 +283,5 @@ for i = 1, n do
   out[#out + 1] = math.ceil(wait)
   out[#out + 1] = e.booked and 1 or 0
 end
+out[#out + 1] = now
 return out
