@@ -26,7 +26,8 @@ prints, per interval, what was sent, run and deferred, the most messages seen wa
 broker's queue, the store's ``used_memory`` (peak in the interval) and key count; then tasks
 completed, lost (never ran), duplicated (ran as two copies, or ran again without a
 redelivery), re-runs of one copy after a kill (Celery's at-least-once for ``acks_late``), and
-limit violations: episodes in which a key or an agent ran more than burst + rate within 1 s,
+limit violations: episodes in which a key or an agent was admitted more than burst + rate
+times within 1 s (on the store's clock; a run admitted in-process counts from its start),
 split into those around a store outage (which loses every bucket) and the rest, each of the
 rest with the fault before it. For the first lost or duplicated tasks it prints their
 deferrals and runs among the faults.
@@ -135,7 +136,10 @@ def _worker_app() -> Celery:
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
         token = getattr(request, "throttle_token", None)
         pipe = record.pipeline(transaction=False)
-        entry = [i, time.time(), token, redelivered, request.hostname]
+        # When the store admitted it (its clock; None: in-process buckets while it was away):
+        # limits are about admissions, and a busy pool process starts runs late, in bunches.
+        admitted = getattr(request, "throttle_admitted", None) or {}
+        entry = [i, time.time(), token, redelivered, request.hostname, admitted.get("at")]
         pipe.rpush(RUNS, json.dumps(entry))
         pipe.rpush(STARTED, i)
         pipe.execute()
@@ -519,7 +523,8 @@ def violations(
     more than AGENT_BURST + AGENT_RATE."""
     by_key: dict[str, list[float]] = {}
     by_agent: dict[str, list[float]] = {}
-    for i, t, *_ in runs:
+    for i, started, *_, at in runs:
+        t = started if at is None else at
         api_key, agent_id = plan[i]
         by_key.setdefault(api_key, []).append(t)
         by_agent.setdefault(f"{api_key}/{agent_id}", []).append(t)
@@ -632,7 +637,7 @@ def history(
                 (t, f"deferred by {node} ({reason}, {limit}, {countdown:.3f} s)")
             )
     for i in events:
-        for _, t, token, redelivered, node in by_task.get(i, []):
+        for _, t, token, redelivered, node, _ in by_task.get(i, []):
             again = ", redelivered" if redelivered else ""
             events[i].append((t, f"ran on {node} as copy {token}{again}"))
     print("\nwhat happened to them (s since the start):")
