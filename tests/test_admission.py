@@ -550,12 +550,71 @@ def test_a_returning_old_copy_keeps_the_work_from_the_late_recording(store: Base
     assert new.outcome is Outcome.STALE
     # Without the race the hand-over completes; and with no guard stored (the store lost its
     # data) the recording goes through too.
-    store.admit([limit], KEY, guard=Guard("v", "t1", "t2"), reserve=True, now_us=T0 + 4 * US)
+    assert store.admit([limit], KEY, now_us=T0 + 4 * US).allowed  # empty the bucket
+    later = store.admit(
+        [limit], KEY, guard=Guard("v", "t1", "t2"), reserve=True, now_us=T0 + 4 * US
+    )
+    assert later.outcome is Outcome.BOOKED
     assert store.set_guard([limit], KEY, Guard("v", "t2", after="t1>t2"), ttl=60) is True
     assert store.set_guard([limit], KEY, Guard("u", "t2", after="t1>t2"), ttl=60) is True
     assert store.admit([limit], KEY, guard=Guard("v", "t1"), now_us=T0 + 6 * US).outcome is (
         Outcome.STALE
     )
+
+
+def test_a_copy_published_twice_runs_once(store: BaseStore) -> None:
+    """A broker that fails while a deferred copy is published can be left with two messages of
+    that copy (one token). Once one is admitted, the other (same retry count, not
+    redelivered) is STALE and charges nothing, its booking or not; a message the broker
+    redelivered (its holder may have died before running it) and a Celery retry of the copy
+    (a higher count) are admitted; the copy that ran still closes its guard."""
+    limit = Limit("req", "10/s", burst=10)
+    store.set_guard([limit], KEY, Guard("w", "t2"), ttl=60)
+    first = store.admit([limit], KEY, guard=Guard("w", "t2", "t3"), now_us=T0)
+    assert first.allowed
+    twin = store.admit([limit], KEY, guard=Guard("w", "t2", "t4"), now_us=T0)
+    assert twin.outcome is Outcome.STALE
+    again = store.admit([limit], KEY, guard=Guard("w", "t2", redelivered=True), now_us=T0)
+    assert again.allowed
+    retry = store.admit([limit], KEY, guard=Guard("w", "t2", retries=1), now_us=T0)
+    assert retry.allowed
+    assert retry.limits[0].remaining == 7  # the twin took nothing
+    twin = store.admit([limit], KEY, guard=Guard("w", "t2", retries=1), now_us=T0)
+    assert twin.outcome is Outcome.STALE  # the retry's own twin
+    assert retry.receipt is not None
+    assert store.close_guard(retry.receipt.charges, "w", "t2", ttl=60) is True
+    done = store.admit([limit], KEY, guard=Guard("w", "t2", redelivered=True), now_us=T0)
+    assert done.outcome is Outcome.STALE
+    # Both messages of a booked copy come back at its slot: one redeems, the other is a twin.
+    assert store.admit([limit], {"api_key": "busy"}, cost=10, now_us=T0).allowed
+    booked = store.admit(
+        [limit], {"api_key": "busy"}, guard=Guard("v", None, "t7"), reserve=True, now_us=T0
+    )
+    assert booked.outcome is Outcome.BOOKED
+    store.set_guard([limit], {"api_key": "busy"}, Guard("v", "t7", after="->t7"), ttl=60)
+    at_slot = T0 + round(booked.retry_after * US)
+    one = store.admit(
+        [limit], {"api_key": "busy"}, guard=Guard("v", "t7"), booking=booked.booking, now_us=at_slot
+    )
+    assert one.outcome is Outcome.REDEEMED
+    other = store.admit(
+        [limit], {"api_key": "busy"}, guard=Guard("v", "t7"), booking=booked.booking, now_us=at_slot
+    )
+    assert other.outcome is Outcome.STALE
+
+
+def test_a_copy_a_later_slot_denies_stays_the_live_one(store: BaseStore) -> None:
+    """On Redis Cluster a global limit is admitted in a second call, after the tenant's slot
+    admitted (and recorded the copy as admitted there). When the global limit denies, the copy
+    is deferred as it is: it must stay the live copy, so that it is admitted when it returns."""
+    glob = Limit("all", "1/s", burst=1, per=[])
+    mine = Limit("mine", "10/s", burst=10)
+    store.set_guard([glob, mine], KEY, Guard("w", "t2"), ttl=60)
+    assert store.admit([glob], {"api_key": "other"}, now_us=T0).allowed  # global bucket empty
+    denied = store.admit([glob, mine], KEY, guard=Guard("w", "t2"), now_us=T0)
+    assert denied.outcome is Outcome.DENIED
+    back = store.admit([glob, mine], KEY, guard=Guard("w", "t2"), now_us=T0 + US)
+    assert back.allowed
 
 
 def test_work_done_makes_every_later_copy_stale(store: BaseStore) -> None:

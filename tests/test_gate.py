@@ -165,6 +165,46 @@ def test_a_stale_twin_is_dropped(
     assert runs.count("twin-1") == 1
 
 
+def test_a_copy_published_twice_runs_once(
+    redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
+) -> None:
+    """Two messages of one copy of deferred work (same token, same retry count: a broker that
+    failed mid-publish, and kombu published it again): the first runs, the second is dropped.
+    Of a copy admitted by a worker that died before running it, a message the broker flags as
+    redelivered runs (Celery's at-least-once), and so does a Celery retry of the copy."""
+    app = make_app(redis_server, throttle_limits={"req": {"rate": "10/s", "burst": 10}})
+    ext = throttle.Throttle(app)
+
+    @app.task(bind=True, name=f"{app.main}.step", throttle="req")
+    def step(self: Any, *, api_key: str) -> None:
+        db.rpush("runs", f"{self.request.id}:{self.request.retries}")
+
+    def send(work: str, retries: int = 0, **headers: Any) -> None:
+        step.apply_async(
+            kwargs={"api_key": "k"},
+            task_id=work,
+            retries=retries,
+            headers={H.TOKEN: NEWER, **headers},
+        )
+
+    worker(app, pool="solo", concurrency=1)  # decides and runs messages in arrival order
+    limits = [ext.settings.policy("req").limit]
+    identity = {"api_key": "k", "tier": "default"}
+    store = ext.store()
+    store.set_guard(limits, identity, throttle.store.Guard("twin-2", NEWER), ttl=60)
+    send("twin-2")
+    send("twin-2")
+    for work in ("twin-3", "twin-4"):  # admitted, by a worker that died then
+        assert store.admit(limits, identity, guard=throttle.store.Guard(work, NEWER)).allowed
+    send("twin-3")
+    send("twin-3", redelivered=True)
+    send("twin-4", retries=1)
+    # Decided after all of the above: once it has run, so has every one of them that runs.
+    assert step.apply_async(kwargs={"api_key": "k"}, task_id="last").get(timeout=TIMEOUT) is None
+    runs = [x.decode() for x in db.lrange("runs", 0, -1)]
+    assert runs == ["twin-2:0", "twin-3:0", "twin-4:1", "last:0"]
+
+
 def test_usage_settles_the_estimate(
     redis_server: RedisServer, db: redis.Redis, worker: Callable[[Celery], Any]
 ) -> None:

@@ -119,6 +119,9 @@ class Call:
     cost: dict[str, float] = field(default_factory=dict)
     #: The token the next copy carries if this one is deferred (recorded by the denial).
     next_token: str = field(default_factory=lambda: token_hex(8))
+    #: This message's retry count, and whether the broker delivered it before (see Guard).
+    retries: int = 0
+    redelivered: bool = False
 
     @property
     def limits(self) -> tuple[Limit, ...]:
@@ -286,6 +289,8 @@ class Gate:
             booking=_str(headers.get(H.BOOKING)),
             policies=[p for p in policies if p.mode == "enforce"],
             shadow=[p for p in policies if p.mode == "shadow"],
+            retries=_int(headers.get("retries")),
+            redelivered=_redelivered(headers),
         )
 
     def upstream(
@@ -429,7 +434,14 @@ class Gate:
             "reserve": True,
             "booking": call.booking,
             "horizon": self.settings.horizon,
-            "guard": Guard(call.task_id, call.token, call.next_token, self.settings.guard_ttl),
+            "guard": Guard(
+                call.task_id,
+                call.token,
+                call.next_token,
+                self.settings.guard_ttl,
+                retries=call.retries,
+                redelivered=call.redelivered,
+            ),
             "adaptive": self.settings.adaptive.enabled,
         }
 
@@ -636,6 +648,15 @@ def _cost_failure(task_name: str, exc: Exception) -> ThrottleError:
     )
     error.__cause__ = exc
     return error
+
+
+def _redelivered(headers: Mapping[str, Any]) -> bool:
+    """Whether the broker delivered this message before: RabbitMQ says so in its delivery
+    info, kombu's Redis transport in a header it adds to the messages it restores."""
+    info = headers.get("delivery_info")
+    return bool(headers.get("redelivered")) or (
+        isinstance(info, Mapping) and bool(info.get("redelivered"))
+    )
 
 
 def _str(value: object) -> str | None:

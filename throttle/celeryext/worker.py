@@ -749,8 +749,12 @@ def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str
         logger.debug("task %s: admission header ignored (not the gate's)", task_id)
     headers = throttle_headers(req)
     eager = bool(req.is_eager)
+    # What the guard needs to know of this delivery (never carried to a next copy).
+    info = req.delivery_info or {}
+    again = info.get("redelivered") or getattr(req, "redelivered", None)  # RabbitMQ, or kombu
+    delivery = {"retries": req.retries or 0, "redelivered": bool(again)}
     while True:
-        verdict = ext.gate.check(task, task_id, tuple(args), dict(kwargs), headers)
+        verdict = ext.gate.check(task, task_id, tuple(args), dict(kwargs), {**headers, **delivery})
         if verdict.action is Action.RUN:
             setattr(req, H.ADMITTED, verdict.headers.get(H.ADMITTED, {}))
             return

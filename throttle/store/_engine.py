@@ -232,13 +232,13 @@ class Engine:
         n = int(argv[9])
         tail = len(keys) - 1
         gkey: str | None = None
-        gcur = gnext = ""
+        gcur = gnext = gtry = ""
         gttl = 0
         claimed = False
         if argv[7] != "":
             gkey = keys[tail]
             tail -= 1
-            gcur, gnext, ttl_text = argv[7].split(" ")
+            gcur, gnext, ttl_text, gtry, again = argv[7].split(" ")
             gttl = int(ttl_text)
             live = self.get_text(gkey, now)
             if live is not None:
@@ -247,7 +247,10 @@ class Engine:
                     if gcur not in (source, target):
                         return ["stale", 0, 0]
                     claimed = True
-                elif live != gcur:
+                elif live == f"{gcur}*{gtry}":
+                    if again != "1":  # another message of a copy already admitted
+                        return ["stale", 0, 0]
+                elif live != gcur and not live.startswith(gcur + "*"):
                     return ["stale", 0, 0]
         bkey: str | None = None
         booked: dict[str, float] = {}
@@ -366,8 +369,11 @@ class Engine:
                 self.pexpire(bkey, _ttl_ms(last + grace, now), now)
 
         if gkey is not None:
-            if outcome not in ("admitted", "redeemed") and gnext != "-":
+            ran = outcome in ("admitted", "redeemed")
+            if not ran and gnext != "-":
                 self.set_text(gkey, gcur + ">" + gnext, gttl, now)
+            elif ran and gcur != "-":
+                self.set_text(gkey, f"{gcur}*{gtry}", gttl, now)
             elif claimed:
                 self.set_text(gkey, gcur, gttl, now)
 

@@ -102,6 +102,13 @@ class Guard(NamedTuple):
     #: For :meth:`BaseStore.set_guard`: the hand-over ("<old>><new>") a denial recorded; the
     #: token is then recorded only if no other copy took the work over meanwhile.
     after: str | None = None
+    #: For an admission: this message's retry count, and whether the broker redelivered it.
+    #: The admission of a copy with a token records it as admitted; another message of that
+    #: copy with the same count is then STALE (the copy was published twice, by a broker
+    #: that failed mid-publish), unless the broker redelivered it (its holder may have died
+    #: before running it). A Celery retry of the copy (a higher count) is not.
+    retries: int = 0
+    redelivered: bool = False
 
 
 class LoadFactor(NamedTuple):
@@ -858,11 +865,16 @@ class BaseStore(Store):
 
     def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
         """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
-        its ARGV[8]: the copy's token, the next copy's, the time to live in ms)."""
-        token, following, ttl_ms = guard.split(" ")
+        its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the retry count
+        and whether the broker redelivered the message)."""
+        token, following, ttl_ms, _, _ = guard.split(" ")
+        key = self.keyspace.guard_key(tag, work_id)
         if following != "-":
-            key = self.keyspace.guard_key(tag, work_id)
             self._set_text(key, f"{token}>{following}", int(ttl_ms) / 1000)
+        elif token != "-":
+            # The first slot recorded this copy as admitted: it is not (it will be deferred
+            # as it is), so it stays the live copy.
+            self._set_text(key, token, int(ttl_ms) / 1000)
 
     def _probe(
         self, group: tuple[Charge, ...], head: list[str], adaptive: bool
@@ -1359,9 +1371,17 @@ def _guard_arg(guard: Guard) -> str:
             "guard.ttl", f"must be seconds in (0, {MAX_SPAN:g}], got {guard.ttl!r}"
         )
     for token in (guard.token, guard.next):
-        if token is not None and (not token or not token.isascii() or " " in token or ">" in token):
-            raise ConfigurationError("guard", "tokens are non-empty ASCII without spaces or '>'")
-    return f"{guard.token or '-'} {guard.next or '-'} {max(1, round(guard.ttl * 1000))}"
+        if token is not None and (
+            not token or not token.isascii() or " " in token or ">" in token or "*" in token
+        ):
+            raise ConfigurationError(
+                "guard", "tokens are non-empty ASCII without spaces, '>' or '*'"
+            )
+    retries = guard.retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigurationError("guard.retries", f"must be an integer >= 0, got {retries!r}")
+    ttl_ms = max(1, round(guard.ttl * 1000))
+    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {retries} {int(guard.redelivered)}"
 
 
 def _fraction(value: object, name: str, *, zero: bool = False, least: float = 0.0) -> str:

@@ -80,7 +80,12 @@ class MemoryStore(BaseStore):
         with self._lock:
             now = float(self.clock.now_us())
             live = self._engine.get_text(key, now)
-            if after and live is not None and live not in (after, token):
+            if (
+                after
+                and live is not None
+                and live not in (after, token)
+                and not live.startswith(after + "*")
+            ):
                 return False
             self._engine.set_text(key, token, max(1, round(ttl * 1000)), now)
             return True

@@ -10,7 +10,8 @@
 --       tenant's upstream factor key (a string, in (0, 1]); missing keys mean 1;
 --       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us);
 --       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token,
---       or '<old>><new>' while a deferral from copy <old> to copy <new> is under way).
+--       '<token>*<retries>' once it was admitted, or '<old>><new>' while a deferral from
+--       copy <old> to copy <new> is under way).
 --       All keys must share one hash tag (one Redis Cluster slot).
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
 --       [2] reserve: '1' to book the binding limit's next free slot when denied, '0' not
@@ -22,13 +23,19 @@
 --           deletes it once its other slots admitted too)
 --       [6] nonce: suffix of the log members this call writes (the booking id when booking)
 --       [7] grace_us: how long a booking outlives its slot
---       [8] guard: '' for none, else '<token> <next> <ttl_ms>': the token this copy of the
---           work carries and the token its next copy will carry if it is deferred now ('-'
---           for none). When the guard key names neither this token nor a deferral from or to
---           it, this copy is a stale twin and the reply is {'stale', 0, 0} with nothing
---           changed. A denial records '<token>><next>'; whichever of the two copies is
---           admitted or deferred first then owns the work, the other is stale. An empty guard
---           key lets any copy through (new work, or a store that lost its data).
+--       [8] guard: '' for none, else '<token> <next> <ttl_ms> <retries> <redelivered>': the
+--           token this copy of the work carries and the token its next copy will carry if it
+--           is deferred now ('-' for none), then this message's retry count and '1' if the
+--           broker redelivered it, else '0'. When the guard key names neither this token nor
+--           a deferral from or to it, this copy is a stale twin and the reply is
+--           {'stale', 0, 0} with nothing changed. A denial records '<token>><next>';
+--           whichever of the two copies is admitted or deferred first then owns the work, the
+--           other is stale. The admission of a copy that has a token records
+--           '<token>*<retries>': another message of that copy with the same retry count is
+--           then stale too (the copy was published twice: a broker that failed mid-publish),
+--           unless the broker redelivered it (its holder may have died before running it). A
+--           Celery retry of the copy (a higher count) is not. An empty guard key lets any copy
+--           through (new work, or a store that lost its data).
 --       [9] factors: '' for none (every factor 1), else '<load> <upstream>', each 'k' (read
 --           it from its key), '-' (none: 1) or a number (the load factor only: given by a
 --           caller that cannot read the key, on Redis Cluster)
@@ -69,12 +76,12 @@ local grace = tonumber(ARGV[7])
 local fspec = ARGV[9]
 local n = tonumber(ARGV[10])
 local tail = #KEYS
-local gkey, gcur, gnext, gttl
+local gkey, gcur, gnext, gttl, gtry, gagain
 local claimed = false
 if ARGV[8] ~= '' then
   gkey = KEYS[tail]
   tail = tail - 1
-  gcur, gnext, gttl = string.match(ARGV[8], '^(%S+) (%S+) (%d+)$')
+  gcur, gnext, gttl, gtry, gagain = string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+) ([01])$')
 end
 local bkey = nil
 local booked = {}
@@ -124,7 +131,9 @@ if gkey then
     if from then
       if gcur ~= from and gcur ~= to then return {'stale', 0, 0} end
       claimed = true
-    elseif live ~= gcur then
+    elseif live == gcur .. '*' .. gtry then
+      if gagain ~= '1' then return {'stale', 0, 0} end
+    elseif live ~= gcur and string.sub(live, 1, #gcur + 1) ~= gcur .. '*' then
       return {'stale', 0, 0}
     end
   end
@@ -254,8 +263,11 @@ else
 end
 
 if gkey then
-  if outcome ~= 'admitted' and outcome ~= 'redeemed' and gnext ~= '-' then
+  local ran = outcome == 'admitted' or outcome == 'redeemed'
+  if not ran and gnext ~= '-' then
     redis.call('SET', gkey, gcur .. '>' .. gnext, 'PX', gttl)
+  elseif ran and gcur ~= '-' then
+    redis.call('SET', gkey, gcur .. '*' .. gtry, 'PX', gttl)
   elseif claimed then
     redis.call('SET', gkey, gcur, 'PX', gttl)
   end
