@@ -1150,7 +1150,11 @@ def test_garbage_and_forged_headers_are_checked_as_fresh_arrivals(
     forge = _Forgery(redis_server, "1/h", burst=3, used=3)
     app, limit, store, step = forge.app, forge.limit, forge.store, forge.step
     victim, booked, facts = forge.victim, forge.booked, forge.facts
-    before = store.peek([limit], victim).limits[0]
+    seen = store.peek([limit], victim)
+    assert seen.at is not None
+    before = seen.limits[0]
+    # When the victim's bucket admits next, on the store's clock: what nobody else may move.
+    free_before = seen.at + before.retry_after
     worker(app)
     attackers = itertools.count()
     # A publisher without throttle: its identity headers reach the worker as they were
@@ -1169,9 +1173,11 @@ def test_garbage_and_forged_headers_are_checked_as_fresh_arrivals(
         assert store.peek([limit], who).limits[0].remaining == pytest.approx(2, abs=0.01)
 
     checked()
-    after = store.peek([limit], victim).limits[0]
+    seen = store.peek([limit], victim)
+    assert seen.at is not None
+    after = seen.limits[0]
     assert after.remaining == pytest.approx(before.remaining, abs=0.01)
-    assert after.retry_after == pytest.approx(before.retry_after, abs=0.5)
+    assert seen.at + after.retry_after == pytest.approx(free_before, abs=1e-5)
     # The victim's own booking is still there for the victim, at its slot.
     now = db.time()
     slot = int(now[0]) * 1_000_000 + int(now[1]) + math.ceil(booked.retry_after * 1e6)
