@@ -605,8 +605,9 @@ def test_a_copy_published_twice_runs_once(store: BaseStore) -> None:
 
 def test_a_copy_a_later_slot_denies_stays_the_live_one(store: BaseStore) -> None:
     """On Redis Cluster a global limit is admitted in a second call, after the tenant's slot
-    admitted (and recorded the copy as admitted there). When the global limit denies, the copy
-    is deferred as it is: it must stay the live copy, so that it is admitted when it returns."""
+    admitted. When the global limit denies (or does not answer), the copy is deferred as it is:
+    it must stay the live copy, so that it is admitted when it returns. Only once every slot
+    admitted is it recorded as admitted."""
     glob = Limit("all", "1/s", burst=1, per=[])
     mine = Limit("mine", "10/s", burst=10)
     store.set_guard([glob, mine], KEY, Guard("w", "t2"), ttl=60)
@@ -615,6 +616,9 @@ def test_a_copy_a_later_slot_denies_stays_the_live_one(store: BaseStore) -> None
     assert denied.outcome is Outcome.DENIED
     back = store.admit([glob, mine], KEY, guard=Guard("w", "t2"), now_us=T0 + US)
     assert back.allowed
+    # Admitted in every slot, it is recorded as admitted: a second message of it is a twin.
+    twin = store.admit([glob, mine], KEY, guard=Guard("w", "t2"), now_us=T0 + 3 * US)
+    assert twin.outcome is Outcome.STALE
 
 
 def test_work_done_makes_every_later_copy_stale(store: BaseStore) -> None:

@@ -232,13 +232,13 @@ class Engine:
         n = int(argv[9])
         tail = len(keys) - 1
         gkey: str | None = None
-        gcur = gnext = gtry = ""
+        gcur = gnext = gtry = mark = ""
         gttl = 0
         claimed = False
         if argv[7] != "":
             gkey = keys[tail]
             tail -= 1
-            gcur, gnext, ttl_text, gtry, again = argv[7].split(" ")
+            gcur, gnext, ttl_text, gtry, again, mark = argv[7].split(" ")
             gttl = int(ttl_text)
             live = self.get_text(gkey, now)
             if live is not None:
@@ -372,7 +372,7 @@ class Engine:
             ran = outcome in ("admitted", "redeemed")
             if not ran and gnext != "-":
                 self.set_text(gkey, gcur + ">" + gnext, gttl, now)
-            elif ran and gcur != "-":
+            elif ran and gcur != "-" and mark == "m":
                 self.set_text(gkey, f"{gcur}*{gtry}", gttl, now)
             elif claimed:
                 self.set_text(gkey, gcur, gttl, now)

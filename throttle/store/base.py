@@ -826,7 +826,10 @@ class BaseStore(Store):
         afterwards, as a denial in the first slot's script does.
         """
         guard = head[7]
-        head = [*head[:4], "0", *head[5:]]
+        # The first slot checks the guard but does not record the copy as admitted: a later
+        # slot may deny, or not answer, and the copy, deferred as it is, must stay the live one.
+        first = guard[:-1] + "-" if guard else ""
+        head = [*head[:4], "0", *head[5:7], first]
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
             reply = self._run_admit(*self._admit_args(group, head, booking, work_id, adaptive))
@@ -853,6 +856,11 @@ class BaseStore(Store):
             assert booking is not None
             for group in groups:
                 self._delete([self.keyspace.booking_key(_anchor(group), booking)])
+        if guard and work_id is not None:
+            token, _, ttl_ms, retries, _, _ = guard.split(" ")
+            if token != "-":  # admitted in every slot: record the copy as admitted
+                key = self.keyspace.guard_key(_anchor(groups[0]), work_id)
+                self._set_text(key, f"{token}*{retries}", int(ttl_ms) / 1000)
         all_charges = tuple(c for g in groups for c in g)
         states = [s for g, r in done for s in self._states(g, r)]
         outcome = Outcome.ADMITTED
@@ -865,16 +873,12 @@ class BaseStore(Store):
 
     def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
         """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
-        its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the retry count
-        and whether the broker redelivered the message)."""
-        token, following, ttl_ms, _, _ = guard.split(" ")
-        key = self.keyspace.guard_key(tag, work_id)
+        its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the retry count,
+        whether the broker redelivered the message, whether to record an admission)."""
+        token, following, ttl_ms, _, _, _ = guard.split(" ")
         if following != "-":
+            key = self.keyspace.guard_key(tag, work_id)
             self._set_text(key, f"{token}>{following}", int(ttl_ms) / 1000)
-        elif token != "-":
-            # The first slot recorded this copy as admitted: it is not (it will be deferred
-            # as it is), so it stays the live copy.
-            self._set_text(key, token, int(ttl_ms) / 1000)
 
     def _probe(
         self, group: tuple[Charge, ...], head: list[str], adaptive: bool
@@ -1381,7 +1385,8 @@ def _guard_arg(guard: Guard) -> str:
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ConfigurationError("guard.retries", f"must be an integer >= 0, got {retries!r}")
     ttl_ms = max(1, round(guard.ttl * 1000))
-    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {retries} {int(guard.redelivered)}"
+    again = int(guard.redelivered)
+    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {retries} {again} m"
 
 
 def _fraction(value: object, name: str, *, zero: bool = False, least: float = 0.0) -> str:

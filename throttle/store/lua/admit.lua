@@ -23,10 +23,11 @@
 --           deletes it once its other slots admitted too)
 --       [6] nonce: suffix of the log members this call writes (the booking id when booking)
 --       [7] grace_us: how long a booking outlives its slot
---       [8] guard: '' for none, else '<token> <next> <ttl_ms> <retries> <redelivered>': the
---           token this copy of the work carries and the token its next copy will carry if it
---           is deferred now ('-' for none), then this message's retry count and '1' if the
---           broker redelivered it, else '0'. When the guard key names neither this token nor
+--       [8] guard: '' for none, else '<token> <next> <ttl_ms> <retries> <redelivered> <mark>':
+--           the token this copy of the work carries and the token its next copy will carry if
+--           it is deferred now ('-' for none), then this message's retry count, '1' if the
+--           broker redelivered it, else '0', and 'm' to record an admission ('-' not to: the
+--           first of several slots, whose caller records it once every slot admitted). When the guard key names neither this token nor
 --           a deferral from or to it, this copy is a stale twin and the reply is
 --           {'stale', 0, 0} with nothing changed. A denial records '<token>><next>';
 --           whichever of the two copies is admitted or deferred first then owns the work, the
@@ -76,12 +77,13 @@ local grace = tonumber(ARGV[7])
 local fspec = ARGV[9]
 local n = tonumber(ARGV[10])
 local tail = #KEYS
-local gkey, gcur, gnext, gttl, gtry, gagain
+local gkey, gcur, gnext, gttl, gtry, gagain, gmark
 local claimed = false
 if ARGV[8] ~= '' then
   gkey = KEYS[tail]
   tail = tail - 1
-  gcur, gnext, gttl, gtry, gagain = string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+) ([01])$')
+  gcur, gnext, gttl, gtry, gagain, gmark =
+    string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+) ([01]) ([m%-])$')
 end
 local bkey = nil
 local booked = {}
@@ -266,7 +268,7 @@ if gkey then
   local ran = outcome == 'admitted' or outcome == 'redeemed'
   if not ran and gnext ~= '-' then
     redis.call('SET', gkey, gcur .. '>' .. gnext, 'PX', gttl)
-  elseif ran and gcur ~= '-' then
+  elseif ran and gcur ~= '-' and gmark == 'm' then
     redis.call('SET', gkey, gcur .. '*' .. gtry, 'PX', gttl)
   elseif claimed then
     redis.call('SET', gkey, gcur, 'PX', gttl)
