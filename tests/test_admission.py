@@ -566,8 +566,9 @@ def test_a_copy_published_twice_runs_once(store: BaseStore) -> None:
     """A broker that fails while a deferred copy is published can be left with two messages of
     that copy (one token). Once one is admitted, the other (same retry count, not
     redelivered) is STALE and charges nothing, its booking or not; a message the broker
-    redelivered (its holder may have died before running it) and a Celery retry of the copy
-    (a higher count) are admitted; the copy that ran still closes its guard."""
+    redelivered (its holder may have died before running it), a Celery retry of the copy (a
+    higher retry count) and the copy deferred again as it is (a higher deferral count) are
+    admitted; the copy that ran still closes its guard."""
     limit = Limit("req", "10/s", burst=10)
     store.set_guard([limit], KEY, Guard("w", "t2"), ttl=60)
     first = store.admit([limit], KEY, guard=Guard("w", "t2", "t3"), now_us=T0)
@@ -581,8 +582,12 @@ def test_a_copy_published_twice_runs_once(store: BaseStore) -> None:
     assert retry.limits[0].remaining == 7  # the twin took nothing
     twin = store.admit([limit], KEY, guard=Guard("w", "t2", retries=1), now_us=T0)
     assert twin.outcome is Outcome.STALE  # the retry's own twin
-    assert retry.receipt is not None
-    assert store.close_guard(retry.receipt.charges, "w", "t2", ttl=60) is True
+    # Deferred again as it is (the answer to its admission was lost while the store did not
+    # answer): the next message counts one deferral more, and is not a twin.
+    moved = store.admit([limit], KEY, guard=Guard("w", "t2", retries=1, deferrals=1), now_us=T0)
+    assert moved.allowed
+    assert moved.receipt is not None
+    assert store.close_guard(moved.receipt.charges, "w", "t2", ttl=60) is True
     done = store.admit([limit], KEY, guard=Guard("w", "t2", redelivered=True), now_us=T0)
     assert done.outcome is Outcome.STALE
     # Both messages of a booked copy come back at its slot: one redeems, the other is a twin.

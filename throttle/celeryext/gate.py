@@ -441,6 +441,7 @@ class Gate:
                 self.settings.guard_ttl,
                 retries=call.retries,
                 redelivered=call.redelivered,
+                deferrals=call.deferrals,
             ),
             "adaptive": self.settings.adaptive.enabled,
         }

@@ -232,13 +232,13 @@ class Engine:
         n = int(argv[9])
         tail = len(keys) - 1
         gkey: str | None = None
-        gcur = gnext = gtry = mark = ""
+        gcur = gnext = ggen = mark = ""
         gttl = 0
         claimed = False
         if argv[7] != "":
             gkey = keys[tail]
             tail -= 1
-            gcur, gnext, ttl_text, gtry, again, mark = argv[7].split(" ")
+            gcur, gnext, ttl_text, ggen, again, mark = argv[7].split(" ")
             gttl = int(ttl_text)
             live = self.get_text(gkey, now)
             if live is not None:
@@ -247,7 +247,7 @@ class Engine:
                     if gcur not in (source, target):
                         return ["stale", 0, 0]
                     claimed = True
-                elif live == f"{gcur}*{gtry}":
+                elif live == f"{gcur}*{ggen}":
                     if again != "1":  # another message of a copy already admitted
                         return ["stale", 0, 0]
                 elif live != gcur and not live.startswith(gcur + "*"):
@@ -373,7 +373,7 @@ class Engine:
             if not ran and gnext != "-":
                 self.set_text(gkey, gcur + ">" + gnext, gttl, now)
             elif ran and gcur != "-" and mark == "m":
-                self.set_text(gkey, f"{gcur}*{gtry}", gttl, now)
+                self.set_text(gkey, f"{gcur}*{ggen}", gttl, now)
             elif claimed:
                 self.set_text(gkey, gcur, gttl, now)
 

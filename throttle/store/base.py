@@ -102,13 +102,16 @@ class Guard(NamedTuple):
     #: For :meth:`BaseStore.set_guard`: the hand-over ("<old>><new>") a denial recorded; the
     #: token is then recorded only if no other copy took the work over meanwhile.
     after: str | None = None
-    #: For an admission: this message's retry count, and whether the broker redelivered it.
-    #: The admission of a copy with a token records it as admitted; another message of that
-    #: copy with the same count is then STALE (the copy was published twice, by a broker
-    #: that failed mid-publish), unless the broker redelivered it (its holder may have died
-    #: before running it). A Celery retry of the copy (a higher count) is not.
+    #: For an admission: this message's retry and deferral counts, and whether the broker
+    #: redelivered it. The admission of a copy with a token records it as admitted with both
+    #: counts; another message of that copy with the same counts is then STALE (the copy was
+    #: published twice, by a broker that failed mid-publish), unless the broker redelivered it
+    #: (its holder may have died before running it). A Celery retry of the copy, or the copy
+    #: deferred again as it is (while the store did not answer: the admission may have run
+    #: without its answer arriving), counts one more and is not.
     retries: int = 0
     redelivered: bool = False
+    deferrals: int = 0
 
 
 class LoadFactor(NamedTuple):
@@ -857,10 +860,10 @@ class BaseStore(Store):
             for group in groups:
                 self._delete([self.keyspace.booking_key(_anchor(group), booking)])
         if guard and work_id is not None:
-            token, _, ttl_ms, retries, _, _ = guard.split(" ")
+            token, _, ttl_ms, generation, _, _ = guard.split(" ")
             if token != "-":  # admitted in every slot: record the copy as admitted
                 key = self.keyspace.guard_key(_anchor(groups[0]), work_id)
-                self._set_text(key, f"{token}*{retries}", int(ttl_ms) / 1000)
+                self._set_text(key, f"{token}*{generation}", int(ttl_ms) / 1000)
         all_charges = tuple(c for g in groups for c in g)
         states = [s for g, r in done for s in self._states(g, r)]
         outcome = Outcome.ADMITTED
@@ -873,8 +876,9 @@ class BaseStore(Store):
 
     def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
         """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
-        its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the retry count,
-        whether the broker redelivered the message, whether to record an admission)."""
+        its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the message's
+        retry and deferral counts, whether the broker redelivered it, whether to record an
+        admission)."""
         token, following, ttl_ms, _, _, _ = guard.split(" ")
         if following != "-":
             key = self.keyspace.guard_key(tag, work_id)
@@ -1381,12 +1385,13 @@ def _guard_arg(guard: Guard) -> str:
             raise ConfigurationError(
                 "guard", "tokens are non-empty ASCII without spaces, '>' or '*'"
             )
-    retries = guard.retries
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigurationError("guard.retries", f"must be an integer >= 0, got {retries!r}")
+    for name, count in (("guard.retries", guard.retries), ("guard.deferrals", guard.deferrals)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigurationError(name, f"must be an integer >= 0, got {count!r}")
     ttl_ms = max(1, round(guard.ttl * 1000))
+    generation = f"{guard.retries}.{guard.deferrals}"
     again = int(guard.redelivered)
-    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {retries} {again} m"
+    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {generation} {again} m"
 
 
 def _fraction(value: object, name: str, *, zero: bool = False, least: float = 0.0) -> str:
