@@ -20,7 +20,7 @@ from throttle import (
     RedisStore,
 )
 from throttle.identity import Fingerprint
-from throttle.store.base import BaseStore, Guard
+from throttle.store.base import BaseStore, Guard, Prepared
 from throttle.testing import ManualClock
 
 US = 1_000_000
@@ -606,6 +606,21 @@ def test_a_copy_published_twice_runs_once(store: BaseStore) -> None:
         [limit], {"api_key": "busy"}, guard=Guard("v", "t7"), booking=booked.booking, now_us=at_slot
     )
     assert other.outcome is Outcome.STALE
+
+
+def test_an_admission_sent_again_is_not_its_own_twin(store: BaseStore) -> None:
+    """A client that lost the answer to an admission (a timeout, a connection reset: a cluster
+    client then sends the command again) runs the same call twice: the second run finds the
+    copy recorded as admitted by that very call, and admits it again rather than dropping it."""
+    limit = Limit("req", "10/s", burst=10)
+    store.set_guard([limit], KEY, Guard("w", "t2"), ttl=60)
+    prepared = store.prepare([limit], KEY, guard=Guard("w", "t2", "t3"), now_us=T0)
+    if not isinstance(prepared, Prepared):
+        pytest.skip("an admission that spans slots is not one prepared call")
+    assert store.finish(prepared, store._run_prepared(prepared)).allowed
+    assert store.finish(prepared, store._run_prepared(prepared)).allowed
+    twin = store.admit([limit], KEY, guard=Guard("w", "t2", "t4"), now_us=T0)
+    assert twin.outcome is Outcome.STALE
 
 
 def test_a_copy_a_later_slot_denies_stays_the_live_one(store: BaseStore) -> None:

@@ -232,13 +232,13 @@ class Engine:
         n = int(argv[9])
         tail = len(keys) - 1
         gkey: str | None = None
-        gcur = gnext = ggen = mark = ""
+        gcur = gnext = ggen = mark = call = ""
         gttl = 0
         claimed = False
         if argv[7] != "":
             gkey = keys[tail]
             tail -= 1
-            gcur, gnext, ttl_text, ggen, again, mark = argv[7].split(" ")
+            gcur, gnext, ttl_text, ggen, again, mark, call = argv[7].split(" ")
             gttl = int(ttl_text)
             live = self.get_text(gkey, now)
             if live is not None:
@@ -247,8 +247,9 @@ class Engine:
                     if gcur not in (source, target):
                         return ["stale", 0, 0]
                     claimed = True
-                elif live == f"{gcur}*{ggen}":
-                    if again != "1":  # another message of a copy already admitted
+                elif live.startswith(f"{gcur}*{ggen}*"):
+                    # Admitted in this generation: by this very call (sent again), or a twin.
+                    if live != f"{gcur}*{ggen}*{call}" and again != "1":
                         return ["stale", 0, 0]
                 elif live != gcur and not live.startswith(gcur + "*"):
                     return ["stale", 0, 0]
@@ -373,7 +374,7 @@ class Engine:
             if not ran and gnext != "-":
                 self.set_text(gkey, gcur + ">" + gnext, gttl, now)
             elif ran and gcur != "-" and mark == "m":
-                self.set_text(gkey, f"{gcur}*{ggen}", gttl, now)
+                self.set_text(gkey, f"{gcur}*{ggen}*{call}", gttl, now)
             elif claimed:
                 self.set_text(gkey, gcur, gttl, now)
 

@@ -831,7 +831,11 @@ class BaseStore(Store):
         guard = head[7]
         # The first slot checks the guard but does not record the copy as admitted: a later
         # slot may deny, or not answer, and the copy, deferred as it is, must stay the live one.
-        first = guard[:-1] + "-" if guard else ""
+        first = ""
+        if guard:
+            fields = guard.split(" ")
+            fields[5] = "-"
+            first = " ".join(fields)
         head = [*head[:4], "0", *head[5:7], first]
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
@@ -860,10 +864,10 @@ class BaseStore(Store):
             for group in groups:
                 self._delete([self.keyspace.booking_key(_anchor(group), booking)])
         if guard and work_id is not None:
-            token, _, ttl_ms, generation, _, _ = guard.split(" ")
+            token, _, ttl_ms, generation, _, _, call = guard.split(" ")
             if token != "-":  # admitted in every slot: record the copy as admitted
                 key = self.keyspace.guard_key(_anchor(groups[0]), work_id)
-                self._set_text(key, f"{token}*{generation}", int(ttl_ms) / 1000)
+                self._set_text(key, f"{token}*{generation}*{call}", int(ttl_ms) / 1000)
         all_charges = tuple(c for g in groups for c in g)
         states = [s for g, r in done for s in self._states(g, r)]
         outcome = Outcome.ADMITTED
@@ -878,8 +882,8 @@ class BaseStore(Store):
         """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
         its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the message's
         retry and deferral counts, whether the broker redelivered it, whether to record an
-        admission)."""
-        token, following, ttl_ms, _, _, _ = guard.split(" ")
+        admission, the call's id)."""
+        token, following, ttl_ms, *_ = guard.split(" ")
         if following != "-":
             key = self.keyspace.guard_key(tag, work_id)
             self._set_text(key, f"{token}>{following}", int(ttl_ms) / 1000)
@@ -1391,7 +1395,8 @@ def _guard_arg(guard: Guard) -> str:
     ttl_ms = max(1, round(guard.ttl * 1000))
     generation = f"{guard.retries}.{guard.deferrals}"
     again = int(guard.redelivered)
-    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {generation} {again} m"
+    call = secrets.token_hex(4)  # this call's: a client that sends it again sends it too
+    return f"{guard.token or '-'} {guard.next or '-'} {ttl_ms} {generation} {again} m {call}"
 
 
 def _fraction(value: object, name: str, *, zero: bool = False, least: float = 0.0) -> str:

@@ -10,7 +10,7 @@
 --       tenant's upstream factor key (a string, in (0, 1]); missing keys mean 1;
 --       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us);
 --       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token,
---       '<token>*<generation>' once it was admitted, or '<old>><new>' while a deferral from
+--       '<token>*<generation>*<call>' once it was admitted, or '<old>><new>' while a deferral from
 --       copy <old> to copy <new> is under way).
 --       All keys must share one hash tag (one Redis Cluster slot).
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
@@ -24,17 +24,18 @@
 --       [6] nonce: suffix of the log members this call writes (the booking id when booking)
 --       [7] grace_us: how long a booking outlives its slot
 --       [8] guard: '' for none, else '<token> <next> <ttl_ms> <generation> <redelivered>
---           <mark>': the token this copy of the work carries and the token its next copy will
---           carry if it is deferred now ('-' for none), then this message's retry and deferral
---           counts ('<retries>.<deferrals>'), '1' if the broker redelivered it, else '0', and
---           'm' to record an admission ('-' not to: the first of several slots, whose caller
---           records it once every slot admitted). When the guard key names neither this token nor
---           a deferral from or to it, this copy is a stale twin and the reply is
---           {'stale', 0, 0} with nothing changed. A denial records '<token>><next>';
+--           <mark> <call>': the token this copy of the work carries and the token its next
+--           copy will carry if it is deferred now ('-' for none), then this message's retry and
+--           deferral counts ('<retries>.<deferrals>'), '1' if the broker redelivered it, else
+--           '0', 'm' to record an admission ('-' not to: the first of several slots, whose
+--           caller records it once every slot admitted), and an id of this call (letters and
+--           digits), the same when a client sends it again. When the guard key names neither
+--           this token nor a deferral from or to it, this copy is a stale twin and the reply
+--           is {'stale', 0, 0} with nothing changed. A denial records '<token>><next>';
 --           whichever of the two copies is admitted or deferred first then owns the work, the
 --           other is stale. The admission of a copy that has a token records
---           '<token>*<generation>': another message of that copy of the same generation is
---           then stale too (the copy was published twice: a broker that failed mid-publish),
+--           '<token>*<generation>*<call>': another message of that copy of the same generation
+--           is then stale too (the copy was published twice: a broker that failed mid-publish),
 --           unless the broker redelivered it (its holder may have died before running it). A
 --           Celery retry, or the copy deferred again as it is (its admission's answer lost),
 --           is of a later generation and is not. An empty guard key lets any copy through (new
@@ -80,13 +81,13 @@ local grace = tonumber(ARGV[7])
 local fspec = ARGV[9]
 local n = tonumber(ARGV[10])
 local tail = #KEYS
-local gkey, gcur, gnext, gttl, ggen, gagain, gmark
+local gkey, gcur, gnext, gttl, ggen, gagain, gmark, gcall
 local claimed = false
 if ARGV[8] ~= '' then
   gkey = KEYS[tail]
   tail = tail - 1
-  gcur, gnext, gttl, ggen, gagain, gmark =
-    string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+%.%d+) ([01]) ([m%-])$')
+  gcur, gnext, gttl, ggen, gagain, gmark, gcall =
+    string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+%.%d+) ([01]) ([m%-]) (%w+)$')
 end
 local bkey = nil
 local booked = {}
@@ -136,10 +137,15 @@ if gkey then
     if from then
       if gcur ~= from and gcur ~= to then return {'stale', 0, 0} end
       claimed = true
-    elseif live == gcur .. '*' .. ggen then
-      if gagain ~= '1' then return {'stale', 0, 0} end
-    elseif live ~= gcur and string.sub(live, 1, #gcur + 1) ~= gcur .. '*' then
-      return {'stale', 0, 0}
+    else
+      local mine = gcur .. '*' .. ggen .. '*'
+      if string.sub(live, 1, #mine) == mine then
+        -- This copy was admitted in this generation: by this very call (a client that sent it
+        -- again after losing the answer) it goes on; by another message, that is a twin.
+        if live ~= mine .. gcall and gagain ~= '1' then return {'stale', 0, 0} end
+      elseif live ~= gcur and string.sub(live, 1, #gcur + 1) ~= gcur .. '*' then
+        return {'stale', 0, 0}
+      end
     end
   end
 end
@@ -272,7 +278,7 @@ if gkey then
   if not ran and gnext ~= '-' then
     redis.call('SET', gkey, gcur .. '>' .. gnext, 'PX', gttl)
   elseif ran and gcur ~= '-' and gmark == 'm' then
-    redis.call('SET', gkey, gcur .. '*' .. ggen, 'PX', gttl)
+    redis.call('SET', gkey, gcur .. '*' .. ggen .. '*' .. gcall, 'PX', gttl)
   elseif claimed then
     redis.call('SET', gkey, gcur, 'PX', gttl)
   end
