@@ -2,12 +2,14 @@
 -- guard.lua: record the next copy of deferred work as the live one, unless another copy took
 -- the work over meanwhile.
 --
--- KEYS  [1] the guard key (a string: the live copy's token, '<token>*<generation>' once it was
---       admitted, or '<old>><new>' while a deferral from copy <old> to copy <new> is under way)
+-- KEYS  [1] the guard key (a string: the live copy's token, '<token>*<generation>*<call>' once
+--       it was admitted, or '<old>><new>' while a deferral from copy <old> to copy <new> is
+--       under way)
 -- ARGV  [1] the token to record
 --       [2] the hand-over it completes ('<old>><new>', as the denial recorded it), or the copy
---           whose admission it follows (its token: the key may hold '<token>*<generation>', as
---           admit.lua records an admission), or '' to record the token whatever the key holds
+--           whose admission it follows (its token: the key may hold
+--           '<token>*<generation>*<call>', as admit.lua records an admission), or '' to record
+--           the token whatever the key holds
 --       [3] ttl_ms
 -- Returns 1 when recorded; 0 when the key names another copy: the old copy came back (its
 -- acknowledgement was lost with the broker, say) and was admitted first, so it owns the work
