@@ -19,7 +19,8 @@ import throttle
 from tests.conftest import TIMEOUT, make_app
 from tests.redis_servers import RedisServer
 from tests.test_workers import max_in_window
-from throttle import signals
+from throttle import RedisStore, signals
+from throttle.testing import ManualClock
 
 pytestmark = pytest.mark.usefixtures("redis_client")  # broker and backend dbs emptied
 
@@ -116,3 +117,33 @@ def test_store_outage(
         total += 1
     assert sorted(r["i"] for r in runs) == list(range(total))  # nothing lost, nothing twice
     assert len({r["id"] for r in runs}) == total
+
+
+def test_a_sibling_whose_beat_comes_late_once_still_counts(redis_server: RedisServer) -> None:
+    """While Redis answers, each worker counts the live ones by their heartbeats; while it is
+    away, a local limit gives each worker its share by that count. A sibling whose beat came
+    late once (its host was busy) still counts for two windows of beats (a window is three
+    intervals): had the store gone away just then, every worker would have taken a larger
+    share and together they would have admitted more than the limit."""
+    clock = ManualClock()
+    app = make_app(redis_server, throttle_heartbeat_interval=1)
+    ext = throttle.Throttle(app, clock=clock)
+    store = ext.store()
+    assert isinstance(store, RedisStore)
+    workers = redis_server.client()
+    key = f"{ext.keyspace.prefix}:{{~workers}}"
+    for sibling in ("b", "c"):
+        store.heartbeat(sibling, 3)
+    assert ext.heartbeat("a") == 3
+    # The siblings' last beats are now past the window, as the store sees it.
+    seconds, micros = workers.time()
+    workers.zadd(key, {"b": 0, "c": 0})
+    assert workers.zcount(key, seconds * 1_000_000 + micros - 3_000_000, "+inf") == 1
+    clock.advance(1)
+    assert ext.heartbeat("a") == 3
+    clock.advance(4.5)  # 5.5 s after the count of 3: still within two windows (6 s)
+    assert ext.heartbeat("a") == 3
+    clock.advance(1)  # 6.5 s after it: the siblings are gone
+    assert ext.heartbeat("a") == 1
+    store.heartbeat("b", 3)  # one comes back
+    assert ext.heartbeat("a") == 2

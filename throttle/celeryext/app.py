@@ -21,6 +21,7 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -92,6 +93,7 @@ class Throttle:
         self._store_pid = 0
         self._lock = threading.Lock()
         self._flushing: threading.Thread | None = None
+        self._live_counts: deque[tuple[int, int]] = deque()  # (when, live workers) per beat
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
@@ -172,11 +174,22 @@ class Throttle:
         self.store_offset = (before + after) / 2 - server
 
     def heartbeat(self, member: str) -> int:
-        """Record this worker as alive; return how many workers are (1 without Redis)."""
+        """Record this worker as alive; return how many workers are (1 without Redis): the
+        most counted by this process's beats of the last two windows (a window is three
+        heartbeat intervals). A worker whose beat comes late once (its host was busy) still
+        counts: if the store went away just then, the in-process buckets of the others would
+        each take a larger share, and together admit more than the limit."""
         store = self.store()
         if not isinstance(store, RedisStore):
             return 1
-        return max(1, store.heartbeat(member, self.settings.heartbeat_interval * 3))
+        window = self.settings.heartbeat_interval * 3
+        count = max(1, store.heartbeat(member, window))
+        now = self.clock.now_us()
+        counts = self._live_counts
+        counts.append((now, count))
+        while counts[0][0] < now - 2 * window * 1_000_000:
+            counts.popleft()
+        return max(c for _, c in counts)
 
     def flush_counts(self, *, background: bool = False) -> None:
         """Add this process's per-key counts to the store's tallies (see
