@@ -242,7 +242,14 @@ class OutageRun:
         self.tasks = 500
 
     def run(self) -> None:
-        nodes = [self.workers.spawn(f"{self.mode}{n}", concurrency=1) for n in range(3)]
+        # Solo pools: a task runs in the process that admitted it, right after its admission,
+        # so a run's start stands for its admission where no store recorded one (local mode's
+        # in-process buckets). A prefork worker admits in its main process and starts the task
+        # in a pool child, which the loaded machine may hold up while admissions go on.
+        nodes = [
+            self.workers.spawn(f"{self.mode}{n}", pool="solo", concurrency=1, events=False)
+            for n in range(3)
+        ]
         for node in nodes:
             self.workers.wait_ready(node)
         send = self.workers.client.send_task

@@ -129,7 +129,9 @@ def test_twenty_thousand_tasks_from_a_thousand_agents(
             # Solo pools: each task runs in its worker's main process, right after its admission.
             # On two cores three prefork workers (a main process and pool children each) drain
             # this traffic about a third slower.
-            nodes = [workers.spawn(f"w{n}", pool="solo", concurrency=1) for n in range(3)]
+            nodes = [
+                workers.spawn(f"w{n}", pool="solo", concurrency=1, events=False) for n in range(3)
+            ]
             for node in nodes:
                 workers.wait_ready(node)
             ready = time.monotonic()

@@ -63,37 +63,45 @@ def recorder() -> redis.Redis:
 def _count_deferrals(sender: Any = None, **fields: Any) -> None:
     """Keep every deferral, so tests can count re-denials of work that came back booked."""
     fields.pop("signal", None)
-    recorder().rpush(f"{PREFIX}:deferrals", json.dumps(fields, sort_keys=True))
-    recorder().rpush(f"{PREFIX}:deferred:{fields['reason']}", fields["task_id"])
+    pipe = recorder().pipeline(transaction=False)
+    pipe.rpush(f"{PREFIX}:deferrals", json.dumps(fields, sort_keys=True))
+    pipe.rpush(f"{PREFIX}:deferred:{fields['reason']}", fields["task_id"])
+    pipe.execute()
+
+
+#: Records one run in one round trip: the entry, stamped with the record server's clock (one
+#: clock for every worker) as "t", and the entry a test blocks on (BLPOP) to wait for runs.
+_RECORD_RUN = """
+local now = redis.call('TIME')
+local t = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+redis.call('RPUSH', KEYS[1], string.sub(ARGV[1], 1, -2) .. ', "t": ' .. t .. '}')
+redis.call('RPUSH', KEYS[2], ARGV[2])
+"""
+_record_run: Any = None
 
 
 def _start(self: Any, i: int, label: str) -> None:
-    # One entry per run for a test to block on (BLPOP), beside the record it reads after.
-    recorder().rpush(f"{PREFIX}:started", i)
-    seconds, micros = recorder().time()  # the record's clock: one for every worker
-    recorder().rpush(
-        f"{PREFIX}:starts",
-        json.dumps(
-            {
-                "i": i,
-                "id": self.request.id,
-                "t": seconds + micros / 1e6,
-                "pid": os.getpid(),
-                "retries": self.request.retries,
-                "label": label,
-                "booked": bool(getattr(self.request, "throttle_booking", None)),
-                # When the shared store admitted it, on its clock (None: not admitted there).
-                "at": (getattr(self.request, "throttle_admitted", None) or {}).get("at"),
-                # Which copy of the task this is (None: never deferred), and whether the broker
-                # delivered this message before (to a worker that died holding it).
-                "token": getattr(self.request, "throttle_token", None),
-                "redelivered": bool(
-                    (self.request.delivery_info or {}).get("redelivered")  # RabbitMQ
-                    or getattr(self.request, "redelivered", None)  # kombu's Redis restore
-                ),
-            }
+    global _record_run
+    if _record_run is None:
+        _record_run = recorder().register_script(_RECORD_RUN)
+    entry = {
+        "i": i,
+        "id": self.request.id,
+        "pid": os.getpid(),
+        "retries": self.request.retries,
+        "label": label,
+        "booked": bool(getattr(self.request, "throttle_booking", None)),
+        # When the shared store admitted it, on its clock (None: not admitted there).
+        "at": (getattr(self.request, "throttle_admitted", None) or {}).get("at"),
+        # Which copy of the task this is (None: never deferred), and whether the broker
+        # delivered this message before (to a worker that died holding it).
+        "token": getattr(self.request, "throttle_token", None),
+        "redelivered": bool(
+            (self.request.delivery_info or {}).get("redelivered")  # RabbitMQ
+            or getattr(self.request, "redelivered", None)  # kombu's Redis restore
         ),
-    )
+    }
+    _record_run(keys=[f"{PREFIX}:starts", f"{PREFIX}:started"], args=[json.dumps(entry), i])
 
 
 @app.task(bind=True, throttle=["per-key", "per-agent"], name="workerapp.record")
