@@ -24,12 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check throttle tests benchmarks examples tools
 	$(BIN)/mypy throttle
 
-# Two passes. The tests that kill workers and servers, or run real worker processes for long,
-# run one at a time in the second: two at once (5.5 min against 9) ran a broker-crash task as
-# two copies once in three runs, a real fault (see issue 6) that serial runs have shown once in
-# many; and beside the first pass's CPU-bound tests they slowed it more than they saved.
-# Everything else runs first, two files at a time. PYTEST_ARGS="..." runs pytest once with
-# those arguments instead.
+# Two passes. First the tests that run in this process (in-process workers included), two
+# files at a time. Then the tests that start worker processes and kill workers and servers,
+# in two lanes at once (tests/conftest.py, BUSY_TESTS): the ones that keep more than a CPU
+# busy one after another in one lane, the rest in the other. The light lane reports as it
+# goes, the busy lane's report follows. PYTEST_ARGS="..." runs pytest once with those
+# arguments instead.
 PROCESS_TESTS := tests/test_faults.py tests/test_load.py tests/test_workers.py \
 	tests/test_rabbitmq.py tests/test_cluster_failover.py tests/test_demo.py tests/test_flower.py
 PYTEST_ARGS ?=
@@ -38,7 +38,13 @@ pytest: $(STAMP)
 ifeq ($(strip $(PYTEST_ARGS)),)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10 \
 		$(addprefix --ignore=,$(PROCESS_TESTS))
-	$(BIN)/python -m pytest --durations=10 $(PROCESS_TESTS)
+	log=$$(mktemp); \
+	$(BIN)/python -m pytest --lane busy --durations=10 $(PROCESS_TESTS) >$$log 2>&1 & \
+	busy=$$!; \
+	$(BIN)/python -m pytest --lane light --durations=10 $(PROCESS_TESTS); light=$$?; \
+	wait $$busy; busy=$$?; \
+	echo "== the busy lane =="; cat $$log; rm -f $$log; \
+	test $$light -eq 0 && test $$busy -eq 0
 else
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 endif
