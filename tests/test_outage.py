@@ -51,7 +51,15 @@ def run(
     @app.task(bind=True, name=f"{app.main}.step", throttle="req")
     def step(self: Any, i: int, *, api_key: str) -> int:
         with lock:
-            runs.append({"i": i, "t": time.monotonic(), "id": self.request.id})
+            runs.append(
+                {
+                    "i": i,
+                    "t": time.monotonic(),
+                    "id": self.request.id,
+                    "admitted": self.request.throttle_admitted,
+                    "wall": time.time(),
+                }
+            )
         return i
 
     start(app)
@@ -93,6 +101,11 @@ def test_store_outage(
             # One live worker: the whole limit, 5 at once then 5/s, in an in-process bucket.
             assert max_in_window(times, 1.0) <= 5 + 5
             assert max(times) - min(times) >= (20 - 5) / 5 - 0.5
+            # The task sees it was admitted in process, and when, on the store's clock as the
+            # worker reads it (this host's: the store runs here).
+            for r in runs[5:]:
+                assert r["admitted"]["local"] == 1
+                assert abs(r["admitted"]["at"] - r["wall"]) < 0.5
         else:
             assert max(times) - down_at < 10  # nothing held them back
     else:
