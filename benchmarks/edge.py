@@ -7,9 +7,10 @@ private ``redis-server`` started for the run unless ``--redis-url`` is given (it
 FLUSHED).
 
 What is measured
-    Four uvicorn servers run side by side for the whole run, one process each, with uvicorn's
-    defaults (its HTTP parser and event loop are whichever it picks; the first line says
-    which): a Starlette app with one JSON endpoint and a FastAPI app whose endpoint validates
+    Uvicorn servers run side by side for the whole run, one process each, on uvicorn's own
+    HTTP parser and event loop (h11, asyncio) and, where ``uvicorn[standard]`` installed
+    them, on httptools and uvloop too (the first line says which were measured): a Starlette
+    app with one JSON endpoint and a FastAPI app whose endpoint validates
     its query and answers a pydantic model (``benchmarks/edgeapp.py``), each bare and behind
     ``ThrottleMiddleware`` checking two limits (per API key, and per agent within it) that
     never bind, so every request pays a full admission in Redis and gets its rate headers.
@@ -61,9 +62,10 @@ PATH = "/v1/runs"
 class Server:
     """One uvicorn process serving ``app`` on a free loopback port."""
 
-    def __init__(self, app: str, redis_url: str) -> None:
+    def __init__(self, app: str, redis_url: str, stack: tuple[str, str]) -> None:
         self.app = app
         env = {**os.environ, "EDGE_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        http, loop = stack
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -74,6 +76,10 @@ class Server:
                 "127.0.0.1",
                 "--port",
                 "0",
+                "--http",
+                http,
+                "--loop",
+                loop,
                 "--no-access-log",
                 "--log-level",
                 "info",
@@ -109,14 +115,31 @@ class Server:
             self.proc.wait()
 
 
+def stacks() -> list[tuple[str, str]]:
+    """The HTTP parser and event loop pairs to measure: uvicorn's own (h11, asyncio), and
+    those of ``uvicorn[standard]`` (httptools, uvloop) where they are installed."""
+    found = [("h11", "asyncio")]
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError:
+        return found
+    return [*found, ("httptools", "uvloop")]
+
+
+#: A server: (framework, (http, loop), "bare" or "throttled").
+Key = tuple[str, tuple[str, str], str]
+
+
 @contextmanager
-def servers(redis_url: str) -> Iterator[dict[str, Server]]:
-    started: dict[str, Server] = {}
+def servers(redis_url: str, pairs: Sequence[tuple[str, str]]) -> Iterator[dict[Key, Server]]:
+    started: dict[Key, Server] = {}
     try:
         for framework in FRAMEWORKS:
-            for kind in ("bare", "throttled"):
-                name = f"{framework}_{kind}"
-                started[name] = Server(f"benchmarks.edgeapp:{name}", redis_url)
+            for stack in pairs:
+                for kind in ("bare", "throttled"):
+                    app = f"benchmarks.edgeapp:{framework}_{kind}"
+                    started[framework, stack, kind] = Server(app, redis_url, stack)
         yield started
     finally:
         for server in started.values():
@@ -183,23 +206,16 @@ def measure(port: int, seconds: float, connections: int, marked: bool) -> tuple[
     return tally.ok / span, tally
 
 
-def _implementations() -> str:
-    """Which HTTP parser and event loop uvicorn picks by default here."""
-    try:
-        import httptools  # noqa: F401
-
-        http = "httptools"
-    except ImportError:
-        http = "h11"
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+def _implementations(pairs: Sequence[tuple[str, str]]) -> str:
     import uvicorn
 
-    return f"uvicorn {uvicorn.__version__} (http {http}, loop {loop})"
+    measured = ", ".join(f"{http} + {loop}" for http, loop in pairs)
+    note = "" if len(pairs) > 1 else "; httptools + uvloop (uvicorn[standard]) not installed"
+    return f"uvicorn {uvicorn.__version__} (HTTP parser + event loop: {measured}{note})"
+
+
+def _label(framework: str, stack: tuple[str, str]) -> str:
+    return f"{framework} ({stack[0]}, {stack[1]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
+    pairs = stacks()
     began = time.monotonic()
     with redis_server(args.redis_url) as (url, how):
         import redis
@@ -221,66 +238,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         version = client.info("server")["redis_version"]
         client.flushdb()
         print(
-            f"Redis {version} ({how}); {_implementations()}; Python "
+            f"Redis {version} ({how}); {_implementations(pairs)}; Python "
             f"{platform.python_version()}; {psutil.cpu_count()} CPUs"
         )
-        with servers(url) as running:
+        with servers(url, pairs) as running:
             print(_pin(running, url))
             print(f"warm-up, then {rounds} rounds x {seconds:g} s per server ...", flush=True)
-            for name, server in running.items():
-                measure(server.port, 1.0, args.connections, name.endswith("throttled"))
-            rates: dict[str, list[float]] = {name: [] for name in running}
-            cpu: dict[str, list[float]] = {name: [] for name in running}  # s per request
+            for key, server in running.items():
+                measure(server.port, 1.0, args.connections, key[2] == "throttled")
+            rates: dict[Key, list[float]] = {key: [] for key in running}
+            cpu: dict[Key, list[float]] = {key: [] for key in running}  # s per request
             failures: list[str] = []
             mine = {os.getpid(), *(s.proc.pid for s in running.values())}
             busy_before = _others_cpu(mine)
             wall_before = time.monotonic()
             for r in range(rounds):
                 for framework in FRAMEWORKS:
-                    pair = [f"{framework}_bare", f"{framework}_throttled"]
-                    for name in pair if r % 2 == 0 else reversed(pair):
-                        server = running[name]
-                        used = server.cpu()
-                        rate, tally = measure(
-                            server.port, seconds, args.connections, name.endswith("throttled")
-                        )
-                        rates[name].append(rate)
-                        cpu[name].append((server.cpu() - used) / max(tally.ok, 1))
-                        if tally.bad:
-                            failures.append(f"{name}: answers other than 200: {tally.bad}")
-                        if tally.unmarked:
-                            failures.append(f"{name}: {tally.unmarked} answers without headers")
+                    for stack in pairs:
+                        pair: list[Key] = [
+                            (framework, stack, "bare"),
+                            (framework, stack, "throttled"),
+                        ]
+                        for key in pair if r % 2 == 0 else reversed(pair):
+                            server = running[key]
+                            used = server.cpu()
+                            marked = key[2] == "throttled"
+                            rate, tally = measure(server.port, seconds, args.connections, marked)
+                            rates[key].append(rate)
+                            cpu[key].append((server.cpu() - used) / max(tally.ok, 1))
+                            name = f"{_label(framework, stack)} {key[2]}"
+                            if tally.bad:
+                                failures.append(f"{name}: answers other than 200: {tally.bad}")
+                            if tally.unmarked:
+                                failures.append(f"{name}: {tally.unmarked} answers without headers")
             other = (_others_cpu(mine) - busy_before) / (time.monotonic() - wall_before)
-    rows = [["app", "measure", "throttle", "bare", "ratio", "goal", "result"]]
+    rows = [
+        ["app (HTTP parser, event loop)", "measure", "throttle", "bare", "ratio", "goal", "result"]
+    ]
     ratios: dict[str, float] = {}
     for framework in FRAMEWORKS:
-        bare_rates, throttled_rates = rates[f"{framework}_bare"], rates[f"{framework}_throttled"]
-        bare, throttled = statistics.median(bare_rates), statistics.median(throttled_rates)
-        ratio = ratios[framework] = throttled / bare
-        rows.append(
-            [
-                framework,
-                "requests/s, median (rounds' spread)",
-                f"{throttled:,.0f} ({_spread(throttled_rates)})",
-                f"{bare:,.0f} ({_spread(bare_rates)})",
-                f"{ratio:.2f}",
-                f">= {GOAL}",
-                verdict(ratio >= GOAL),
-            ]
-        )
-        bare_us = statistics.median(cpu[f"{framework}_bare"]) * 1e6
-        throttled_us = statistics.median(cpu[f"{framework}_throttled"]) * 1e6
-        rows.append(
-            [
-                framework,
-                "server CPU per request, median",
-                f"{throttled_us:.0f} us",
-                f"{bare_us:.0f} us",
-                f"{bare_us / throttled_us:.2f}",
-                "",
-                "",
-            ]
-        )
+        for stack in pairs:
+            label = _label(framework, stack)
+            bare_rates = rates[framework, stack, "bare"]
+            throttled_rates = rates[framework, stack, "throttled"]
+            bare, throttled = statistics.median(bare_rates), statistics.median(throttled_rates)
+            ratio = ratios[label] = throttled / bare
+            rows.append(
+                [
+                    label,
+                    "requests/s, median (rounds' spread)",
+                    f"{throttled:,.0f} ({_spread(throttled_rates)})",
+                    f"{bare:,.0f} ({_spread(bare_rates)})",
+                    f"{ratio:.2f}",
+                    f">= {GOAL}",
+                    verdict(ratio >= GOAL),
+                ]
+            )
+            bare_us = statistics.median(cpu[framework, stack, "bare"]) * 1e6
+            throttled_us = statistics.median(cpu[framework, stack, "throttled"]) * 1e6
+            rows.append(
+                [
+                    label,
+                    "server CPU per request, median",
+                    f"{throttled_us:.0f} us",
+                    f"{bare_us:.0f} us",
+                    f"{bare_us / throttled_us:.2f}",
+                    "",
+                    "",
+                ]
+            )
     print()
     print(
         f"Throughput through uvicorn, {args.connections} keep-alive connections, "
@@ -291,15 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for problem in failures:
         print(f"FAILED CHECK: {problem}")
-    for framework, ratio in ratios.items():
-        print(
-            f"{framework}: throttled / bare {ratio:.2f} (goal >= {GOAL}): {verdict(ratio >= GOAL)}"
-        )
+    for label, ratio in ratios.items():
+        print(f"{label}: throttled / bare {ratio:.2f} (goal >= {GOAL}): {verdict(ratio >= GOAL)}")
     print(f"total time {time.monotonic() - began:.0f} s")
     return 1 if failures else 0
 
 
-def _pin(running: dict[str, Server], url: str) -> str:
+def _pin(running: dict[Key, Server], url: str) -> str:
     """Give the servers a CPU of their own, and this process (the load) and a local Redis the
     others: each server's throughput is then what one core gives it, whatever the scheduler
     would have made of three busy processes on few cores."""
