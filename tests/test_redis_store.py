@@ -253,6 +253,50 @@ def test_non_ascii_task_ids_go_over_the_fast_path(
     assert redis_client.get(keyspace.guard_key(tag, work)) == b"->next-token"
 
 
+def test_bookings_repacked_from_a_template_are_each_their_own(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """An admission that books when denied (``reserve=True``, nothing to redeem) is packed
+    from its plan's template too, with a new booking id, and its booking key, each time: each
+    booking is its own, in its own key, in slot order, and redeems once at its slot; with a
+    horizon, the template of that horizon books nothing beyond it."""
+    store = RedisStore(redis_client, keyspace)
+    key = Limit("key", "1/h", burst=1)
+    agent = Limit("agent", "10/h", burst=10, per=("api_key", "agent_id"))
+    who = {**KEY, "agent_id": "a"}
+    first = store.admit([key, agent], who, reserve=True)
+    assert first.outcome is Outcome.ADMITTED
+    booked = [store.admit([key, agent], who, reserve=True) for _ in range(3)]
+    assert len(store._templates) == 1
+    assert [d.outcome for d in booked] == [Outcome.BOOKED] * 3
+    ids = [d.booking for d in booked]
+    assert len(set(ids)) == 3
+    assert None not in ids
+    waits = [d.retry_after for d in booked]
+    assert waits == sorted(waits)
+    assert [round(w / 3600) for w in waits] == [1, 2, 3]
+    tag = store.charges([key, agent], who)[0].bucket.tag
+    for booking in ids:
+        assert booking is not None
+        assert redis_client.exists(keyspace.booking_key(tag, booking))
+    # Each booking redeems once, at its slot (the script's clock moved there by the test's).
+    seconds, micros = redis_client.time()
+    now = seconds * 1_000_000 + micros
+    slot = now + round(waits[0] * 1_000_000) + 1
+    redeemed = store.admit([key, agent], who, booking=ids[0], now_us=slot)
+    assert redeemed.outcome is Outcome.REDEEMED
+    again = store.admit([key, agent], who, booking=ids[0], now_us=slot)
+    assert again.outcome is not Outcome.REDEEMED
+    assert not redis_client.exists(keyspace.booking_key(tag, ids[0]))
+    # A horizon has a template of its own: the next slot is hours away, so nothing is booked.
+    for _ in range(2):
+        beyond = store.admit([key, agent], who, reserve=True, horizon=60)
+        assert beyond.outcome is Outcome.HORIZON
+        assert beyond.retry_after == 60
+    assert len(store._templates) == 2
+    assert len(redis_client.keys(keyspace.booking_key(tag, "*"))) == 2  # ids[1] and ids[2]
+
+
 def test_plain_admissions_repacked_from_a_template_are_each_their_own(
     redis_client: redis.Redis, keyspace: Keyspace
 ) -> None:

@@ -169,13 +169,16 @@ class _Template(NamedTuple):
     """A plan's plain admission (no booking, guard or test clock) as sent, but for its nonce:
     ``keys`` is shared by every call made from it (never to be changed), ``argv`` is copied
     for each with its own nonce (``argv[5]``), and the frame is ``before`` + the nonce +
-    ``after``."""
+    ``after``. An admission that books when denied (``reserve``) has a new booking id for a
+    nonce and a booking key named by it, the last key: then ``keys`` lacks it, and the frame
+    is ``before`` + the booking key + ``mid`` + the nonce + ``after``."""
 
     plan: _Plan  # kept alive, so that the id it is remembered by stays its
     keys: list[str]
     argv: list[str]
     before: bytes
     after: bytes
+    mid: bytes = b""
 
 
 class Prepared(NamedTuple):
@@ -285,7 +288,8 @@ class BaseStore(Store):
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
         #: (id of a plan, peek, adaptive) -> its plain admission, packed around the nonce.
-        self._templates: dict[tuple[int, bool, bool], _Template] = {}
+        #: By (plan id, peek, adaptive, reserve, horizon).
+        self._templates: dict[tuple[int, bool, bool, bool, float | None], _Template] = {}
         self._shapes: dict[Hashable, _Shape] = {}
         self._plan_hits = 0  # since the plans were last cleared
         self._plan_pause = 0  # admissions left before plans are remembered again
@@ -620,21 +624,37 @@ class BaseStore(Store):
         if isinstance(limits, Limit):
             limits = (limits,)
         plan = self._plan(limits, identity, cost)
-        # A plain admission (or peek: no booking, guard, horizon or test clock) of a plan sent
-        # whole: everything but the nonce is the same from call to call, and is kept packed.
+        # A plain admission or peek (no booking to redeem, guard or test clock; a horizon only
+        # when it may book) of a plan sent whole: everything but the nonce (and the booking
+        # that may be made, named by it) is the same from call to call, and is kept packed.
         plain = (
             plan.wire is not None
-            and not reserve
             and booking is None
             and guard is None
             and now_us is None
-            and horizon is None
+            and (horizon is None or reserve)
         )
         if plain:
-            template = self._templates.get((id(plan), peek, adaptive))
+            template = self._templates.get((id(plan), peek, adaptive, reserve, horizon))
             if template is not None and template.plan is plan:
-                nonce = self._nonce()
                 argv = template.argv.copy()
+                if reserve:
+                    booking = token_urlsafe(12)
+                    bkey = self.keyspace.booking_key(plan.anchor, booking)
+                    argv[5] = booking
+                    data, name = booking.encode(), bkey.encode()
+                    packed = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s" % (
+                        template.before,
+                        len(name),
+                        name,
+                        template.mid,
+                        len(data),
+                        data,
+                        template.after,
+                    )
+                    keys = [*template.keys, bkey]
+                    return Prepared(plan.charges, keys, argv, booking, booking, packed)
+                nonce = self._nonce()
                 argv[5] = nonce
                 data = nonce.encode()
                 packed = b"%s$%d\r\n%s\r\n%s" % (template.before, len(data), data, template.after)
@@ -689,9 +709,16 @@ class BaseStore(Store):
             if plain and plan.kept:
                 if len(self._templates) >= _PLANS:
                     self._templates.clear()
-                self._templates[(id(plan), peek, adaptive)] = _Template(
-                    plan, keys, list(argv), before, after
-                )
+                template = _Template(plan, keys, list(argv), before, after)
+                if booking is not None:  # the last key names it: cut it out
+                    name = extra[-1].encode()
+                    cut = before.rindex(b"$%d\r\n%s\r\n" % (len(name), name))
+                    template = template._replace(
+                        keys=keys[:-1],
+                        before=before[:cut],
+                        mid=before[cut + len(b"$%d\r\n%s\r\n" % (len(name), name)) :],
+                    )
+                self._templates[(id(plan), peek, adaptive, reserve, horizon)] = template
         return Prepared(plan.charges, keys, argv, booking, nonce, frame)
 
     def _encode_args(self, argv: Sequence[str], argv_adaptive: Sequence[str]) -> Any:
