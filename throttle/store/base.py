@@ -287,8 +287,8 @@ class BaseStore(Store):
         self._nonce = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
-        #: (id of a plan, peek, adaptive) -> its plain admission, packed around the nonce.
-        #: By (plan id, peek, adaptive, reserve, horizon).
+        #: (id of a plan, peek, adaptive, reserve, horizon) -> its plain admission, packed
+        #: around the nonce (and the booking key).
         self._templates: dict[tuple[int, bool, bool, bool, float | None], _Template] = {}
         self._shapes: dict[Hashable, _Shape] = {}
         self._plan_hits = 0  # since the plans were last cleared
@@ -712,11 +712,10 @@ class BaseStore(Store):
                 template = _Template(plan, keys, list(argv), before, after)
                 if booking is not None:  # the last key names it: cut it out
                     name = extra[-1].encode()
-                    cut = before.rindex(b"$%d\r\n%s\r\n" % (len(name), name))
+                    bulk = b"$%d\r\n%s\r\n" % (len(name), name)
+                    cut = before.rindex(bulk)
                     template = template._replace(
-                        keys=keys[:-1],
-                        before=before[:cut],
-                        mid=before[cut + len(b"$%d\r\n%s\r\n" % (len(name), name)) :],
+                        keys=keys[:-1], before=before[:cut], mid=before[cut + len(bulk) :]
                     )
                 self._templates[(id(plan), peek, adaptive, reserve, horizon)] = template
         return Prepared(plan.charges, keys, argv, booking, nonce, frame)
