@@ -91,8 +91,11 @@ def _start(self: Any, i: int, label: str) -> None:
         "retries": self.request.retries,
         "label": label,
         "booked": bool(getattr(self.request, "throttle_booking", None)),
-        # When the shared store admitted it, on its clock (None: not admitted there).
+        # When it was admitted, on the shared store's clock: as the store decided, or, for an
+        # in-process admission while the store was away, as this worker reads that clock.
         "at": (getattr(self.request, "throttle_admitted", None) or {}).get("at"),
+        # Whether the worker's in-process buckets admitted it (the store away, local mode).
+        "local": bool((getattr(self.request, "throttle_admitted", None) or {}).get("local")),
         # Which copy of the task this is (None: never deferred), and whether the broker
         # delivered this message before (to a worker that died holding it).
         "token": getattr(self.request, "throttle_token", None),
