@@ -253,10 +253,10 @@ class OutageRun:
         self.tasks = 500
 
     def run(self) -> None:
-        # Solo pools: a task runs in the process that admitted it, right after its admission,
-        # so a run's start stands for its admission where no store recorded one (local mode's
-        # in-process buckets). A prefork worker admits in its main process and starts the task
-        # in a pool child, which the loaded machine may hold up while admissions go on.
+        # Solo pools: a task runs in the process that admitted it, right after its admission:
+        # half the processes of prefork workers on this loaded machine. (Runs are counted by
+        # their admission either way: the store's time, or in local mode the worker's reading
+        # of the store's clock.)
         nodes = [
             self.workers.spawn(f"{self.mode}{n}", pool="solo", concurrency=1, events=False)
             for n in range(3)
