@@ -19,7 +19,7 @@ import throttle
 from tests.conftest import TIMEOUT, make_app
 from tests.redis_servers import RedisServer
 from tests.test_workers import max_in_window
-from throttle import RedisStore, signals
+from throttle import RedisStore, StoreUnavailable, signals
 from throttle.testing import ManualClock
 
 pytestmark = pytest.mark.usefixtures("redis_client")  # broker and backend dbs emptied
@@ -160,3 +160,31 @@ def test_a_sibling_whose_beat_comes_late_once_still_counts(redis_server: RedisSe
     assert ext.heartbeat("a") == 1
     store.heartbeat("b", 3)  # one comes back
     assert ext.heartbeat("a") == 2
+
+
+def test_the_count_before_an_outage_stands_until_the_workers_have_beaten_again(
+    redis_server: RedisServer, store_server: RedisServer
+) -> None:
+    """A store restarted empty counts only the workers that have beaten into it since: the
+    first beat after the outage would count one. The counts from before stand until beats have
+    succeeded for two windows again (while the gate may still be using its local buckets)."""
+    clock = ManualClock()
+    app = make_app(redis_server, throttle_redis_url=store_server.url, throttle_heartbeat_interval=1)
+    app.conf.throttle_socket_timeout = 0.2
+    ext = throttle.Throttle(app, clock=clock)
+    store = ext.store()
+    assert isinstance(store, RedisStore)
+    for sibling in ("b", "c"):
+        store.heartbeat(sibling, 3)
+    assert ext.heartbeat("a") == 3
+    store_server.kill()
+    clock.advance(1)
+    with pytest.raises(StoreUnavailable):
+        ext.heartbeat("a")
+    clock.advance(20)
+    store_server.restart()  # empty: nobody has beaten into it yet
+    assert ext.heartbeat("a") == 3
+    clock.advance(5.5)  # beats have succeeded for 5.5 s: less than two windows
+    assert ext.heartbeat("a") == 3
+    clock.advance(1)  # 6.5 s: the siblings have had two windows to beat, and did not
+    assert ext.heartbeat("a") == 1

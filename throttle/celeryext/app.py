@@ -94,6 +94,7 @@ class Throttle:
         self._lock = threading.Lock()
         self._flushing: threading.Thread | None = None
         self._live_counts: deque[tuple[int, int]] = deque()  # (when, live workers) per beat
+        self._beats_since: int | None = None  # when beats last began to succeed
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
@@ -176,18 +177,30 @@ class Throttle:
     def heartbeat(self, member: str) -> int:
         """Record this worker as alive; return how many workers are (1 without Redis): the
         most counted by this process's beats of the last two windows (a window is three
-        heartbeat intervals). A worker whose beat comes late once (its host was busy) still
+        heartbeat intervals), and after the store did not answer, of the beats before too,
+        until beats have succeeded for two windows again. A worker whose beat comes late once
+        (its host was busy), or has not beaten yet into a store restarted empty, still
         counts: if the store went away just then, the in-process buckets of the others would
         each take a larger share, and together admit more than the limit."""
         store = self.store()
         if not isinstance(store, RedisStore):
             return 1
         window = self.settings.heartbeat_interval * 3
-        count = max(1, store.heartbeat(member, window))
         now = self.clock.now_us()
+        try:
+            count = max(1, store.heartbeat(member, window))
+        except ThrottleError:
+            self._beats_since = None
+            raise
+        if self._beats_since is None:
+            # The first beat since the store did not answer: until every worker has beaten
+            # again (a store restarted empty counts only those that have), the counts from
+            # before still stand.
+            self._beats_since = now
         counts = self._live_counts
         counts.append((now, count))
-        while counts[0][0] < now - 2 * window * 1_000_000:
+        span = 2 * window * 1_000_000
+        while counts[0][0] < now - span and now - self._beats_since >= span:
             counts.popleft()
         return max(c for _, c in counts)
 
