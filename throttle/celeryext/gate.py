@@ -150,6 +150,9 @@ class Gate:
         self._lock = threading.Lock()
         self._down_until = 0
         self.live_workers = 1
+        #: The store's clock as this process reads it (seconds), or None when it never
+        #: measured its offset: the time of an in-process admission. Set by the extension.
+        self.store_time: Callable[[], float | None] = lambda: None
         self._local = MemoryStore(keyspace, clock=clock)
         self._local_limits: dict[tuple[str, tuple[str, ...], int], Limit] = {}
         #: Per-key counts for ``celery throttle`` (None when ``throttle_counts_retention`` is 0).
@@ -554,7 +557,11 @@ class Gate:
                 return self._defer(
                     call, decision.retry_after, "local", decision.bound_by, call.booking, None
                 )
-        return call.verdict(Action.RUN, headers={H.ADMITTED: {"local": 1}})
+        admitted: dict[str, Any] = {"local": 1}
+        at = self.store_time()
+        if at is not None:  # the store's clock as this process reads it
+            admitted["at"] = at
+        return call.verdict(Action.RUN, headers={H.ADMITTED: admitted})
 
     def _local_limit(self, limit: Limit) -> Limit:
         """``limit`` at 1/live_workers of its rate and burst (never below its largest cost)."""

@@ -226,14 +226,6 @@ def apply_in_consumer(ext: Throttle, consumer: Any, request: Any, run: Callable[
     return carry_out(ext, consumer, request, run, verdict)
 
 
-def _stamp_local(ext: Throttle, admitted: dict[str, Any]) -> None:
-    """An admission by an in-process bucket (the store away) has no time on the store's
-    clock: give it this host's reading of that clock, by the offset last measured (none if
-    this process never measured one)."""
-    if admitted.get("local") and admitted.get("at") is None and ext.store_offset is not None:
-        admitted["at"] = round(time.time() - ext.store_offset, 6)
-
-
 def carry_out(
     ext: Throttle, consumer: Any, request: Any, run: Callable[[Any], Any], verdict: Verdict
 ) -> Any:
@@ -241,7 +233,6 @@ def carry_out(
     if verdict.action is Action.RUN:
         admitted = verdict.headers.get(H.ADMITTED)
         if isinstance(admitted, dict):
-            _stamp_local(ext, admitted)
             dispatcher = getattr(consumer, "event_dispatcher", None)
             if getattr(dispatcher, "enabled", False):
                 admitted["events"] = 1  # the pool side sends its deferrals' events too
@@ -765,9 +756,7 @@ def _pool_check(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str
     while True:
         verdict = ext.gate.check(task, task_id, tuple(args), dict(kwargs), {**headers, **delivery})
         if verdict.action is Action.RUN:
-            admitted = verdict.headers.get(H.ADMITTED, {})
-            _stamp_local(ext, admitted)
-            setattr(req, H.ADMITTED, admitted)
+            setattr(req, H.ADMITTED, verdict.headers.get(H.ADMITTED, {}))
             return
         if verdict.action is Action.FAIL:
             raise verdict.error or ThrottleError("throttle refused the task")
