@@ -356,8 +356,8 @@ class Engine:
                 charge(b, b.free_at)
                 booked[b.key] = b.free_at
                 self.hashes.setdefault(bkey, {})[b.key] = float(fmt(b.free_at))
-                _, mark, narrower = argv[10 + (binding - 1) * 5].partition(">")
-                for j in narrower.split(".") if mark else ():
+                _, sep, narrower = argv[10 + (binding - 1) * 5].partition(">")
+                for j in narrower.split(".") if sep else ():
                     e = entries[int(j) - 1]
                     if not e.booked:
                         charge(e, b.free_at)

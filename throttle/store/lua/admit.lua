@@ -71,14 +71,17 @@
 -- Every number in the reply is an integer: formatting numbers in Lua is slow, and a Lua
 -- number passed to redis.call is stored exactly (as %.17g or shortest round-trip form).
 
+-- Cost: most of a call's time in Redis is the interpreter's (every table and string it makes)
+-- and the redis.calls. So the state of a limit is one array (the fields below), a table such
+-- as the booking map is made only when there is one, and each ARGV is read where it is used.
+
+local KIND, KEY, T, TAU, COST, TAT, NEW_TAT, FREE_AT, STORED, BOOKED, TOTALKEY, TOTAL,
+      PERIOD, COUNT = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
+local TOKEN, WINDOW = 116, 119  -- string.byte('t'), string.byte('w')
+
 local now = clock(ARGV[1])
-local reserve = ARGV[2] == '1'
 local peek = ARGV[2] == 'p'
-local horizon = tonumber(ARGV[3])
 local bmode = ARGV[4]
-local nonce = ARGV[6]
-local grace = tonumber(ARGV[7])
-local fspec = ARGV[9]
 local n = tonumber(ARGV[10])
 local tail = #KEYS
 local gkey, gcur, gnext, gttl, ggen, gagain, gmark, gcall
@@ -90,18 +93,19 @@ if ARGV[8] ~= '' then
     string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+%.%d+) ([01]) ([m%-]) (%w+)$')
 end
 local bkey = nil
-local booked = {}
+local booked = nil  -- state key -> booked slot, of the booking presented (or made now)
 if bmode ~= '' then
   bkey = KEYS[tail]
   tail = tail - 1
   if bmode == 'old' then
+    booked = {}
     local flat = redis.call('HGETALL', bkey)
     for j = 1, #flat, 2 do booked[flat[j]] = tonumber(flat[j + 1]) end
   end
 end
 local lsrc, usrc, lkey, ukey = '-', '-', nil, nil
-if fspec ~= '' then
-  lsrc, usrc = string.match(fspec, '^(%S+) (%S+)$')
+if ARGV[9] ~= '' then
+  lsrc, usrc = string.match(ARGV[9], '^(%S+) (%S+)$')
   if usrc == 'k' then
     ukey = KEYS[tail]
     tail = tail - 1
@@ -112,26 +116,28 @@ end
 -- One MGET reads every token bucket and the guard (the most common admission makes no other
 -- read): redis.call is the dominant cost of a script.
 local reads = {}
+local nt = 0
 local k = 1
 for i = 1, n do
-  if string.sub(ARGV[10 + (i - 1) * 5 + 1], 1, 1) == 't' then
-    reads[#reads + 1] = KEYS[k]
+  if string.byte(ARGV[5 * i + 6]) == TOKEN then
+    nt = nt + 1
+    reads[nt] = KEYS[k]
     k = k + 1
   else
     k = k + 2
   end
 end
-local nt = #reads
-if lkey then reads[#reads + 1] = lkey end
-if ukey then reads[#reads + 1] = ukey end
-if gkey then reads[#reads + 1] = gkey end
-local tvals = {}
-if #reads > 0 then tvals = redis.call('MGET', unpack(reads)) end
+local nr = nt
+if lkey then nr = nr + 1; reads[nr] = lkey end
+if ukey then nr = nr + 1; reads[nr] = ukey end
+if gkey then nr = nr + 1; reads[nr] = gkey end
+local tvals = reads
+if nr > 0 then tvals = redis.call('MGET', unpack(reads)) end
 local fload, fup = 1, 1
 if lkey then fload = factor(tvals[nt + 1]) elseif lsrc ~= '-' then fload = factor(lsrc) end
-if ukey then fup = factor(tvals[#reads - (gkey and 1 or 0)]) end
+if ukey then fup = factor(tvals[nr - (gkey and 1 or 0)]) end
 if gkey then
-  local live = tvals[#reads]
+  local live = tvals[nr]
   if live then
     local from, to = string.match(live, '^(%S+)>(%S+)$')
     if from then
@@ -150,86 +156,86 @@ if gkey then
   end
 end
 
--- Evaluate every limit without writing anything but window expiry.
+-- Evaluate every limit without writing anything but window expiry, and find the one that
+-- binds: the one whose next free moment is latest (the first of equals), if that is later
+-- than now.
 local L = {}
+local binding = 0
 local t = 0
 k = 1
 for i = 1, n do
-  local a = 10 + (i - 1) * 5
+  local a = 5 * i + 5
   local kind = ARGV[a + 1]
-  local e = {algo = kind, period = tonumber(ARGV[a + 2]), count = tonumber(ARGV[a + 3]),
-             cost = tonumber(ARGV[a + 5]), key = KEYS[k], T = 0, tau = 0, tat = 0, new_tat = 0,
-             free_at = 0, booked = false, totalkey = false, total = 0, stored = false}
+  local period, count, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5])
   local f = 1
   if #kind > 1 then
-    e.algo = string.sub(kind, 1, 1)
-    local flag = string.sub(kind, 2, 2)
-    if flag == 'k' then f = fload * fup elseif flag == 'a' then f = fload end
+    local flag = string.byte(kind, 2)
+    if flag == 107 then f = fload * fup elseif flag == 97 then f = fload end  -- 'k', 'a'
   end
-  if e.algo == 't' then
-    e.T = e.period / e.count
-    e.tau = tonumber(ARGV[a + 4]) * e.T
+  local e
+  if string.byte(kind) == TOKEN then
+    local T_ = period / count
+    local tau = tonumber(ARGV[a + 4]) * T_
     if f ~= 1 then
-      e.T = e.T / f
+      T_ = T_ / f
       -- The burst shrinks with the factor, but never below this work's cost: a cost the
       -- bucket could hold at the full rate must stay admissible at any factor.
-      local need = e.cost * e.T
-      if e.tau < need then e.tau = need end
+      local need = cost * T_
+      if tau < need then tau = need end
     end
     t = t + 1
-    e.stored = tonumber(tvals[t])
-    e.tat = e.stored or now
-    local base = e.tat
+    local stored = tonumber(tvals[t])
+    local tat = stored or now
+    local base = tat
     if base < now then base = now end
-    e.new_tat = base + e.cost * e.T
-    e.free_at = e.new_tat - e.tau
+    local new_tat = base + cost * T_
+    e = {TOKEN, KEYS[k], T_, tau, cost, tat, new_tat, new_tat - tau, stored, false}
     k = k + 1
   else
-    if f ~= 1 then e.count = e.count * f end
-    e.totalkey = KEYS[k + 1]
-    e.total = window_total(e.key, e.totalkey, now, e.period)
-    if e.total + e.cost <= e.count then
-      e.free_at = now
+    if f ~= 1 then count = count * f end
+    local key, totalkey = KEYS[k], KEYS[k + 1]
+    local total = window_total(key, totalkey, now, period)
+    local free_at = 0
+    if total + cost <= count then
+      free_at = now
     else
-      local need = e.total + e.cost - e.count
+      local need = total + cost - count
       local freed = 0
-      local entries = redis.call('ZRANGE', e.key, 0, -1, 'WITHSCORES')
+      local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
       for j = 1, #entries, 2 do
         freed = freed + member_cost(entries[j])
-        e.free_at = tonumber(entries[j + 1]) + e.period
+        free_at = tonumber(entries[j + 1]) + period
         if freed >= need then break end
       end
     end
+    e = {WINDOW, key, 0, 0, cost, 0, 0, free_at, nil, false, totalkey, total, period, count}
     k = k + 2
   end
-  local slot = booked[e.key]
-  if slot ~= nil then
-    e.booked = true
-    if slot <= now then e.free_at = now else e.free_at = slot end
+  if booked then
+    local slot = booked[e[KEY]]
+    if slot ~= nil then
+      e[BOOKED] = true
+      if slot <= now then e[FREE_AT] = now else e[FREE_AT] = slot end
+    end
   end
   L[i] = e
-end
-
-local binding = 0
-for i = 1, n do
-  if L[i].free_at > now and (binding == 0 or L[i].free_at > L[binding].free_at) then
-    binding = i
-  end
+  local free_at = e[FREE_AT]
+  if free_at > now and (binding == 0 or free_at > L[binding][FREE_AT]) then binding = i end
 end
 
 -- Charge one limit at time `at` (now, or the booked slot).
 local function charge(e, at)
-  if e.cost == 0 or peek then return end
-  if e.algo == 't' then
+  if e[COST] == 0 or peek then return end
+  if e[KIND] == TOKEN then
     -- A narrower limit booked for a later slot is charged at that slot: charged from now, it
     -- would bank the idle time before the slot beyond its burst, and the runs booked in a
     -- wider limit would come at the wider limit's pace. (Else, and for the binding limit,
     -- whose slot never lies beyond its own TAT, this is new_tat.)
-    if at > e.tat then e.tat = at + e.cost * e.T else e.tat = e.new_tat end
-    set_tat(e.key, e.tat, e.stored, now)
+    if at > e[TAT] then e[TAT] = at + e[COST] * e[T] else e[TAT] = e[NEW_TAT] end
+    set_tat(e[KEY], e[TAT], e[STORED], now)
   else
-    redis.call('ZADD', e.key, at, fmt(e.cost) .. ':' .. nonce)
-    e.total = e.total + e.cost
+    redis.call('ZADD', e[KEY], at, fmt(e[COST]) .. ':' .. ARGV[6])
+    e[TOTAL] = e[TOTAL] + e[COST]
   end
 end
 
@@ -238,38 +244,42 @@ local retry = 0
 if binding == 0 then
   outcome = 'admitted'
   for i = 1, n do
-    if L[i].booked then outcome = 'redeemed' else charge(L[i], now) end
+    local e = L[i]
+    if e[BOOKED] then outcome = 'redeemed' else charge(e, now) end
   end
-  if bkey and bmode == 'old' and ARGV[5] == '1' then redis.call('DEL', bkey) end
+  if bmode == 'old' and ARGV[5] == '1' then redis.call('DEL', bkey) end
 else
   local b = L[binding]
-  retry = b.free_at - now
-  if b.booked then
+  local horizon = tonumber(ARGV[3])
+  retry = b[FREE_AT] - now
+  if b[BOOKED] then
     outcome = 'early'
-  elseif not reserve then
+  elseif ARGV[2] ~= '1' then
     outcome = 'denied'
   elseif horizon ~= nil and retry > horizon then
     outcome = 'horizon'
     retry = horizon
   else
     outcome = 'booked'
-    charge(b, b.free_at)
-    booked[b.key] = b.free_at
-    redis.call('HSET', bkey, b.key, b.free_at)
-    local narrower = string.match(ARGV[10 + (binding - 1) * 5 + 1], '>([%d.]+)$')
+    local slot = b[FREE_AT]
+    booked = booked or {}
+    charge(b, slot)
+    booked[b[KEY]] = slot
+    redis.call('HSET', bkey, b[KEY], slot)
+    local narrower = string.match(ARGV[5 * binding + 6], '>([%d.]+)$')
     if narrower then
       for j in string.gmatch(narrower, '%d+') do
         local e = L[tonumber(j)]
-        if not e.booked then
-          charge(e, b.free_at)
-          booked[e.key] = b.free_at
-          redis.call('HSET', bkey, e.key, b.free_at)
+        if not e[BOOKED] then
+          charge(e, slot)
+          booked[e[KEY]] = slot
+          redis.call('HSET', bkey, e[KEY], slot)
         end
       end
     end
-    local last = b.free_at
-    for _, slot in pairs(booked) do if slot > last then last = slot end end
-    redis.call('PEXPIRE', bkey, ttl_ms(last + grace, now))
+    local last = slot
+    for _, s in pairs(booked) do if s > last then last = s end end
+    redis.call('PEXPIRE', bkey, ttl_ms(last + tonumber(ARGV[7]), now))
   end
 end
 
@@ -285,26 +295,28 @@ if gkey then
 end
 
 local out = {outcome, binding, math.ceil(retry)}
+local o = 3
 for i = 1, n do
   local e = L[i]
   local remaining, full_at
-  if e.algo == 't' then
-    local level = e.tat
+  if e[KIND] == TOKEN then
+    local level = e[TAT]
     if level < now then level = now end
-    remaining = (e.tau - (level - now)) / e.T
+    remaining = (e[TAU] - (level - now)) / e[T]
     full_at = level
   else
-    full_at = window_store(e.key, e.totalkey, e.total, now, e.period)
-    remaining = e.count - e.total
+    full_at = window_store(e[KEY], e[TOTALKEY], e[TOTAL], now, e[PERIOD])
+    remaining = e[COUNT] - e[TOTAL]
   end
-  local wait = e.free_at - now
+  local wait = e[FREE_AT] - now
   if wait < 0 then wait = 0 end
   local until_full = full_at - now
   if until_full < 0 then until_full = 0 end
-  out[#out + 1] = math.floor(remaining * 1000000 + 0.5)
-  out[#out + 1] = math.ceil(until_full)
-  out[#out + 1] = math.ceil(wait)
-  out[#out + 1] = e.booked and 1 or 0
+  out[o + 1] = math.floor(remaining * 1000000 + 0.5)
+  out[o + 2] = math.ceil(until_full)
+  out[o + 3] = math.ceil(wait)
+  out[o + 4] = e[BOOKED] and 1 or 0
+  o = o + 4
 end
-out[#out + 1] = now
+out[o + 1] = now
 return out
