@@ -96,7 +96,7 @@ class Throttle:
         self._live_counts: deque[tuple[int, int]] = deque()  # (when, live workers) per beat
         self._beats_since: int | None = None  # when beats last began to succeed
         self.gate = Gate(self.settings, self.store, self.keyspace, self.clock)
-        self.gate.store_time = self._store_time
+        self.gate.store_time = self.store_time
         app._throttle_extension = self
         app.steps["consumer"].add(GateStep)
         app.steps["consumer"].add(EtaStep)
@@ -175,7 +175,7 @@ class Throttle:
         after = time.time()
         self.store_offset = (before + after) / 2 - server
 
-    def _store_time(self) -> float | None:
+    def store_time(self) -> float | None:
         """The store's clock now, as this process reads it: its wall clock less the offset it
         measured (None if it never measured one)."""
         offset = self.store_offset

@@ -680,13 +680,13 @@ def _next_copy(
     if ext.store_offset is None:  # a pool process, forked before the worker measured it
         with contextlib.suppress(ThrottleError):
             ext.measure_offset()
-    offset = ext.store_offset
-    if offset is not None and countdown > 0:
+    now = ext.store_time()
+    if now is not None and countdown > 0:
         # When it is due on the store's clock: the worker that receives it may keep another
         # time than this one (see EtaStep). Celery's eta, from the countdown, is this one's.
         # Tied to the retry count, so a Celery retry of this copy (which carries its headers
         # over) keeps its own countdown.
-        carried[H.ETA] = [round(time.time() - offset + countdown, 6), ctx.retries or 0]
+        carried[H.ETA] = [round(now + countdown, 6), ctx.retries or 0]
     return task.signature_from_request(
         ctx,
         args=args,
