@@ -216,8 +216,51 @@ def test_an_abandoned_booking_costs_one_slot(store: BaseStore) -> None:
     assert store.admit([limit], KEY, now_us=T0 + 200_000).allowed
 
 
-def test_rebooking_in_a_second_limit_keeps_the_first(store: BaseStore) -> None:
-    """Work that returns at its slot but meets another full limit keeps the first booking."""
+def _with_grace(store: BaseStore, grace: float, clock: ManualClock) -> BaseStore:
+    """A store of the same kind as ``store``, on the same data, with ``booking_grace``."""
+    if isinstance(store, RedisStore):
+        return RedisStore(store.client, store.keyspace, booking_grace=grace, clock=clock)
+    assert isinstance(store, MemoryStore)
+    return MemoryStore(store.keyspace, booking_grace=grace, clock=clock)
+
+
+def test_copies_back_after_the_grace_are_fresh_arrivals(
+    store: BaseStore, clock: ManualClock
+) -> None:
+    """Twenty copies booked 0.1 s apart all come back 3 s after the first booking, with a
+    grace of 0.5 s: every slot is more than the grace ago, so each is checked as a fresh
+    arrival (one runs, its bucket having refilled; the rest are booked anew) instead of all
+    running at once on their bookings (the booking's key itself still lives: the slot's age is
+    what counts). A copy back within the grace redeems."""
+    store = _with_grace(store, 0.5, clock)
+    limit = Limit("req", "10/s", burst=1)
+    assert store.admit([limit], KEY, now_us=T0).allowed
+    booked = [store.admit([limit], KEY, reserve=True, now_us=T0) for _ in range(20)]
+    assert [b.outcome for b in booked] == [Outcome.BOOKED] * 20  # slots +0.1 s .. +2.0 s
+    back = [
+        store.admit([limit], KEY, booking=b.booking, reserve=True, now_us=T0 + 3 * US)
+        for b in booked
+    ]
+    assert [d.outcome for d in back] == [Outcome.ADMITTED] + [Outcome.BOOKED] * 19
+    assert [round(d.retry_after, 6) for d in back[1:4]] == [0.1, 0.2, 0.3]
+    # The second copy's new slot is at +3.1 s: back 0.4 s after it, within the grace.
+    again = store.admit([limit], KEY, booking=back[1].booking, now_us=T0 + 3_500_000)
+    assert again.outcome is Outcome.REDEEMED
+    # Another copy of the batch, back 0.6 s after its new slot (+3.2 s): fresh, and denied,
+    # the bucket being booked up to +4.9 s.
+    lapsed = store.admit([limit], KEY, booking=back[2].booking, now_us=T0 + 3_800_001)
+    assert lapsed.outcome is Outcome.DENIED
+
+
+@pytest.mark.parametrize("grace", [None, 0.5])
+def test_rebooking_in_a_second_limit_keeps_the_first(
+    store: BaseStore, clock: ManualClock, grace: float | None
+) -> None:
+    """Work that returns at its slot but meets another full limit keeps the first booking:
+    with a grace of 0.5 s too, although it then comes back a second after its first slot (the
+    slot moved to the second one)."""
+    if grace is not None:
+        store = _with_grace(store, grace, clock)
     agent = Limit("agent", "1/s", burst=1, per=["api_key", "agent_id"])
     key = Limit("key", "1/s", burst=1)
     who = {**KEY, "agent_id": "a"}

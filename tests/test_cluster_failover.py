@@ -15,11 +15,10 @@ admitted (until the replica serves, every admission needs the dead master's slot
 and from the promotion on, every limit holds.
 
 "Holds" with the allowance the design gives late copies: a deferred copy that comes back after
-its booked slot still redeems the booking (nothing charged) until the booking's key expires,
-``throttle_booking_grace`` plus the scripts' 1 s key margin after the slot (the admission does
-not check the slot's age). Copies come back late when workers lag, and when the global limit
-moves a copy that holds a tenant booking to a later slot, so even without a failover a 1 s
-window can hold up to rate x (grace + 1 s) more runs than burst + rate. The checks allow that,
+its booked slot still redeems the booking (nothing charged) up to ``throttle_booking_grace``
+after the slot. Copies come back late when workers lag, and when the global limit moves a copy
+that holds a tenant booking to a later slot, so even without a failover a 1 s window can hold
+up to rate x grace more runs than burst + rate (plus one at its edges). The checks allow that,
 and no more; over the whole time after the promotion the rate itself holds.
 
 When a worker imports this module (``include``) with ``THROTTLE_TEST_FAILOVER`` set, it registers
@@ -75,9 +74,8 @@ LIMITS: dict[str, dict[str, Any]] = {
 #: Seconds a booking outlives its slot, and between two tries of a store that does not answer.
 GRACE = 1.0
 STORE_RETRY = 0.5
-#: How late a copy may still redeem its booking: the grace, and the 1 s margin the scripts keep
-#: a booking's key beyond it (MARGIN_MS in lua/common.lua).
-LATE = GRACE + 1.0
+#: How late a copy may still redeem its booking.
+LATE = GRACE
 
 
 # -- the task, in the worker processes --------------------------------------------------------
@@ -240,12 +238,6 @@ def check_limits(record: list[dict[str, Any]], back: float) -> None:
     on its clock."""
     for by, (rate, burst) in (((), GLOBAL), (("key",), PER_KEY), (("key", "agent"), PER_AGENT)):
         late = rate * LATE + 1
-        if by == ("key", "agent"):
-            # Not explained yet (see RELIABILITY.md, "Known limits"): after the failover the busy
-            # agent's late copies come back together and run at the global limit's pace, and
-            # one window held 35 or 36 of them where the allowance above gives 34.
-            late += burst
-
         for group, times in by_group(record, by).items():
             name = "/".join(group) or "global"
             busiest = max_in_window(times, 1.0)

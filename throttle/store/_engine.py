@@ -137,6 +137,9 @@ class Engine:
         fields = self.hashes.setdefault(key, {})
         fields[field] = fields.get(field, 0.0) + amount
 
+    def hdel(self, key: str, field: str) -> None:
+        self._remove(self.hashes, key, field)
+
     def hgetall(self, key: str, now: float) -> dict[str, float]:
         self._alive(key, now)
         return dict(self.hashes.get(key, {}))
@@ -163,10 +166,15 @@ class Engine:
         self.zsets.setdefault(key, {})[member] = float(fmt(score))
 
     def zrem(self, key: str, member: str) -> None:
-        log = self.zsets.get(key)
-        if log is not None:
-            log.pop(member, None)
-            if not log:
+        self._remove(self.zsets, key, member)
+
+    def _remove(self, table: dict[str, dict[str, float]], key: str, member: str) -> None:
+        """Remove ``member`` from the hash or sorted set ``key``: Redis deletes a key it
+        leaves empty."""
+        members = table.get(key)
+        if members is not None:
+            members.pop(member, None)
+            if not members:
                 self.delete(key)
 
     def live_keys(self, now: float) -> list[str]:
@@ -269,6 +277,15 @@ class Engine:
             a = 10 + i * 5
             kind = argv[a]
             e = _Entry(kind[0], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
+            # As admit.lua: a slot booked here is redeemed unless it has lapsed.
+            slot: float | None = None
+            if bmode == "old":
+                assert bkey is not None
+                slot = booked.get(e.key)
+                if slot is not None and now > slot + grace:
+                    del booked[e.key]
+                    self.hdel(bkey, e.key)
+                    slot = None
             f = 1.0
             if len(kind) > 1:
                 flag = kind[1]
@@ -308,7 +325,6 @@ class Engine:
                         if freed >= need:
                             break
                 k += 2
-            slot = booked.get(e.key)
             if slot is not None:
                 e.booked = True
                 e.free_at = now if slot <= now else slot
@@ -361,6 +377,10 @@ class Engine:
                     e = entries[int(j) - 1]
                     if not e.booked:
                         charge(e, b.free_at)
+                        booked[e.key] = b.free_at
+                        self.hashes[bkey][e.key] = float(fmt(b.free_at))
+                for e in entries:
+                    if e.booked and booked[e.key] < b.free_at:
                         booked[e.key] = b.free_at
                         self.hashes[bkey][e.key] = float(fmt(b.free_at))
                 last = b.free_at

@@ -274,9 +274,10 @@ class _Nonces:
 class BaseStore(Store):
     """Validation, key layout and the wire format shared by every store.
 
-    ``booking_grace`` is how long (seconds) a booking outlives its slot before it lapses; work
-    that comes back later than that is checked as a fresh arrival, and the lapsed booking has
-    cost its limit one slot.
+    ``booking_grace`` is how long (seconds) after its slot a booking still redeems: work that
+    comes back later is checked as a fresh arrival (the script checks the slot's age on the
+    store's clock), and the lapsed booking has cost its limit one slot. So copies that come
+    back late together pass a limit by at most its rate x ``booking_grace`` in a window.
     """
 
     def __init__(self, keyspace: Keyspace, *, booking_grace: float = 600.0) -> None:

@@ -22,7 +22,13 @@
 --       [5] redeem: '1' to delete the booking when admitted, '0' to keep it (the caller
 --           deletes it once its other slots admitted too)
 --       [6] nonce: suffix of the log members this call writes (the booking id when booking)
---       [7] grace_us: how long a booking outlives its slot
+--       [7] grace_us: how late after its slot a booking still redeems. A slot presented
+--           later has lapsed: it is dropped from the booking and the work is checked as a
+--           fresh arrival in that limit, so late copies never run together beyond
+--           rate x grace. (The booking's key lives until its last slot's grace is over, and
+--           a little longer: the slot's age is checked here, not left to the key's expiry.)
+--           Nothing is given back for a lapsed slot: whether its charge is still in the
+--           bucket (no admission found the bucket idle since) is not known.
 --       [8] guard: '' for none, else '<token> <next> <ttl_ms> <generation> <redelivered>
 --           <mark> <call>': the token this copy of the work carries and the token its next
 --           copy will carry if it is deferred now ('-' for none), then this message's retry and
@@ -83,6 +89,7 @@ local now = clock(ARGV[1])
 local peek = ARGV[2] == 'p'
 local bmode = ARGV[4]
 local n = tonumber(ARGV[10])
+local grace = tonumber(ARGV[7])
 local tail = #KEYS
 local gkey, gcur, gnext, gttl, ggen, gagain, gmark, gcall
 local claimed = false
@@ -167,6 +174,16 @@ for i = 1, n do
   local a = 5 * i + 5
   local kind = ARGV[a + 1]
   local period, count, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5])
+  -- A slot booked in this limit: redeemed unless it has lapsed (see ARGV[7]).
+  local slot = nil
+  if booked then
+    slot = booked[KEYS[k]]
+    if slot ~= nil and now > slot + grace then
+      booked[KEYS[k]] = nil
+      redis.call('HDEL', bkey, KEYS[k])
+      slot = nil
+    end
+  end
   local f = 1
   if #kind > 1 then
     local flag = string.byte(kind, 2)
@@ -211,12 +228,9 @@ for i = 1, n do
     e = {WINDOW, key, 0, 0, cost, 0, 0, free_at, nil, false, totalkey, total, period, count}
     k = k + 2
   end
-  if booked then
-    local slot = booked[e[KEY]]
-    if slot ~= nil then
-      e[BOOKED] = true
-      if slot <= now then e[FREE_AT] = now else e[FREE_AT] = slot end
-    end
+  if slot ~= nil then
+    e[BOOKED] = true
+    if slot <= now then e[FREE_AT] = now else e[FREE_AT] = slot end
   end
   L[i] = e
   local free_at = e[FREE_AT]
@@ -277,9 +291,18 @@ else
         end
       end
     end
+    -- The slots the work already holds in other limits (due by now, or before this one) move
+    -- to this one: they stay paid for, and would lapse while the work waits for this slot.
+    for i = 1, n do
+      local e = L[i]
+      if e[BOOKED] and booked[e[KEY]] < slot then
+        booked[e[KEY]] = slot
+        redis.call('HSET', bkey, e[KEY], slot)
+      end
+    end
     local last = slot
     for _, s in pairs(booked) do if s > last then last = s end end
-    redis.call('PEXPIRE', bkey, ttl_ms(last + tonumber(ARGV[7]), now))
+    redis.call('PEXPIRE', bkey, ttl_ms(last + grace, now))
   end
 end
 
