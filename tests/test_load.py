@@ -10,8 +10,9 @@ The producer keeps the broker's queue short (it sends while fewer than ``QUEUE_D
 messages wait), as a service that keeps up with its traffic does. A deferred copy goes back
 into that same queue on a Redis broker: behind a backlog it comes back after its booked slot,
 and copies up to ``throttle_booking_grace`` late run together, so a key can then pass its
-limit by up to its rate times the queue's delay. That is a known limit of deferring through a
-Redis broker, not what this test measures; here the delay stays far below burst / rate.
+limit by up to its rate times the grace (later ones are checked as fresh arrivals). That is a
+known limit of deferring through a Redis broker, not what this test measures; here the delay
+stays far below burst / rate.
 
 Also here: a worker's event loop held up under load must not take an answer it reads late
 for a store outage.
