@@ -204,10 +204,9 @@ def test_lua_memory_and_reference_agree(
             # Redis's real clock, and the test's clock must stay far short of that.
             due = slot + round(graces * min(grace, 30) * 1_000_000) + nudge
             if due - now > 60_000_000:
-                # No further than an "advance" goes: the stores agree only while the test's
-                # clock moves on in steps of at most a minute (Redis expires keys on its real
-                # clock: a jump of an hour and a half to a far slot once let an upstream
-                # factor rise in memory and not in Redis).
+                # No further than an "advance" goes. (Redis expires keys on its real clock:
+                # a jump of an hour and a half to a far slot once outlived the upstream
+                # factor's key, then kept an hour, in memory only; it is now kept 10**6 s.)
                 continue
             if due > now:
                 clock.advance(us=due - now)
@@ -283,6 +282,7 @@ def test_lua_memory_and_reference_agree(
                             limits=limit_set,
                             remaining=remaining,
                             quiet=2.0,
+                            ttl=10**6,
                             now_us=now,
                         )
                     )
