@@ -163,8 +163,8 @@ if gkey then
   end
 end
 
--- Evaluate every limit without writing anything but window expiry, and find the one that
--- binds: the one whose next free moment is latest (the first of equals), if that is later
+-- Evaluate every limit without writing anything but window expiry and the dropping of lapsed
+-- slots, and find the one that binds: the one whose next free moment is latest (the first of equals), if that is later
 -- than now.
 local L = {}
 local binding = 0
