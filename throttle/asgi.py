@@ -78,6 +78,7 @@ Mode = Literal["charge", "check_only"]
 _US: Final = 1_000_000
 _MODES: Final = ("charge", "check_only")
 _JSON: Final = (b"content-type", b"application/json")
+_ceil: Final = math.ceil
 
 
 class _Limits(NamedTuple):
@@ -86,7 +87,8 @@ class _Limits(NamedTuple):
     limits: tuple[Limit, ...]
     by_name: Mapping[str, Limit]
     policy: bytes  # the RateLimit-Policy field: it does not change between answers
-    quotas: Mapping[str, tuple[float, bytes]]  # name -> burst, and as X-RateLimit-Limit says it
+    #: name -> burst, the burst as X-RateLimit-Limit says it, the name as RateLimit quotes it
+    quotas: Mapping[str, tuple[float, bytes, bytes]]
 
 
 class _Checked(NamedTuple):
@@ -153,6 +155,7 @@ class ThrottleMiddleware:
             self._ip = self._ip._replace(cost=_part(cost, self._ip))
         self._default = self._tiers[DEFAULT_TIER]
         self._store = AsyncStore(ext.store(), timeout=settings.socket_timeout)
+        self._check = self._store.peek if mode == "check_only" else self._store.admit
         self._local = MemoryStore(ext.keyspace, clock=ext.clock)
         self._down_until = 0
         self._adaptive = settings.adaptive.enabled
@@ -174,15 +177,27 @@ class ThrottleMiddleware:
             await self.app(scope, receive, send)
             return
         cost = checked.cost if self._cost is None else _part(self._cost(scope), checked)
-        decided = await self._decide(checked, identity, cost)
-        if decided is None:  # open while Redis is away: unchecked, so nothing to tell
-            await self.app(scope, receive, send)
-            return
-        if isinstance(decided, str):
-            wait = max(self._down_until - self.ext.clock.now_us(), 0) / _US
-            await _refuse(send, 503, decided, wait or self.settings.store_retry, [])
-            return
-        decision, described = decided
+        shared = checked.shared
+        decision: Decision | None = None
+        if not self._down_until or self.ext.clock.now_us() >= self._down_until:
+            try:
+                decision = await self._check(
+                    shared.limits, identity, cost=cost, adaptive=self._adaptive
+                )
+            except StoreError as exc:
+                self._store_failed(exc)
+        if decision is not None:
+            described = shared
+        else:
+            decided = self._fallback(checked, identity, cost)
+            if decided is None:  # open while Redis is away: unchecked, so nothing to tell
+                await self.app(scope, receive, send)
+                return
+            if isinstance(decided, str):
+                wait = max(self._down_until - self.ext.clock.now_us(), 0) / _US
+                await _refuse(send, 503, decided, wait or self.settings.store_retry, [])
+                return
+            decision, described = decided
         fields = _fields(described, decision)
         if not decision.allowed:
             await _refuse(send, 429, decision.bound_by, decision.retry_after, fields)
@@ -222,23 +237,21 @@ class ThrottleMiddleware:
 
     # -- the decision --------------------------------------------------------------------------
 
-    async def _decide(
+    def _store_failed(self, exc: StoreError) -> None:
+        """The store failed a check: while it does not answer, it is left alone for
+        ``throttle_store_retry`` seconds and ``on_store_error`` applies."""
+        if isinstance(exc, StoreUnavailable):
+            logger.warning("throttle store unavailable (%s); on_store_error applies", exc)
+            retry = round(self.settings.store_retry * _US)
+            self._down_until = self.ext.clock.now_us() + retry
+        else:
+            logger.error("throttle store error (%r); on_store_error applies", exc)
+
+    def _fallback(
         self, checked: _Checked, identity: Mapping[str, object], cost: Cost
     ) -> tuple[Decision, _Limits] | str | None:
-        """The store's decision and the limits it is about; while the store is away, the local
-        ones, or the name of the closed limit that refuses (a str), or None (open)."""
-        if not self._down_until or self.ext.clock.now_us() >= self._down_until:
-            run = self._store.peek if self.mode == "check_only" else self._store.admit
-            shared = checked.shared
-            try:
-                decision = await run(shared.limits, identity, cost=cost, adaptive=self._adaptive)
-                return decision, shared
-            except StoreUnavailable as exc:
-                logger.warning("throttle store unavailable (%s); on_store_error applies", exc)
-                retry = round(self.settings.store_retry * _US)
-                self._down_until = self.ext.clock.now_us() + retry
-            except StoreError as exc:
-                logger.error("throttle store error (%r); on_store_error applies", exc)
+        """While the store is away: the local limits' decision and the limits it is about, or
+        the name of the closed limit that refuses (a str), or None (open)."""
         if checked.closed is not None:
             return checked.closed
         local = checked.local
@@ -272,7 +285,10 @@ def _network(host: str) -> str:
 
 def _limits(limits: Sequence[Limit]) -> _Limits:
     policy = ", ".join(_policy_item(limit) for limit in limits).encode()
-    quotas = {limit.name: (limit.burst, _number(limit.burst).encode()) for limit in limits}
+    quotas = {
+        limit.name: (limit.burst, _number(limit.burst).encode(), f'"{limit.name}"'.encode())
+        for limit in limits
+    }
     return _Limits(tuple(limits), {limit.name: limit for limit in limits}, policy, quotas)
 
 
@@ -285,14 +301,13 @@ def _fields(limits: _Limits, decision: Decision) -> list[tuple[bytes, bytes]]:
     items = []
     shown = None
     room = math.inf
-    for state in decision.limits:
-        name = state.name
-        left = max(0, math.floor(state.remaining + 1e-9))
-        reset = math.ceil(state.reset_after)
-        items.append(f'"{name}";r={left};t={reset}')
-        burst, quota = quotas[name]
+    for name, remaining, reset_after, _ in decision.limits:
+        left = int(remaining + 1e-9) if remaining > 0 else 0  # whole units, never below 0
+        reset = _ceil(reset_after)
+        burst, quota, label = quotas[name]
+        items.append(b"%s;r=%d;t=%d" % (label, left, reset))
         if bound is None:
-            share = state.remaining / burst
+            share = remaining / burst
             if share < room:
                 room, shown = share, (quota, left, reset)
         elif name == bound:
@@ -303,7 +318,7 @@ def _fields(limits: _Limits, decision: Decision) -> list[tuple[bytes, bytes]]:
         (b"x-ratelimit-limit", shown[0]),
         (b"x-ratelimit-remaining", b"%d" % shown[1]),
         (b"x-ratelimit-reset", b"%d" % shown[2]),
-        (b"ratelimit", ", ".join(items).encode()),
+        (b"ratelimit", b", ".join(items)),
         (b"ratelimit-policy", limits.policy),
     ]
 

@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from throttle.errors import ConfigurationError, StoreError, StoreUnavailable
 from throttle.limits import Limit
-from throttle.store.base import BaseStore, Decision, Prepared
+from throttle.store.base import BaseStore, Decision, Prepared, _new
 from throttle.store.memory import MemoryStore
 from throttle.store.redis import _UNAVAILABLE, RedisStore, readable
 
@@ -106,7 +106,9 @@ class AsyncStore:
         finish = store.finish_peek if peek else store.finish
         frame = pipe.encode(prepared)
         try:
-            reply = await pipe.call(frame)
+            # Once connected, the frame is queued here and only its reply is awaited.
+            waiting = pipe.submit(frame) if pipe.fd is not None and pipe.direct else None
+            reply = await (pipe.call(frame) if waiting is None else waiting)
         except NoScriptError:
             # Nothing ran: load the scripts (a blocking call, so in a thread; once for every
             # request that met the loss meanwhile) and send again.
@@ -177,16 +179,21 @@ class _Pipe:
             await self._connect()
         if not self.direct:
             raise _Blocking
+        return await self.submit(frame)
+
+    def submit(self, frame: bytes) -> asyncio.Future[Any]:
+        """Send one script run on the open connection, read directly: its reply (or error)
+        will be the future's."""
         future: asyncio.Future[Any] = self.loop.create_future()
         # Requests made in one turn of the loop go out in one write at its end: one system
         # call for all of them here, and one read for Redis.
         if not self.out:
             self.loop.call_soon(self._flush)
         self.out.append(frame)
-        self.pending.append(_Waiting(future, self.loop.time()))
+        self.pending.append(_new(_Waiting, (future, self.loop.time())))
         if self.timer is None:
             self.timer = self.loop.call_later(self.timeout, self._expire)
-        return await future
+        return future
 
     def _flush(self) -> None:
         data = b"".join(self.out)

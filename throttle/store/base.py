@@ -654,12 +654,12 @@ class BaseStore(Store):
                         template.after,
                     )
                     keys = [*template.keys, bkey]
-                    return Prepared(plan.charges, keys, argv, booking, booking, packed)
+                    return _new(Prepared, (plan.charges, keys, argv, booking, booking, packed))
                 nonce = self._nonce()
                 argv[5] = nonce
                 data = nonce.encode()
                 packed = b"%s$%d\r\n%s\r\n%s" % (template.before, len(data), data, template.after)
-                return Prepared(plan.charges, template.keys, argv, None, nonce, packed)
+                return _new(Prepared, (plan.charges, template.keys, argv, None, nonce, packed))
         if horizon is not None and not _positive(horizon, zero=True, most=MAX_SPAN):
             raise ConfigurationError(
                 "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"
@@ -960,8 +960,8 @@ class BaseStore(Store):
             states = tuple(self._states(charges, reply))
             at = reply[3 + 4 * len(charges)] / _US
             if outcome in _ALLOWED:  # on every admission: kept lean
-                receipt = Receipt(charges, nonce, adaptive)
-                return Decision(outcome, 0.0, None, states, None, receipt, at)
+                receipt = _new(Receipt, (charges, nonce, adaptive))
+                return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             binding = int(reply[1])
             retry = reply[2] / _US
         except (IndexError, KeyError, ValueError, TypeError) as exc:
