@@ -147,6 +147,7 @@ class ThrottleMiddleware:
         self._agent_header = (
             None if agent_header is None else _header_source("agent_header", agent_header)
         )
+        self._both = _both_headers(api_key_header, agent_header)
         self._exclude = frozenset(_paths(exclude_paths))
         self._under = tuple(p + "/" for p in self._exclude)  # what lies under each
         self._cost = _cost_source(cost, [*self._tiers.values(), self._ip])
@@ -203,10 +204,11 @@ class ThrottleMiddleware:
             await _refuse(send, 429, decision.bound_by, decision.retry_after, fields)
             return
 
-        async def send_with_fields(message: Message) -> None:
+        def send_with_fields(message: Message) -> Awaitable[None]:
+            # The app's own send, awaited by the app: no coroutine of ours in between.
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *fields]}
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_with_fields)
 
@@ -216,7 +218,11 @@ class ThrottleMiddleware:
         return path in self._exclude or path.startswith(self._under)
 
     def _who(self, scope: Scope) -> tuple[_Checked, dict[str, object]]:
-        key = self._key_header(scope)
+        agent = None
+        if self._both is not None:
+            key, agent = self._both(scope)
+        else:
+            key = self._key_header(scope)
         if not key:
             client = scope.get("client")
             host = _network(str(client[0])) if client else "unknown"
@@ -225,7 +231,8 @@ class ThrottleMiddleware:
             return self._ip, {"api_key": tag, "tier": DEFAULT_TIER}
         identity: dict[str, object] = {"api_key": key}
         if self._agent_header is not None:
-            agent = self._agent_header(scope)
+            if self._both is None:
+                agent = self._agent_header(scope)
             if agent:
                 identity["agent_id"] = agent
         if self.settings.tier_resolver is None:
@@ -420,6 +427,31 @@ def _header_source(argument: str, source: object) -> Callable[[Scope], str | Non
             if name == wanted:
                 return bytes(value).decode("latin-1")
         return None
+
+    return find
+
+
+def _both_headers(
+    key_source: object, agent_source: object
+) -> Callable[[Scope], tuple[str | None, str | None]] | None:
+    """When the API key and the agent both come from headers (names that
+    :func:`_header_source` accepted), a function that finds both in one pass over the
+    request's headers (the first of each, as it does); else None."""
+    if not isinstance(key_source, str) or not isinstance(agent_source, str):
+        return None
+    key_name, agent_name = key_source.lower().encode(), agent_source.lower().encode()
+    if key_name == agent_name:
+        return None
+
+    def find(scope: Scope) -> tuple[str | None, str | None]:
+        key = agent = None
+        for name, value in scope.get("headers", ()):
+            if name == key_name:
+                if key is None:
+                    key = bytes(value).decode("latin-1")
+            elif name == agent_name and agent is None:
+                agent = bytes(value).decode("latin-1")
+        return key, agent
 
     return find
 

@@ -54,6 +54,7 @@ class AsyncStore:
         self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = (
             weakref.WeakKeyDictionary()
         )
+        self._last: _Pipe | None = None  # the pipe used last (its loop's)
 
     def admit(
         self,
@@ -81,6 +82,8 @@ class AsyncStore:
         """Close this loop's connection (requests still waiting on it get
         :class:`StoreUnavailable`)."""
         pipe = self._pipes.pop(asyncio.get_running_loop(), None)
+        if pipe is self._last:
+            self._last = None
         if pipe is not None:
             pipe.fail(StoreUnavailable("the store was closed"))
 
@@ -96,7 +99,9 @@ class AsyncStore:
         pipe = self._pipe_for(store)
         prepared = None
         if pipe is not None and pipe.direct is not False:
-            prepared = store.prepare(limits, identity, cost=cost, adaptive=adaptive, peek=peek)
+            prepared = store._prepare(
+                limits, identity, cost, False, None, None, None, adaptive, None, peek
+            )
         if type(prepared) is not Prepared:
             method = store.peek if peek else store.admit
             if isinstance(store, MemoryStore):  # never waits on I/O
@@ -104,7 +109,7 @@ class AsyncStore:
             return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
         assert pipe is not None
         finish = store.finish_peek if peek else store.finish
-        frame = pipe.encode(prepared)
+        frame = prepared.frame or pipe.encode(prepared)
         try:
             # Once connected, the frame is queued here and only its reply is awaited.
             waiting = pipe.submit(frame) if pipe.fd is not None and pipe.direct else None
@@ -124,15 +129,19 @@ class AsyncStore:
 
     def _pipe_for(self, store: BaseStore) -> _Pipe | None:
         loop = asyncio.get_running_loop()
+        pipe = self._last
+        if pipe is not None and pipe.loop is loop:  # nearly always: one loop, or the same again
+            return pipe
         pipe = self._pipes.get(loop)
         if pipe is not None:
+            self._last = pipe
             return pipe
         if not isinstance(store, RedisStore):
             return None
         link = store.pipeline()
         if link is None:  # a cluster: its client routes each admission
             return None
-        pipe = self._pipes[loop] = _Pipe(loop, *link, self.timeout)
+        pipe = self._pipes[loop] = self._last = _Pipe(loop, *link, self.timeout)
         return pipe
 
 
