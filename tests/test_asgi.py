@@ -263,6 +263,9 @@ def test_cost_callable_and_scripts_flushed(redis_server: RedisServer) -> None:
         answer = client.post("/", headers={"X-API-Key": KEY})
     assert answer.status_code == 200
     assert answer.headers["x-ratelimit-remaining"] == "890"
+    # Charged in Redis, not in the in-process buckets kept for when Redis does not answer.
+    charged = store_for(redis_server).peek([limit("tokens")], {"api_key": KEY})
+    assert 889 < charged.limits[0].remaining < 891
 
 
 # -- concurrency ------------------------------------------------------------------------------
@@ -296,6 +299,30 @@ def test_fifty_concurrent_clients_exact(redis_server: RedisServer) -> None:
         # 5 calls of key n, after n spent of 20: remaining 20 - n - 1 down to 20 - n - 5.
         assert seen == list(range(20 - n - 5, 20 - n)), (n, seen)
         assert all(a.status_code == 200 for a in answers)
+
+
+def test_scripts_flushed_under_fifty_concurrent_clients(redis_server: RedisServer) -> None:
+    """After SCRIPT FLUSH, 50 requests at once meet the lost script: it is loaded again and
+    each is sent again and decided exactly once (none fails, none is charged twice)."""
+    conf = {"throttle_limits": {"requests": {"rate": "20/h"}}}
+    app = edge(redis_server, conf)
+
+    async def run(url: str, count: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=50)) as c:
+            return await asyncio.gather(
+                *(c.get("/", headers={"X-API-Key": KEY}) for _ in range(count))
+            )
+
+    with serve(app) as url:
+        assert [a.status_code for a in asyncio.run(run(url, 1))] == [200]  # connected
+        redis_server.client().script_flush()
+        answers = asyncio.run(run(url, 50))
+    assert sorted(a.status_code for a in answers) == [200] * 19 + [429] * 31
+    left = sorted(int(a.headers["x-ratelimit-remaining"]) for a in answers if a.status_code == 200)
+    assert left == list(range(19))
+    # Charged in Redis, not in the in-process buckets kept for when Redis does not answer.
+    charged = store_for(redis_server).peek([Limit("requests", "20/h")], {"api_key": KEY})
+    assert charged.limits[0].remaining < 1
 
 
 # -- while Redis is away ----------------------------------------------------------------------

@@ -40,7 +40,7 @@ __all__ = ["AsyncStore"]
 
 
 class AsyncStore:
-    """``store``'s admissions and peeks as coroutines (see the module docstring).
+    """``store``'s admissions and peeks as awaitables (see the module docstring).
 
     Each event loop it is used from gets a connection of its own, opened on first use.
     ``timeout`` (seconds) is how long connecting, or a reply, may take.
@@ -65,7 +65,7 @@ class AsyncStore:
         adaptive: bool = False,
     ) -> Awaitable[Decision]:
         """:meth:`BaseStore.admit <throttle.store.BaseStore.admit>` without reservations."""
-        return self._run(limits, identity, cost, adaptive, False)
+        return self._start(limits, identity, cost, adaptive, False)
 
     def peek(
         self,
@@ -76,7 +76,7 @@ class AsyncStore:
         adaptive: bool = False,
     ) -> Awaitable[Decision]:
         """:meth:`BaseStore.peek <throttle.store.BaseStore.peek>`: charge nothing."""
-        return self._run(limits, identity, cost, adaptive, True)
+        return self._start(limits, identity, cost, adaptive, True)
 
     async def aclose(self) -> None:
         """Close this loop's connection (requests still waiting on it get
@@ -86,6 +86,30 @@ class AsyncStore:
             self._last = None
         if pipe is not None:
             pipe.fail(StoreUnavailable("the store was closed"))
+
+    def _start(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        cost: float | Mapping[str, float],
+        adaptive: bool,
+        peek: bool,
+    ) -> Awaitable[Decision]:
+        """On an open connection read directly (nearly always), the admission is sent from
+        here and its decision is a future's, set as its reply is read: no coroutine of ours
+        in between. Anything else is :meth:`_run`'s."""
+        store = self.store
+        try:
+            pipe = self._pipe_for(store)
+        except RuntimeError:  # no loop running yet: the coroutine finds it when awaited
+            pipe = None
+        if pipe is not None and pipe.fd is not None and pipe.direct:
+            prepared = store._prepare(
+                limits, identity, cost, False, None, None, None, adaptive, None, peek
+            )
+            if type(prepared) is Prepared:
+                return pipe.submit(prepared, store.finish_peek if peek else store.finish)
+        return self._run(limits, identity, cost, adaptive, peek)
 
     async def _run(
         self,
@@ -102,30 +126,16 @@ class AsyncStore:
             prepared = store._prepare(
                 limits, identity, cost, False, None, None, None, adaptive, None, peek
             )
-        if type(prepared) is not Prepared:
-            method = store.peek if peek else store.admit
-            if isinstance(store, MemoryStore):  # never waits on I/O
-                return method(limits, identity, cost=cost, adaptive=adaptive)
-            return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
-        assert pipe is not None
-        finish = store.finish_peek if peek else store.finish
-        frame = prepared.frame or pipe.encode(prepared)
-        try:
-            # Once connected, the frame is queued here and only its reply is awaited.
-            waiting = pipe.submit(frame) if pipe.fd is not None and pipe.direct else None
-            reply = await (pipe.call(frame) if waiting is None else waiting)
-        except NoScriptError:
-            # Nothing ran: load the scripts (a blocking call, so in a thread; once for every
-            # request that met the loss meanwhile) and send again.
-            await pipe.load_scripts(store)
+        if type(prepared) is Prepared:
+            assert pipe is not None
             try:
-                reply = await pipe.call(frame)
-            except NoScriptError as exc:
-                raise StoreError(f"Redis lost the throttle script again: {exc}") from exc
-        except _Blocking:  # this connection cannot be read without blocking the loop
-            method = store.peek if peek else store.admit
-            return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
-        return finish(prepared, reply)
+                return await pipe.call(prepared, store.finish_peek if peek else store.finish)
+            except _Blocking:  # this connection cannot be read without blocking the loop
+                pass
+        method = store.peek if peek else store.admit
+        if isinstance(store, MemoryStore):  # never waits on I/O
+            return method(limits, identity, cost=cost, adaptive=adaptive)
+        return await asyncio.to_thread(method, limits, identity, cost=cost, adaptive=adaptive)
 
     def _pipe_for(self, store: BaseStore) -> _Pipe | None:
         loop = asyncio.get_running_loop()
@@ -141,7 +151,7 @@ class AsyncStore:
         link = store.pipeline()
         if link is None:  # a cluster: its client routes each admission
             return None
-        pipe = self._pipes[loop] = self._last = _Pipe(loop, *link, self.timeout)
+        pipe = self._pipes[loop] = self._last = _Pipe(loop, *link, self.timeout, store)
         return pipe
 
 
@@ -154,9 +164,16 @@ class _Blocking(Exception):
     """The connection is one redis-py reads itself (TLS, RESP3, no hiredis): it would block."""
 
 
+#: How a prepared admission's reply becomes its decision (``BaseStore.finish`` or ``finish_peek``).
+Finish = Callable[[Prepared, Sequence[Any]], Decision]
+
+
 class _Waiting(NamedTuple):
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Decision]
     sent: float  # the loop's time when the request was sent
+    prepared: Prepared
+    finish: Finish
+    again: bool  # sent again after Redis lost the script: losing it again is an error
 
 
 class _Pipe:
@@ -168,11 +185,13 @@ class _Pipe:
         link: Any,  # throttle.store.redis._Link
         encode: Callable[[Prepared], bytes],
         timeout: float,
+        store: BaseStore,
     ) -> None:
         self.loop = loop
         self.link = link
         self.encode = encode
         self.timeout = timeout
+        self.store = store
         self.fd: int | None = None
         #: Whether the connection is read straight off its socket (None: not connected yet).
         self.direct: bool | None = None
@@ -181,28 +200,32 @@ class _Pipe:
         self.timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._reloading: list[_Waiting] = []  # what met a lost script, to send once it is loaded
 
-    async def call(self, frame: bytes) -> Any:
-        """Send one script run and wait for its reply (an error reply is raised)."""
+    async def call(self, prepared: Prepared, finish: Finish) -> Decision:
+        """Send one admission, connecting first if need be, and wait for its decision."""
         while self.fd is None:
             await self._connect()
         if not self.direct:
             raise _Blocking
-        return await self.submit(frame)
+        return await self.submit(prepared, finish)
 
-    def submit(self, frame: bytes) -> asyncio.Future[Any]:
-        """Send one script run on the open connection, read directly: its reply (or error)
-        will be the future's."""
-        future: asyncio.Future[Any] = self.loop.create_future()
+    def submit(self, prepared: Prepared, finish: Finish) -> asyncio.Future[Decision]:
+        """Send one admission on the open connection, read directly: its decision (or the
+        error) will be the future's."""
+        future: asyncio.Future[Decision] = self.loop.create_future()
+        self._send(_new(_Waiting, (future, self.loop.time(), prepared, finish, False)))
+        return future
+
+    def _send(self, item: _Waiting) -> None:
         # Requests made in one turn of the loop go out in one write at its end: one system
         # call for all of them here, and one read for Redis.
         if not self.out:
             self.loop.call_soon(self._flush)
-        self.out.append(frame)
-        self.pending.append(_new(_Waiting, (future, self.loop.time())))
+        self.out.append(item.prepared.frame or self.encode(item.prepared))
+        self.pending.append(item)
         if self.timer is None:
             self.timer = self.loop.call_later(self.timeout, self._expire)
-        return future
 
     def _flush(self) -> None:
         data = b"".join(self.out)
@@ -214,18 +237,34 @@ class _Pipe:
         except _UNAVAILABLE as exc:
             self.fail(StoreUnavailable(f"Redis did not answer: {exc}"))
 
-    async def load_scripts(self, store: BaseStore) -> None:
-        """Load the scripts (a blocking call, so in a thread), once for every request of this
-        loop that found them lost meanwhile."""
+    def _reload(self, item: _Waiting) -> None:
+        """Redis lost the script (``SCRIPT FLUSH``, a restart): nothing ran. It is loaded again
+        (a blocking call, so in a thread; once for every request that met the loss meanwhile)
+        and those requests are sent again."""
+        self._reloading.append(item)
         if self._loading is None:
-            self._loading = self.loop.create_task(asyncio.to_thread(_load_scripts, store))
-            self._loading.add_done_callback(self._loaded)
-        await asyncio.shield(self._loading)
+            self._loading = self.loop.create_task(self._load())
 
-    def _loaded(self, task: asyncio.Task[None]) -> None:
-        self._loading = None
-        if not task.cancelled():
-            task.exception()  # retrieved: each waiter sees it through the shield
+    async def _load(self) -> None:
+        error: StoreError | None = None
+        try:
+            await asyncio.to_thread(_load_scripts, self.store)
+        except StoreError as exc:
+            error = exc
+        except Exception as exc:  # whatever it is, the waiting requests must hear of it
+            error = StoreError(f"could not load the throttle scripts: {exc!r}")
+        finally:
+            self._loading = None
+        waiting, self._reloading = self._reloading, []
+        for item in waiting:
+            if item.future.done():
+                continue
+            if error is None and self.fd is None:
+                error = StoreUnavailable("the connection to Redis closed meanwhile")
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                self._send(item._replace(again=True))
 
     async def _connect(self) -> None:
         """Connect (in a thread: DNS, TCP, TLS and AUTH block) once for every caller waiting,
@@ -269,13 +308,21 @@ class _Pipe:
             if not self.pending:  # a reply nobody asked for: the connection is not ours
                 self.fail(StoreUnavailable("unexpected reply from Redis"))
                 return
-            future = self.pending.popleft().future
+            item = self.pending.popleft()
+            future = item.future
             if future.done():  # its caller was cancelled (the client went away)
                 continue
             if type(reply) is list:  # the script's answer: nearly always
-                future.set_result(reply)
+                try:
+                    future.set_result(item.finish(item.prepared, reply))
+                except Exception as exc:  # an unreadable reply: that request's error
+                    future.set_exception(exc)
             elif isinstance(reply, NoScriptError):
-                future.set_exception(reply)
+                if item.again:
+                    error = StoreError(f"Redis lost the throttle script again: {reply}")
+                    future.set_exception(error)
+                else:
+                    self._reload(item)
             elif isinstance(reply, RedisConnectionError):  # LOADING, MASTERDOWN, TRYAGAIN
                 future.set_exception(StoreUnavailable(str(reply)))
             elif isinstance(reply, RedisError):
@@ -300,8 +347,9 @@ class _Pipe:
 
     def fail(self, error: StoreError) -> None:
         """Close the connection; every request waiting on it gets ``error``."""
-        waiting = list(self.pending)
+        waiting = [*self.pending, *self._reloading]
         self.pending.clear()
+        self._reloading.clear()
         self.out.clear()
         if self.timer is not None:
             self.timer.cancel()
