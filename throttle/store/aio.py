@@ -101,33 +101,24 @@ class AsyncStore:
         store = self.store
         try:
             pipe = self._pipe_for(store)
-        except RuntimeError:  # no loop running yet: the coroutine finds it when awaited
+        except RuntimeError:  # no loop running yet: then it runs in a thread
             pipe = None
-        if pipe is not None and pipe.fd is not None and pipe.direct:
-            prepared = store._prepare(
-                limits, identity, cost, False, None, None, None, adaptive, None, peek
-            )
-            if type(prepared) is Prepared:
-                return pipe.submit(prepared, store.finish_peek if peek else store.finish)
-        return self._run(limits, identity, cost, adaptive, peek)
-
-    async def _run(
-        self,
-        limits: Sequence[Limit],
-        identity: Mapping[str, object],
-        cost: float | Mapping[str, float],
-        adaptive: bool,
-        peek: bool,
-    ) -> Decision:
-        store = self.store
-        pipe = self._pipe_for(store)
         prepared = None
         if pipe is not None and pipe.direct is not False:
             prepared = store._prepare(
                 limits, identity, cost, False, None, None, None, adaptive, None, peek
             )
-        if type(prepared) is Prepared:
-            assert pipe is not None
+            if type(prepared) is Prepared and pipe.fd is not None and pipe.direct:
+                return pipe.submit(prepared, store.finish_peek if peek else store.finish)
+        return self._run(pipe, prepared, (limits, identity, cost, adaptive, peek))
+
+    async def _run(self, pipe: _Pipe | None, prepared: object, call: tuple[Any, ...]) -> Decision:
+        """An admission :meth:`_start` could not send itself: on a connection to open first,
+        or (one that spans several cluster slots, a store that is not one Redis server, a
+        connection that cannot be read without blocking) by the store itself, in a thread."""
+        limits, identity, cost, adaptive, peek = call
+        store = self.store
+        if pipe is not None and type(prepared) is Prepared:
             try:
                 return await pipe.call(prepared, store.finish_peek if peek else store.finish)
             except _Blocking:  # this connection cannot be read without blocking the loop
