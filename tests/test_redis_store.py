@@ -4,6 +4,7 @@ Redis Cluster slots."""
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import time
@@ -318,3 +319,35 @@ def test_plain_admissions_repacked_from_a_template_are_each_their_own(
         peeked = store.peek([window, tokens], KEY, cost={"tokens": 100})
         assert peeked.limits[1].remaining == pytest.approx(600, abs=1)
         assert not peeked.allowed  # the window is full
+
+
+def test_a_forked_child_opens_a_connection_of_its_own(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """A store used before a fork (a prefork worker's parent) is used by both processes
+    after it: each on a connection of its own, never one socket whose replies they would
+    take from each other."""
+    store = RedisStore(redis_client, keyspace)
+    limit = Limit("requests", "100000/s")
+
+    def port() -> int:
+        return int(store._fast._link().conn._sock.getsockname()[1])  # type: ignore[union-attr]
+
+    assert store.admit([limit], {"api_key": "k"}).allowed
+    parent = port()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports whether every admission was decided, and its port
+        try:
+            ok = all(store.admit([limit], {"api_key": "k"}).allowed for _ in range(200))
+            os.write(write, f"{int(ok)} {port()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert all(store.admit([limit], {"api_key": "k"}).allowed for _ in range(200))
+    with os.fdopen(read) as answer:
+        ok, child = answer.read().split()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert ok == "1"
+    assert int(child) != parent
+    assert port() == parent  # the parent keeps its own
