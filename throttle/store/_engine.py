@@ -398,7 +398,8 @@ class Engine:
             elif claimed:
                 self.set_text(gkey, gcur, gttl, now)
 
-        out: Reply = [outcome, binding, math.ceil(retry)]
+        short = outcome == "admitted"  # the short reply: see admit.lua
+        out: Reply = [outcome] if short else [outcome, binding, math.ceil(retry)]
         for e in entries:
             if e.algo == "t":
                 level = e.tat
@@ -409,18 +410,15 @@ class Engine:
             else:
                 full_at = self._window_store(e.key, e.totalkey, e.total, now, e.period)
                 remaining = e.count - e.total
-            wait = e.free_at - now
-            if wait < 0:
-                wait = 0.0
             until_full = full_at - now
             if until_full < 0:
                 until_full = 0.0
-            out += [
-                math.floor(remaining * 1000000 + 0.5),
-                math.ceil(until_full),
-                math.ceil(wait),
-                1 if e.booked else 0,
-            ]
+            out += [math.floor(remaining * 1000000 + 0.5), math.ceil(until_full)]
+            if not short:
+                wait = e.free_at - now
+                if wait < 0:
+                    wait = 0.0
+                out += [math.ceil(wait), 1 if e.booked else 0]
         out.append(int(now))  # as Redis answers a Lua number: an integer
         return out
 

@@ -60,6 +60,7 @@ _ALLOWED = frozenset({Outcome.ADMITTED, Outcome.REDEEMED})
 #: base64url).
 GUARD_DONE: Final = "~done"
 _STALE = Outcome.STALE
+_ADMITTED = Outcome.ADMITTED
 _new = tuple.__new__  # a named tuple without its Python-level __new__, on the hot path
 _PLANS = 4096  # admission plans remembered per store (each a few hundred bytes)
 _SHAPES = 1024  # admission shapes (limits and costs) remembered per store
@@ -902,7 +903,7 @@ class BaseStore(Store):
             outcome = Outcome.REDEEMED
         receipt = Receipt(all_charges, nonce, adaptive)
         # Decided when the last slot admitted (one store, one clock: its servers').
-        at = done[-1][1][3 + 4 * len(done[-1][0])] / _US
+        at = _reply_at(done[-1][1], len(done[-1][0])) / _US
         return Decision(outcome, 0.0, None, tuple(states), None, receipt, at)
 
     def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
@@ -940,6 +941,8 @@ class BaseStore(Store):
     # -- the reply ---------------------------------------------------------------------------
 
     def _states(self, charges: Sequence[Charge], reply: Sequence[Any]) -> list[LimitState]:
+        if _OUTCOMES.get(reply[0]) is _ADMITTED:
+            return _short_states(charges, reply)
         return [
             _new(LimitState, (c.limit.name, reply[j] / _US, reply[j + 1] / _US, reply[j + 2] / _US))
             for c, j in zip(charges, range(3, 3 + 4 * len(charges), 4), strict=True)
@@ -955,11 +958,16 @@ class BaseStore(Store):
     ) -> Decision:
         try:
             outcome = _OUTCOMES[reply[0]]
+            if outcome is _ADMITTED:  # nearly every admission: kept lean
+                states = tuple(_short_states(charges, reply))
+                at = reply[1 + 2 * len(charges)] / _US
+                receipt = _new(Receipt, (charges, nonce, adaptive))
+                return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             if outcome is _STALE:
                 return Decision(outcome, 0.0, None, ())
             states = tuple(self._states(charges, reply))
-            at = reply[3 + 4 * len(charges)] / _US
-            if outcome in _ALLOWED:  # on every admission: kept lean
+            at = _reply_at(reply, len(charges)) / _US
+            if outcome in _ALLOWED:  # redeemed
                 receipt = _new(Receipt, (charges, nonce, adaptive))
                 return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             binding = int(reply[1])
@@ -1469,8 +1477,24 @@ def _usage(limit: Limit, actual: object) -> float:
     return float(actual)
 
 
+def _short_states(charges: Sequence[Charge], reply: Sequence[Any]) -> list[LimitState]:
+    """The limits' states from the short reply of an admission (see admit.lua)."""
+    return [
+        _new(LimitState, (c.limit.name, reply[j] / _US, reply[j + 1] / _US, 0.0))
+        for c, j in zip(charges, range(1, 1 + 2 * len(charges), 2), strict=True)
+    ]
+
+
 def _booked(reply: Sequence[Any], index: int) -> bool:
-    return int(reply[3 + 4 * index + 3]) == 1
+    """Whether the booking presented paid for limit ``index`` (never, in a short reply)."""
+    return _OUTCOMES.get(reply[0]) is not _ADMITTED and int(reply[3 + 4 * index + 3]) == 1
+
+
+def _reply_at(reply: Sequence[Any], limits: int) -> Any:
+    """When an admission script run of ``limits`` limits decided (us), from its reply."""
+    if _OUTCOMES.get(reply[0]) is _ADMITTED:  # the short reply
+        return reply[1 + 2 * limits]
+    return reply[3 + 4 * limits]
 
 
 def _positive(value: object, *, zero: bool = False, most: float = math.inf) -> bool:

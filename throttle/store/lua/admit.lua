@@ -68,7 +68,10 @@
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
 --          then 4 per limit: remaining in millionths of a unit (rounded), us until full,
 --          us until it admits the cost, 1 if the booking presented paid for this limit (it
---          was not charged now) else 0, then now_us (the time this call decided at)}.
+--          was not charged now) else 0, then now_us (the time this call decided at)};
+--          for the outcome 'admitted', whose binding, retry_after_us, waits and flags are all
+--          0, the short form {'admitted', then 2 per limit: remaining, us until full, then
+--          now_us}.
 --          Durations are rounded up to whole microseconds, so work that comes back after
 --          retry_after_us is never early.
 --   outcome: 'admitted', 'redeemed' (admitted by a booking), 'denied', 'booked', 'early'
@@ -317,8 +320,11 @@ if gkey then
   end
 end
 
-local out = {outcome, binding, math.ceil(retry)}
-local o = 3
+-- An admission that redeemed nothing (nearly every one) has the short reply: nothing bound, no
+-- wait, nothing booked, so only each limit's remaining and time until full are sent.
+local short = outcome == 'admitted'
+local out, o
+if short then out, o = {outcome}, 1 else out, o = {outcome, binding, math.ceil(retry)}, 3 end
 for i = 1, n do
   local e = L[i]
   local remaining, full_at
@@ -331,15 +337,19 @@ for i = 1, n do
     full_at = window_store(e[KEY], e[TOTALKEY], e[TOTAL], now, e[PERIOD])
     remaining = e[COUNT] - e[TOTAL]
   end
-  local wait = e[FREE_AT] - now
-  if wait < 0 then wait = 0 end
   local until_full = full_at - now
   if until_full < 0 then until_full = 0 end
   out[o + 1] = math.floor(remaining * 1000000 + 0.5)
   out[o + 2] = math.ceil(until_full)
-  out[o + 3] = math.ceil(wait)
-  out[o + 4] = e[BOOKED] and 1 or 0
-  o = o + 4
+  if short then
+    o = o + 2
+  else
+    local wait = e[FREE_AT] - now
+    if wait < 0 then wait = 0 end
+    out[o + 3] = math.ceil(wait)
+    out[o + 4] = e[BOOKED] and 1 or 0
+    o = o + 4
+  end
 end
 out[o + 1] = now
 return out
