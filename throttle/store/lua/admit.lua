@@ -93,6 +93,48 @@ local peek = ARGV[2] == 'p'
 local bmode = ARGV[4]
 local n = tonumber(ARGV[10])
 local grace = tonumber(ARGV[7])
+
+-- The common admission, decided apart for speed (it is most of a call's time in Redis): token
+-- buckets only, no booking to redeem, no guard, no factors, not a peek. When every limit
+-- admits, it is charged and answered here, with the same arithmetic as below; when one does
+-- not, the general path below decides (and books) from the state, read again.
+if bmode ~= 'old' and ARGV[8] == '' and ARGV[9] == '' and ARGV[2] ~= 'p' then
+  local ok = true
+  for i = 1, n do
+    if string.byte(ARGV[5 * i + 6]) ~= TOKEN then ok = false; break end
+  end
+  if ok then
+    local vals = redis.call('MGET', unpack(KEYS, 1, n))
+    local v = {}  -- 5 per limit: the TAT once charged, T, tau, the TAT stored, the cost
+    for i = 1, n do
+      local a = 5 * i + 5
+      local T_ = tonumber(ARGV[a + 2]) / tonumber(ARGV[a + 3])
+      local tau = tonumber(ARGV[a + 4]) * T_
+      local cost = tonumber(ARGV[a + 5])
+      local stored = tonumber(vals[i])
+      local tat = stored or now
+      local base = tat
+      if base < now then base = now end
+      local new_tat = base + cost * T_
+      if new_tat - tau > now then ok = false; break end
+      local j = 5 * i
+      v[j - 4], v[j - 3], v[j - 2], v[j - 1], v[j] = new_tat, T_, tau, stored, cost
+    end
+    if ok then
+      local out = {'admitted'}
+      for i = 1, n do
+        local j = 5 * i
+        local tat = v[j - 4]
+        if v[j] ~= 0 then set_tat(KEYS[i], tat, v[j - 1], now) end
+        if tat < now then tat = now end
+        out[2 * i] = math.floor((v[j - 2] - (tat - now)) / v[j - 3] * 1000000 + 0.5)
+        out[2 * i + 1] = math.ceil(tat - now)
+      end
+      out[2 * n + 2] = now
+      return out
+    end
+  end
+end
 local tail = #KEYS
 local gkey, gcur, gnext, gttl, ggen, gagain, gmark, gcall
 local claimed = false
