@@ -449,8 +449,12 @@ def _both_headers(
             if name == key_name:
                 if key is None:
                     key = bytes(value).decode("latin-1")
+                    if agent is not None:
+                        break
             elif name == agent_name and agent is None:
                 agent = bytes(value).decode("latin-1")
+                if key is not None:
+                    break
         return key, agent
 
     return find

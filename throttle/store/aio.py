@@ -64,7 +64,10 @@ class AsyncStore:
         cost: float | Mapping[str, float] = 1,
         adaptive: bool = False,
     ) -> Awaitable[Decision]:
-        """:meth:`BaseStore.admit <throttle.store.BaseStore.admit>` without reservations."""
+        """:meth:`BaseStore.admit <throttle.store.BaseStore.admit>` without reservations.
+
+        The awaitable is a future once the loop's connection is open, else a coroutine: await
+        it (or wrap it with :func:`asyncio.ensure_future`). Bad input is raised by the call."""
         return self._start(limits, identity, cost, adaptive, False)
 
     def peek(
@@ -237,25 +240,27 @@ class _Pipe:
             self._loading = self.loop.create_task(self._load())
 
     async def _load(self) -> None:
-        error: StoreError | None = None
+        # Until the load is done, what the waiting requests hear if it never is (cancelled).
+        error: StoreError | None = StoreUnavailable("loading the throttle scripts was cancelled")
         try:
             await asyncio.to_thread(_load_scripts, self.store)
+            error = None
         except StoreError as exc:
             error = exc
         except Exception as exc:  # whatever it is, the waiting requests must hear of it
             error = StoreError(f"could not load the throttle scripts: {exc!r}")
         finally:
             self._loading = None
-        waiting, self._reloading = self._reloading, []
-        for item in waiting:
-            if item.future.done():
-                continue
-            if error is None and self.fd is None:
-                error = StoreUnavailable("the connection to Redis closed meanwhile")
-            if error is not None:
-                item.future.set_exception(error)
-            else:
-                self._send(item._replace(again=True))
+            waiting, self._reloading = self._reloading, []
+            for item in waiting:
+                if item.future.done():
+                    continue
+                if error is None and self.fd is None:
+                    error = StoreUnavailable("the connection to Redis closed meanwhile")
+                if error is not None:
+                    item.future.set_exception(error)
+                else:  # sent again now: its wait for a reply starts again too
+                    self._send(item._replace(again=True, sent=self.loop.time()))
 
     async def _connect(self) -> None:
         """Connect (in a thread: DNS, TCP, TLS and AUTH block) once for every caller waiting,

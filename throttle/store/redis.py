@@ -333,7 +333,7 @@ class _FastPath:
     def _link(self) -> _Link:
         local = self._local
         link: _Link | None = getattr(local, "link", None)
-        if link is None or link.forks != _forks[0]:
+        if link is None or link.pid != os.getpid():
             link = local.link = _Link(self._factory())
         return link
 
@@ -376,18 +376,6 @@ def _pack(args: Sequence[str]) -> bytes:
     return b"".join([b"$%d\r\n%s\r\n" % (len(b), b) for b in parts])
 
 
-#: How many times this process is removed from the one that loaded this module by a fork: a
-#: connection opened before a fork must not be used after it (by two processes at once).
-_forks = [0]
-
-
-def _forked() -> None:
-    _forks[0] += 1
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
 class _Link:
     """A redis-py connection that carries ``EVALSHA`` frames packed by the caller: one at a
     time (:meth:`call`), or several in flight, their replies collected as they arrive
@@ -404,7 +392,9 @@ class _Link:
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self.forks = _forks[0]  # a forked child opens a connection of its own
+        # A forked child opens a connection of its own. (By its pid, not a hook that counts
+        # forks: a server that forks its workers in C, as uWSGI does by default, runs none.)
+        self.pid = os.getpid()
         self._open = False
         self._sock: Any = None
         self._reader: Any = None

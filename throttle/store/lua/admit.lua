@@ -97,7 +97,8 @@ local grace = tonumber(ARGV[7])
 -- The common admission, decided apart for speed (it is most of a call's time in Redis): token
 -- buckets only, no booking to redeem, no guard, no factors, not a peek. When every limit
 -- admits, it is charged and answered here, with the same arithmetic as below; when one does
--- not, the general path below decides (and books) from the state, read again.
+-- not, the general path below decides (and books) from the same reads.
+local read = nil  -- the buckets as read here, when the general path goes on
 if bmode ~= 'old' and ARGV[8] == '' and ARGV[9] == '' and ARGV[2] ~= 'p' then
   local ok = true
   for i = 1, n do
@@ -133,6 +134,7 @@ if bmode ~= 'old' and ARGV[8] == '' and ARGV[9] == '' and ARGV[2] ~= 'p' then
       out[2 * n + 2] = now
       return out
     end
+    read = vals
   end
 end
 local tail = #KEYS
@@ -184,7 +186,9 @@ if lkey then nr = nr + 1; reads[nr] = lkey end
 if ukey then nr = nr + 1; reads[nr] = ukey end
 if gkey then nr = nr + 1; reads[nr] = gkey end
 local tvals = reads
-if nr > 0 then tvals = redis.call('MGET', unpack(reads)) end
+-- (Read already when the common path went on: then every limit is a token bucket, and reads
+-- holds their keys alone, in the same order.)
+if nr > 0 then tvals = read or redis.call('MGET', unpack(reads)) end
 local fload, fup = 1, 1
 if lkey then fload = factor(tvals[nt + 1]) elseif lsrc ~= '-' then fload = factor(lsrc) end
 if ukey then fup = factor(tvals[nr - (gkey and 1 or 0)]) end

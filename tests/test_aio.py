@@ -1,0 +1,71 @@
+# SPDX-License-Identifier: MIT
+"""AsyncStore against a real Redis: pipelined admissions, and a script Redis lost while
+admissions wait (loaded again once, or every waiting admission told why not)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import SECRET
+from tests.redis_servers import RedisServer
+from throttle import Keyspace, Limit, RedisStore, StoreError
+from throttle.store.aio import AsyncStore
+from throttle.store.redis import script_source
+
+LIMIT = Limit("requests", "100/h")
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A server of the test's own: it changes the server's users and scripts."""
+    with RedisServer() as started:
+        yield started
+
+
+def _admit_all(store: AsyncStore, count: int) -> list[object]:
+    """``count`` admissions at once on one loop; each one's decision, or its error."""
+
+    async def run() -> list[object]:
+        asks = [store.admit([LIMIT], {"api_key": "k"}) for _ in range(count)]
+        # Bounded, so that an admission left waiting fails the test instead of hanging it.
+        found = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 30)
+        await store.aclose()
+        return list(found)
+
+    return asyncio.run(run())
+
+
+def test_admissions_meeting_a_flushed_script_are_each_decided_once(server: RedisServer) -> None:
+    """Twenty admissions in flight when the script is gone: it is loaded again once, each is
+    sent again and decided, and the bucket is charged twenty times, not forty."""
+    store = RedisStore(server.client(), Keyspace(SECRET))
+    store.load_scripts()
+    server.client().script_flush()
+    decisions = _admit_all(AsyncStore(store), 20)
+    assert all(getattr(d, "allowed", False) for d in decisions), decisions
+    left = sorted(round(d.limits[0].remaining) for d in decisions)  # type: ignore[attr-defined]
+    assert left == list(range(80, 100))
+    assert store.peek([LIMIT], {"api_key": "k"}).limits[0].remaining < 81
+
+
+def test_a_reload_refused_fails_every_waiting_admission(server: RedisServer) -> None:
+    """When the script cannot be loaded again (this user may not load scripts), every
+    admission that met the loss gets a StoreError instead of waiting for ever, and nothing is
+    charged; once the script is back, admissions go through on the same store."""
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "door", "on", ">door-pw", "~*", "+@all", "-script|load")
+    store = RedisStore(server.client(username="door", password="door-pw"), Keyspace(SECRET))
+    for name in ("admit", "settle", "load", "upstream", "sample"):
+        admin.script_load(script_source(name))
+    admin.script_flush()
+    waiting = AsyncStore(store)
+    errors = _admit_all(waiting, 10)
+    assert all(isinstance(e, StoreError) for e in errors), errors
+    assert "NOPERM" in str(errors[0]) or "permission" in str(errors[0]).lower()
+    assert admin.keys("*") == []  # nothing charged
+    admin.script_load(script_source("admit"))
+    decisions = _admit_all(waiting, 3)
+    assert [round(d.limits[0].remaining) for d in decisions] == [99, 98, 97]  # type: ignore[attr-defined]
