@@ -683,6 +683,10 @@ def test_no_raw_key_agent_id_or_password_anywhere_after_a_worker_run(
         published: list[str] = []
         record = _recorder(lambda _, headers: published.append(headers))
         after_task_publish.connect(record, weak=False)
+        # The load factor held at 1: on a busy machine the workers' load would scale the
+        # buckets (adaptive limits are the default), and the settled usage checked below with
+        # them: a charge at one factor and its refund at another do not cancel.
+        extension(app).store().override_load_factor(1.0)
         try:
             with Events(app) as events, Worker(app, env, tmp_path / "worker.log") as worker:
                 chat, plan = app.tasks["security.chat"], app.tasks["security.plan"]
@@ -736,6 +740,7 @@ def test_no_raw_key_agent_id_or_password_anywhere_after_a_worker_run(
     inspected = json.loads(outputs["inspect"][0])
     assert inspected["key"] == fp("api_key", RAW_KEY)
     tokens = {row["limit"]: row for row in inspected["limits"]}["tokens"]
+    assert inspected["load_factor"] == 1.0
     assert tokens["remaining"] > 4000 - 2 * ESTIMATE + 500  # the two runs' usage was settled
     assert json.loads(outputs["inspect-header"][0])["key"] == fp("api_key", HEADER_KEY)
     assert "throttle_redis_url" in outputs["report"][0]
