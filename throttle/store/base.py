@@ -958,16 +958,11 @@ class BaseStore(Store):
     ) -> Decision:
         try:
             outcome = _OUTCOMES[reply[0]]
-            if outcome is _ADMITTED:  # nearly every admission: kept lean
-                states = tuple(_short_states(charges, reply))
-                at = reply[1 + 2 * len(charges)] / _US
-                receipt = _new(Receipt, (charges, nonce, adaptive))
-                return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             if outcome is _STALE:
                 return Decision(outcome, 0.0, None, ())
             states = tuple(self._states(charges, reply))
             at = _reply_at(reply, len(charges)) / _US
-            if outcome in _ALLOWED:  # redeemed
+            if outcome in _ALLOWED:  # on every admission: kept lean
                 receipt = _new(Receipt, (charges, nonce, adaptive))
                 return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             binding = int(reply[1])
