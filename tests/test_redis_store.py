@@ -21,7 +21,7 @@ import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, Outcome, RedisStore, StoreUnavailable
-from throttle.store.base import Guard
+from throttle.store.base import Guard, Prepared
 
 KEY = {"api_key": "tenant"}
 
@@ -351,3 +351,26 @@ def test_a_forked_child_opens_a_connection_of_its_own(
     assert ok == "1"
     assert int(child) != parent
     assert port() == parent  # the parent keeps its own
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_the_short_reply_has_two_numbers_per_limit_and_the_time(
+    redis_client: redis.Redis, keyspace: Keyspace, count: int
+) -> None:
+    """An admission that redeemed nothing answers {'admitted', remaining and us until full per
+    limit, now}: no more, no less, with one limit, with two (what the script's tables are
+    sized for) and with three."""
+    store = RedisStore(redis_client, keyspace)
+    rates = [10, 20, 50][:count]  # whole emission intervals: exact arithmetic
+    limits = [Limit(f"l{i}", f"{rate}/s") for i, rate in enumerate(rates)]
+    prepared = store.prepare(limits, KEY, cost=2, now_us=T0 + 500_000)
+    assert isinstance(prepared, Prepared)
+    reply = store._run_prepared(prepared)
+    assert reply[0] == b"admitted"
+    assert len(reply) == 2 + 2 * count
+    for i, rate in enumerate(rates):
+        # A bucket of `rate` units, 2 taken: rate - 2 units left (in millionths), full again
+        # after 2 emission intervals of 1/rate s.
+        assert reply[1 + 2 * i] == (rate - 2) * 1_000_000
+        assert reply[2 + 2 * i] == 2 * 1_000_000 // rate
+    assert reply[-1] == T0 + 500_000

@@ -38,13 +38,13 @@ local changed = 0
 local k = 1
 for i = 1, n do
   local a = 4 + (i - 1) * 5
-  local kind, period, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local kind, period, count = ARGV[a + 1], ARGV[a + 2] + 0, ARGV[a + 3] + 0
   local algo, f = string.sub(kind, 1, 1), 1
   if #kind > 1 then
     local flag = string.sub(kind, 2, 2)
     if flag == 'k' then f = fload * fup elseif flag == 'a' then f = fload end
   end
-  local charged, delta = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local charged, delta = ARGV[a + 4] + 0, ARGV[a + 5] + 0
   local key = KEYS[k]
   if algo == 't' then
     k = k + 1
