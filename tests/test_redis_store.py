@@ -119,6 +119,28 @@ def test_cluster_booking_in_the_global_slot(cluster_client: redis.cluster.RedisC
     assert not cluster_client.keys("*~b:*", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
 
 
+def test_cluster_booking_kept_while_a_later_slot_denies(
+    cluster_client: redis.cluster.RedisCluster,
+) -> None:
+    """A booking redeemed in the first slot is kept there while a later slot denies: the work,
+    deferred again, still holds its slot when it comes back, and only then is it deleted."""
+    store = RedisStore(cluster_client, Keyspace(SECRET))
+    tenant = Limit("tenant", "1/s", burst=1)
+    glob = Limit("global", "2/m", burst=2, per=[])
+    assert store.admit([tenant, glob], KEY, now_us=T0).allowed
+    booked = store.admit([tenant, glob], KEY, reserve=True, now_us=T0)
+    assert booked.outcome is Outcome.BOOKED
+    assert booked.bound_by == "tenant"
+    # Another tenant takes the global limit's last unit (the next in 30 s).
+    assert store.admit([tenant, glob], {"api_key": "other"}, now_us=T0).allowed
+    early = store.admit([tenant, glob], KEY, booking=booked.booking, now_us=T0 + 1_000_000)
+    assert early.outcome is Outcome.DENIED
+    assert early.bound_by == "global"
+    back = store.admit([tenant, glob], KEY, booking=booked.booking, now_us=T0 + 30_000_000)
+    assert back.outcome is Outcome.REDEEMED  # the tenant slot's booking was still there
+    assert not cluster_client.keys("*~b:*", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+
+
 @pytest.fixture(params=["lean", "redis-py"])
 def io_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways the store talks to Redis: its own reply parser (with hiredis), and redis-py's

@@ -234,19 +234,22 @@ class Engine:
         peek = argv[1] == "p"
         horizon = _num(argv[2])
         bmode = argv[3]
-        nonce = argv[5]
-        grace = float(argv[6])
-        fspec = argv[8]
-        n = int(argv[9])
+        redeem = bmode == "old"  # as admit.lua: "keep" redeems and keeps the booking
+        if bmode == "keep":
+            bmode = "old"
+        nonce = argv[4]
+        grace = float(argv[5])
+        fspec = argv[7]
+        n = (len(argv) - 8) // 4
         tail = len(keys) - 1
         gkey: str | None = None
         gcur = gnext = ggen = mark = call = ""
         gttl = 0
         claimed = False
-        if argv[7] != "":
+        if argv[6] != "":
             gkey = keys[tail]
             tail -= 1
-            gcur, gnext, ttl_text, ggen, again, mark, call = argv[7].split(" ")
+            gcur, gnext, ttl_text, ggen, again, mark, call = argv[6].split(" ")
             gttl = int(ttl_text)
             live = self.get_text(gkey, now)
             if live is not None:
@@ -274,9 +277,11 @@ class Engine:
         entries: list[_Entry] = []
         k = 0
         for i in range(n):
-            a = 10 + i * 5
+            a = 8 + i * 4
             kind = argv[a]
-            e = _Entry(kind[0], float(argv[a + 1]), float(argv[a + 2]), float(argv[a + 4]), keys[k])
+            # A token bucket's T and tau, or a window's period and count (see admit.lua).
+            first, second = float(argv[a + 1]), float(argv[a + 2])
+            e = _Entry(kind[0], 0.0, 0.0, float(argv[a + 3]), keys[k])
             # As admit.lua: a slot booked here is redeemed unless it has lapsed.
             slot: float | None = None
             if bmode == "old":
@@ -294,8 +299,7 @@ class Engine:
                 elif flag == "a":
                     f = fload
             if e.algo == "t":
-                e.T = e.period / e.count
-                e.tau = float(argv[a + 3]) * e.T
+                e.T, e.tau = first, second
                 if f != 1:
                     e.T = e.T / f
                     need = e.cost * e.T
@@ -310,6 +314,7 @@ class Engine:
                 e.free_at = e.new_tat - e.tau
                 k += 1
             else:
+                e.period, e.count = first, second
                 if f != 1:
                     e.count = e.count * f
                 e.totalkey = keys[k + 1]
@@ -354,7 +359,7 @@ class Engine:
                     outcome = "redeemed"
                 else:
                     charge(e, now)
-            if bkey is not None and bmode == "old" and argv[4] == "1":
+            if bkey is not None and redeem:
                 self.delete(bkey)
         else:
             b = entries[binding - 1]
@@ -372,7 +377,7 @@ class Engine:
                 charge(b, b.free_at)
                 booked[b.key] = b.free_at
                 self.hashes.setdefault(bkey, {})[b.key] = float(fmt(b.free_at))
-                _, sep, narrower = argv[10 + (binding - 1) * 5].partition(">")
+                _, sep, narrower = argv[8 + (binding - 1) * 4].partition(">")
                 for j in narrower.split(".") if sep else ():
                     e = entries[int(j) - 1]
                     if not e.booked:

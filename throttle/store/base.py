@@ -145,7 +145,7 @@ class _Shape(NamedTuple):
 
     limits: tuple[Limit, ...]
     costs: tuple[float, ...]
-    argv: tuple[str, ...]  # the count of limits, then each limit's wire form and cost
+    argv: tuple[str, ...]  # each limit's arguments (see _limit_args)
     argv_adaptive: tuple[str, ...]  # the same for an adaptive admission
     follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
     windows: bool  # some limit is a sliding window (two keys)
@@ -158,7 +158,7 @@ class _Plan(NamedTuple):
 
     charges: tuple[Charge, ...]
     keys: tuple[str, ...]  # the buckets' keys (a sliding window has two)
-    argv: tuple[str, ...]  # the count of limits, then each limit's wire form and cost
+    argv: tuple[str, ...]  # each limit's arguments (see _limit_args)
     argv_adaptive: tuple[str, ...]  # the same for an adaptive admission
     anchor: str  # the hash tag of the booking and guard keys
     follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
@@ -169,7 +169,7 @@ class _Plan(NamedTuple):
 class _Template(NamedTuple):
     """A plan's plain admission (no booking, guard or test clock) as sent, but for its nonce:
     ``keys`` is shared by every call made from it (never to be changed), ``argv`` is copied
-    for each with its own nonce (``argv[5]``), and the frame is ``before`` + the nonce +
+    for each with its own nonce (``argv[4]``), and the frame is ``before`` + the nonce +
     ``after``. An admission that books when denied (``reserve``) has a new booking id for a
     nonce and a booking key named by it, the last key: then ``keys`` lacks it, and the frame
     is ``before`` + the booking key + ``mid`` + the nonce + ``after``."""
@@ -562,7 +562,6 @@ class BaseStore(Store):
             "p",
             "",
             "",
-            "0",
             self._nonce(),
             self._grace,
             "",
@@ -574,7 +573,7 @@ class BaseStore(Store):
         at = None
         for group in groups:
             reply = self._run_admit(*self._admit_args(group, head, None, None, adaptive))
-            decision = self._decision(group, reply, None, head[5], adaptive)
+            decision = self._decision(group, reply, None, head[4], adaptive)
             states += decision.limits
             at = decision.at
             if not decision.allowed and (bound is None or decision.retry_after > retry):
@@ -643,7 +642,7 @@ class BaseStore(Store):
                 if reserve:
                     booking = token_urlsafe(12)
                     bkey = self.keyspace.booking_key(plan.anchor, booking)
-                    argv[5] = booking
+                    argv[4] = booking
                     data, name = booking.encode(), bkey.encode()
                     packed = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s" % (
                         template.before,
@@ -657,7 +656,7 @@ class BaseStore(Store):
                     keys = [*template.keys, bkey]
                     return _new(Prepared, (plan.charges, keys, argv, booking, booking, packed))
                 nonce = self._nonce()
-                argv[5] = nonce
+                argv[4] = nonce
                 data = nonce.encode()
                 packed = b"%s$%d\r\n%s\r\n%s" % (template.before, len(data), data, template.after)
                 return _new(Prepared, (plan.charges, template.keys, argv, None, nonce, packed))
@@ -679,7 +678,6 @@ class BaseStore(Store):
             "p" if peek else "1" if reserve else "0",
             "" if horizon is None else str(round(horizon * _US)),
             bmode,
-            "0" if peek else "1",
             nonce,
             self._grace,
             "" if guard is None else _guard_arg(guard),
@@ -737,7 +735,7 @@ class BaseStore(Store):
     ) -> tuple[bytes, bytes]:
         """The admission script call of a plan encoded by :meth:`_encode_keys` (never called
         without one): its buckets' keys, then ``extra`` keys; ``head`` and ``fspec``, then the
-        plan's (adaptive) argv. In two parts, before and after the nonce (``head[5]``)."""
+        plan's (adaptive) argv. In two parts, before and after the nonce (``head[4]``)."""
         raise NotImplementedError
 
     def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
@@ -764,7 +762,7 @@ class BaseStore(Store):
     def finish(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
         """The decision of a prepared admission, from the script's reply."""
         return self._decision(
-            prepared.charges, reply, prepared.booking, prepared.nonce, prepared.argv[8] != ""
+            prepared.charges, reply, prepared.booking, prepared.nonce, prepared.argv[7] != ""
         )
 
     def finish_peek(self, prepared: Prepared, reply: Sequence[Any]) -> Decision:
@@ -834,7 +832,7 @@ class BaseStore(Store):
         if head[3]:
             assert booking is not None
             keys.append(self.keyspace.booking_key(_anchor(charges), booking))
-        if head[7]:
+        if head[6]:
             assert work_id is not None
             keys.append(self.keyspace.guard_key(_anchor(charges), work_id))
         return keys, argv
@@ -856,7 +854,8 @@ class BaseStore(Store):
         checked in the first slot only; a denial in a later slot records the hand-over there
         afterwards, as a denial in the first slot's script does.
         """
-        guard = head[7]
+        guard = head[6]
+        redeem = head[3] == "old"
         # The first slot checks the guard but does not record the copy as admitted: a later
         # slot may deny, or not answer, and the copy, deferred as it is, must stay the live one.
         first = ""
@@ -864,11 +863,11 @@ class BaseStore(Store):
             fields = guard.split(" ")
             fields[5] = "-"
             first = " ".join(fields)
-        head = [*head[:4], "0", *head[5:7], first]
+        head = [*head[:3], "keep" if redeem else head[3], *head[4:6], first]
         done: list[tuple[tuple[Charge, ...], Sequence[Any]]] = []
         for group in groups:
             reply = self._run_admit(*self._admit_args(group, head, booking, work_id, adaptive))
-            head = [*head[:7], ""]
+            head = [*head[:6], ""]
             if _OUTCOMES.get(reply[0]) not in _ALLOWED:
                 states = []
                 for earlier, earlier_reply in done:
@@ -887,7 +886,7 @@ class BaseStore(Store):
                     decision.at,
                 )
             done.append((group, reply))
-        if head[3] == "old":
+        if redeem:
             assert booking is not None
             for group in groups:
                 self._delete([self.keyspace.booking_key(_anchor(group), booking)])
@@ -921,7 +920,7 @@ class BaseStore(Store):
     ) -> list[LimitState]:
         """The states of ``group`` as they are now, read by a zero-cost admission."""
         free = tuple(Charge(c.limit, c.bucket, 0.0) for c in group)
-        plain = [head[0], "0", "", "", "0", head[5], head[6], ""]
+        plain = [head[0], "0", "", "", head[4], head[5], ""]
         args = self._admit_args(free, plain, None, None, adaptive)
         return self._states(free, self._run_admit(*args))
 
@@ -1346,22 +1345,32 @@ class BaseStore(Store):
 
 
 def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], list[str]]:
-    """The keys of the charges' buckets, and the count of limits followed by each limit's wire
-    form and cost: the part of the admission script's arguments that the limits make."""
+    """The keys of the charges' buckets, and each limit's arguments to the admission script
+    (its kind, two numbers, its cost: see admit.lua): the part of them that the limits make."""
     keys: list[str] = []
-    argv = [str(len(charges))]
+    argv: list[str] = []
     tags = [c.bucket.tag for c in charges]
     narrower = _narrower(tuple([c.limit.per for c in charges]), tuple(map(tags.index, tags)))
     for c, suffix in zip(charges, narrower, strict=True):
         keys.append(c.bucket.key)
         if c.limit.algorithm == "sliding_window":
             keys.append(total_key(c.bucket))
-        wire = c.limit.wire_adaptive if adaptive else c.limit.wire
-        if suffix:
-            wire = (wire[0] + suffix, *wire[1:])
-        argv += wire
-        argv.append(fmt(c.cost))
+        kind, first, second = _admit_wire(c.limit.wire_adaptive if adaptive else c.limit.wire)
+        argv += (kind + suffix, first, second, fmt(c.cost))
     return keys, argv
+
+
+@functools.lru_cache(maxsize=1024)
+def _admit_wire(wire: tuple[str, str, str, str]) -> tuple[str, str, str]:
+    """A limit's wire form (kind, period in us, count, burst) as admit.lua takes it: a token
+    bucket's emission interval T and burst in time tau, computed as the script computed them
+    before (the same operations on the same doubles, written bit-exact), or a window's
+    period and count."""
+    kind, period, count, burst = wire
+    if kind[0] != "t":
+        return kind, period, count
+    interval = float(period) / float(count)
+    return kind, fmt(interval), fmt(float(burst) * interval)
 
 
 @functools.lru_cache(maxsize=256)

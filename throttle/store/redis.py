@@ -170,11 +170,11 @@ class RedisStore(BaseStore):
             ).encode()
             if len(self._starts) < 64:
                 self._starts[shape] = start
-        around = (*head[:5], head[6], fspec)
-        packed = self._heads.get(around) if not head[0] and not head[7] else None
+        around = (*head[:4], head[5], fspec)
+        packed = self._heads.get(around) if not head[0] and not head[6] else None
         if packed is None:
-            packed = _pack(head[:5]), _pack([head[6], head[7], fspec])
-            if not head[0] and not head[7] and len(self._heads) < 64:
+            packed = _pack(head[:4]), _pack([head[5], head[6], fspec])
+            if not head[0] and not head[6] and len(self._heads) < 64:
                 self._heads[around] = packed
         return b"".join((start, wire.keys, _pack(extra), packed[0])), packed[1] + tail
 

@@ -5,11 +5,11 @@
 -- KEYS  for each limit, in ARGV order: token bucket "t": its state key (a string holding the
 --       theoretical arrival time, TAT, in us); sliding window "w": its log (a sorted set of
 --       "<cost>:<nonce>" scored by time in us) and its running total (a string);
---       then, when ARGV[9] reads it ('k' first), the load factor key (a string: the
---       cluster-wide factor in (0, 1]); then, when ARGV[9] reads it ('k' second), the
+--       then, when ARGV[8] reads it ('k' first), the load factor key (a string: the
+--       cluster-wide factor in (0, 1]); then, when ARGV[8] reads it ('k' second), the
 --       tenant's upstream factor key (a string, in (0, 1]); missing keys mean 1;
 --       then, when ARGV[4] ~= '', the booking key (a hash: state key -> booked slot in us);
---       then, when ARGV[8] ~= '', the guard key (a string: the live copy's deferral token,
+--       then, when ARGV[7] ~= '', the guard key (a string: the live copy's deferral token,
 --       '<token>*<generation>*<call>' once it was admitted, or '<old>><new>' while a deferral from
 --       copy <old> to copy <new> is under way).
 --       All keys must share one hash tag (one Redis Cluster slot).
@@ -19,17 +19,17 @@
 --           admitting the costs would do now; only expired window entries are swept)
 --       [3] horizon_us: '' for none; a booking further away than this is not made
 --       [4] booking: '' none, 'new' a fresh id (nothing to read), 'old' a booking to redeem
---       [5] redeem: '1' to delete the booking when admitted, '0' to keep it (the caller
---           deletes it once its other slots admitted too)
---       [6] nonce: suffix of the log members this call writes (the booking id when booking)
---       [7] grace_us: how late after its slot a booking still redeems. A slot presented
+--           (deleted when admitted), 'keep' a booking to redeem and keep (its caller deletes
+--           it once its other slots admitted too)
+--       [5] nonce: suffix of the log members this call writes (the booking id when booking)
+--       [6] grace_us: how late after its slot a booking still redeems. A slot presented
 --           later has lapsed: it is dropped from the booking and the work is checked as a
 --           fresh arrival in that limit, so late copies never run together beyond
 --           rate x grace. (The booking's key lives until its last slot's grace is over, and
 --           a little longer: the slot's age is checked here, not left to the key's expiry.)
 --           Nothing is given back for a lapsed slot: whether its charge is still in the
 --           bucket (no admission found the bucket idle since) is not known.
---       [8] guard: '' for none, else '<token> <next> <ttl_ms> <generation> <redelivered>
+--       [7] guard: '' for none, else '<token> <next> <ttl_ms> <generation> <redelivered>
 --           <mark> <call>': the token this copy of the work carries and the token its next
 --           copy will carry if it is deferred now ('-' for none), then this message's retry and
 --           deferral counts ('<retries>.<deferrals>'), '1' if the broker redelivered it, else
@@ -46,19 +46,21 @@
 --           Celery retry, or the copy deferred again as it is (its admission's answer lost),
 --           is of a later generation and is not. An empty guard key lets any copy through (new
 --           work, or a store that lost its data).
---       [9] factors: '' for none (every factor 1), else '<load> <upstream>', each 'k' (read
+--       [8] factors: '' for none (every factor 1), else '<load> <upstream>', each 'k' (read
 --           it from its key), '-' (none: 1) or a number (the load factor only: given by a
 --           caller that cannot read the key, on Redis Cluster)
---       [10] n: number of limits (this script counts them from #ARGV instead: cheaper)
---       then 5 per limit: kind, period_us, count (units per period), burst (units; ignored
---       by 'w'), cost (units, 0 <= cost <= capacity). kind is the algorithm, 't' (token
---       bucket) or 'w' (sliding window), alone for a limit that ignores the factors, followed
---       by 'a' for one that follows the load factor, or by 'k' for one that follows the load
---       factor times its tenant's upstream factor; then, optionally, '>' and the 1-based
---       indices, joined by '.', of the limits narrower than this one (keyed by its dimensions
---       and more, in the same hash tag: an agent's share within its API key's limit; never a
---       tenant's limits under a global one). A booking made in a limit is
---       also made, for the same slot, in the limits narrower than it, so the work it books
+--       then 4 per limit: kind; for a token bucket its emission interval T (us per unit:
+--       period_us / count) and its burst in time tau (us: burst x T), for a sliding window its
+--       period_us and count (units per period); then the cost (units, 0 <= cost <= capacity).
+--       (Few arguments: Redis builds ARGV as a table grown one entry at a time, and growing
+--       it past 16 entries costs an admission about 5% of its time in Redis. Two limits fit.)
+--       kind is the algorithm, 't' (token bucket) or 'w' (sliding window),
+--       alone for a limit that ignores the factors, followed by 'a' for one that follows the
+--       load factor, or by 'k' for one that follows the load factor times its tenant's
+--       upstream factor; then, optionally, '>' and the 1-based indices, joined by '.', of the
+--       limits narrower than this one (keyed by its dimensions and more, in the same hash tag:
+--       an agent's share within its API key's limit; never a tenant's limits under a global
+--       one). A booking made in a limit is also made, for the same slot, in the limits narrower than it, so the work it books
 --       takes its share of them too: a runaway agent whose calls are booked in its key's
 --       limit fills its own share, which then binds its later calls, instead of filling the
 --       key's limit against its siblings. A factor f scales the refill rate: a token
@@ -76,7 +78,7 @@
 --          retry_after_us is never early.
 --   outcome: 'admitted', 'redeemed' (admitted by a booking), 'denied', 'booked', 'early'
 --   (a booking presented before its slot), 'horizon' (the slot was beyond the horizon),
---   'stale' (see ARGV[8]; the reply then has no per-limit part).
+--   'stale' (see ARGV[7]; the reply then has no per-limit part).
 -- Every number in the reply is an integer: formatting numbers in Lua is slow, and a Lua
 -- number passed to redis.call is stored exactly (as %.17g or shortest round-trip form).
 
@@ -91,17 +93,19 @@ local TOKEN, WINDOW = 116, 119  -- string.byte('t'), string.byte('w')
 local now = clock(ARGV[1])
 local peek = ARGV[2] == 'p'
 local bmode = ARGV[4]
-local n = (#ARGV - 10) / 5
+local redeem = bmode == 'old'  -- delete the booking when admitted
+if bmode == 'keep' then bmode = 'old' end
+local n = (#ARGV - 8) / 4
 
 -- The common admission, decided apart for speed (it is most of a call's time in Redis): token
 -- buckets only, no booking to redeem, no guard, no factors, not a peek. When every limit
 -- admits, it is charged and answered here, with the same arithmetic as below; when one does
 -- not, the general path below decides (and books) from the same reads.
 local read = nil  -- the buckets as read here, when the general path goes on
-if bmode ~= 'old' and ARGV[8] == '' and ARGV[9] == '' and ARGV[2] ~= 'p' then
+if bmode ~= 'old' and ARGV[7] == '' and ARGV[8] == '' and ARGV[2] ~= 'p' then
   local ok = true
   for i = 1, n do
-    if string.byte(ARGV[5 * i + 6]) ~= TOKEN then ok = false; break end
+    if string.byte(ARGV[4 * i + 5]) ~= TOKEN then ok = false; break end
   end
   if ok then
     local vals = redis.call('MGET', unpack(KEYS, 1, n))
@@ -110,12 +114,12 @@ if bmode ~= 'old' and ARGV[8] == '' and ARGV[9] == '' and ARGV[2] ~= 'p' then
     -- arithmetic.
     local v = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
     for i = 1, n do
-      local a = 5 * i + 5
+      local a = 4 * i + 4
       -- (Arithmetic reads a number from a string once, tonumber twice: the ARGV here, always
       -- numbers, are read by arithmetic. A stored value that is not a number reads as none.)
-      local T_ = ARGV[a + 2] / ARGV[a + 3]
-      local tau = ARGV[a + 4] * T_
-      local cost = ARGV[a + 5] + 0
+      local T_ = ARGV[a + 2] + 0
+      local tau = ARGV[a + 3] + 0
+      local cost = ARGV[a + 4] + 0
       local stored = tonumber(vals[i])
       local tat = stored or now
       local base = tat
@@ -142,15 +146,15 @@ if bmode ~= 'old' and ARGV[8] == '' and ARGV[9] == '' and ARGV[2] ~= 'p' then
     read = vals
   end
 end
-local grace = tonumber(ARGV[7])
+local grace = tonumber(ARGV[6])
 local tail = #KEYS
 local gkey, gcur, gnext, gttl, ggen, gagain, gmark, gcall
 local claimed = false
-if ARGV[8] ~= '' then
+if ARGV[7] ~= '' then
   gkey = KEYS[tail]
   tail = tail - 1
   gcur, gnext, gttl, ggen, gagain, gmark, gcall =
-    string.match(ARGV[8], '^(%S+) (%S+) (%d+) (%d+%.%d+) ([01]) ([m%-]) (%w+)$')
+    string.match(ARGV[7], '^(%S+) (%S+) (%d+) (%d+%.%d+) ([01]) ([m%-]) (%w+)$')
 end
 local bkey = nil
 local booked = nil  -- state key -> booked slot, of the booking presented (or made now)
@@ -164,8 +168,8 @@ if bmode ~= '' then
   end
 end
 local lsrc, usrc, lkey, ukey = '-', '-', nil, nil
-if ARGV[9] ~= '' then
-  lsrc, usrc = string.match(ARGV[9], '^(%S+) (%S+)$')
+if ARGV[8] ~= '' then
+  lsrc, usrc = string.match(ARGV[8], '^(%S+) (%S+)$')
   if usrc == 'k' then
     ukey = KEYS[tail]
     tail = tail - 1
@@ -179,7 +183,7 @@ local reads = {}
 local nt = 0
 local k = 1
 for i = 1, n do
-  if string.byte(ARGV[5 * i + 6]) == TOKEN then
+  if string.byte(ARGV[4 * i + 5]) == TOKEN then
     nt = nt + 1
     reads[nt] = KEYS[k]
     k = k + 1
@@ -226,10 +230,10 @@ local binding = 0
 local t = 0
 k = 1
 for i = 1, n do
-  local a = 5 * i + 5
+  local a = 4 * i + 4
   local kind = ARGV[a + 1]
-  local period, count, cost = ARGV[a + 2] + 0, ARGV[a + 3] + 0, ARGV[a + 5] + 0
-  -- A slot booked in this limit: redeemed unless it has lapsed (see ARGV[7]).
+  local cost = ARGV[a + 4] + 0
+  -- A slot booked in this limit: redeemed unless it has lapsed (see ARGV[6]).
   local slot = nil
   if booked then
     slot = booked[KEYS[k]]
@@ -246,8 +250,7 @@ for i = 1, n do
   end
   local e
   if string.byte(kind) == TOKEN then
-    local T_ = period / count
-    local tau = ARGV[a + 4] * T_
+    local T_, tau = ARGV[a + 2] + 0, ARGV[a + 3] + 0
     if f ~= 1 then
       T_ = T_ / f
       -- The burst shrinks with the factor, but never below this work's cost: a cost the
@@ -264,6 +267,7 @@ for i = 1, n do
     e = {TOKEN, KEYS[k], T_, tau, cost, tat, new_tat, new_tat - tau, stored, false}
     k = k + 1
   else
+    local period, count = ARGV[a + 2] + 0, ARGV[a + 3] + 0
     if f ~= 1 then count = count * f end
     local key, totalkey = KEYS[k], KEYS[k + 1]
     local total = window_total(key, totalkey, now, period)
@@ -303,7 +307,7 @@ local function charge(e, at)
     if at > e[TAT] then e[TAT] = at + e[COST] * e[T] else e[TAT] = e[NEW_TAT] end
     set_tat(e[KEY], e[TAT], e[STORED], now)
   else
-    redis.call('ZADD', e[KEY], at, fmt(e[COST]) .. ':' .. ARGV[6])
+    redis.call('ZADD', e[KEY], at, fmt(e[COST]) .. ':' .. ARGV[5])
     e[TOTAL] = e[TOTAL] + e[COST]
   end
 end
@@ -316,7 +320,7 @@ if binding == 0 then
     local e = L[i]
     if e[BOOKED] then outcome = 'redeemed' else charge(e, now) end
   end
-  if bmode == 'old' and ARGV[5] == '1' then redis.call('DEL', bkey) end
+  if redeem then redis.call('DEL', bkey) end
 else
   local b = L[binding]
   local horizon = tonumber(ARGV[3])
@@ -335,7 +339,7 @@ else
     charge(b, slot)
     booked[b[KEY]] = slot
     redis.call('HSET', bkey, b[KEY], slot)
-    local narrower = string.match(ARGV[5 * binding + 6], '>([%d.]+)$')
+    local narrower = string.match(ARGV[4 * binding + 5], '>([%d.]+)$')
     if narrower then
       for j in string.gmatch(narrower, '%d+') do
         local e = L[tonumber(j)]
