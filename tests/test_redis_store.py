@@ -276,21 +276,41 @@ def test_non_ascii_task_ids_go_over_the_fast_path(
     assert redis_client.get(keyspace.guard_key(tag, work)) == b"->next-token"
 
 
+def _templates(store: RedisStore, remembered: bool) -> dict[Any, Any]:
+    """The packed admissions a store keeps: per plan, or per shape for plans not remembered."""
+    return store._templates if remembered else store._parts
+
+
+@pytest.fixture(params=[True, False], ids=["remembered", "not-remembered"])
+def remembered(request: pytest.FixtureRequest) -> bool:
+    """Whether the store remembers plans: as for identities that recur, or not, as it does for
+    a while once too few recur (many thousands of tenants)."""
+    return bool(request.param)
+
+
+def _store(redis_client: redis.Redis, keyspace: Keyspace, remembered: bool) -> RedisStore:
+    store = RedisStore(redis_client, keyspace)
+    if not remembered:
+        store._plan_pause = 1 << 30
+    return store
+
+
 def test_bookings_repacked_from_a_template_are_each_their_own(
-    redis_client: redis.Redis, keyspace: Keyspace
+    redis_client: redis.Redis, keyspace: Keyspace, remembered: bool
 ) -> None:
     """An admission that books when denied (``reserve=True``, nothing to redeem) is packed
-    from its plan's template too, with a new booking id, and its booking key, each time: each
-    booking is its own, in its own key, in slot order, and redeems once at its slot; with a
-    horizon, the template of that horizon books nothing beyond it."""
-    store = RedisStore(redis_client, keyspace)
+    from its plan's template too (or its shape's, for a plan not remembered), with a new
+    booking id, and its booking key, each time: each booking is its own, in its own key, in
+    slot order, and redeems once at its slot; with a horizon, the template of that horizon
+    books nothing beyond it."""
+    store = _store(redis_client, keyspace, remembered)
     key = Limit("key", "1/h", burst=1)
     agent = Limit("agent", "10/h", burst=10, per=("api_key", "agent_id"))
     who = {**KEY, "agent_id": "a"}
     first = store.admit([key, agent], who, reserve=True)
     assert first.outcome is Outcome.ADMITTED
     booked = [store.admit([key, agent], who, reserve=True) for _ in range(3)]
-    assert len(store._templates) == 1
+    assert len(_templates(store, remembered)) == 1
     assert [d.outcome for d in booked] == [Outcome.BOOKED] * 3
     ids = [d.booking for d in booked]
     assert len(set(ids)) == 3
@@ -316,22 +336,23 @@ def test_bookings_repacked_from_a_template_are_each_their_own(
         beyond = store.admit([key, agent], who, reserve=True, horizon=60)
         assert beyond.outcome is Outcome.HORIZON
         assert beyond.retry_after == 60
-    assert len(store._templates) == 2
+    assert len(_templates(store, remembered)) == 2
     assert len(redis_client.keys(keyspace.booking_key(tag, "*"))) == 2  # ids[1] and ids[2]
 
 
 def test_plain_admissions_repacked_from_a_template_are_each_their_own(
-    redis_client: redis.Redis, keyspace: Keyspace
+    redis_client: redis.Redis, keyspace: Keyspace, remembered: bool
 ) -> None:
     """A plain admission (no booking, guard or test clock) is packed from its plan's template
-    with a fresh nonce each time: a sliding window counts every one of them, the receipts
-    settle their own admissions, and peeks from a template charge nothing."""
-    store = RedisStore(redis_client, keyspace)
+    (or its shape's) with a fresh nonce each time: a sliding window counts every one of
+    them, the receipts settle their own admissions, and peeks from a template charge
+    nothing."""
+    store = _store(redis_client, keyspace, remembered)
     window = Limit("window", "5/h", algorithm="sliding_window")
     tokens = Limit("tokens", "1000/h", burst=1000)
     decisions = [store.admit([window, tokens], KEY, cost={"tokens": 100}) for _ in range(6)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
-    assert len(store._templates) == 1
+    assert len(_templates(store, remembered)) == 1
     nonces = {d.receipt.nonce for d in decisions if d.receipt is not None}
     assert len(nonces) == 5
     first = decisions[0].receipt

@@ -182,6 +182,16 @@ class _Template(NamedTuple):
     mid: bytes = b""
 
 
+class _Parts(NamedTuple):
+    """A plain admission of one shape, packed around its plan's keys and its nonce (see
+    :meth:`BaseStore._encode_call`), and its argv, the nonce left blank."""
+
+    start: bytes
+    mid: bytes
+    after: bytes
+    argv: list[str]
+
+
 class Prepared(NamedTuple):
     """One admission encoded for the admission script (see :meth:`BaseStore.prepare`)."""
 
@@ -293,6 +303,9 @@ class BaseStore(Store):
         #: around the nonce (and the booking key).
         self._templates: dict[tuple[int, bool, bool, bool, float | None], _Template] = {}
         self._shapes: dict[Hashable, _Shape] = {}
+        #: (a shape's argv, peek, adaptive, reserve, horizon) -> the parts of a plain
+        #: admission of that shape, for plans not remembered (see _assemble).
+        self._parts: dict[tuple[Any, ...], _Parts] = {}
         self._plan_hits = 0  # since the plans were last cleared
         self._plan_pause = 0  # admissions left before plans are remembered again
 
@@ -660,6 +673,8 @@ class BaseStore(Store):
                 data = nonce.encode()
                 packed = b"%s$%d\r\n%s\r\n%s" % (template.before, len(data), data, template.after)
                 return _new(Prepared, (plan.charges, template.keys, argv, None, nonce, packed))
+            if not plan.kept and not (adaptive and plan.follows):
+                return self._assemble(plan, peek, adaptive, reserve, horizon)
         if horizon is not None and not _positive(horizon, zero=True, most=MAX_SPAN):
             raise ConfigurationError(
                 "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"
@@ -703,9 +718,10 @@ class BaseStore(Store):
         keys = [*plan.keys, *extra]
         argv = [*head, fspec, *tail]
         if plan.wire is not None:
-            before, after = self._encode_call(plan.wire, extra, head, fspec, tail is not plan.argv)
-            data = nonce.encode()
-            frame = b"%s$%d\r\n%s\r\n%s" % (before, len(data), data, after)
+            adapts = tail is not plan.argv
+            start, mid, after = self._encode_call(plan.wire, len(extra), head, fspec, adapts)
+            before = b"".join((start, plan.wire.keys, *map(_bulk, extra), mid))
+            frame = before + _bulk(nonce) + after
             if plain and plan.kept:
                 if len(self._templates) >= _PLANS:
                     self._templates.clear()
@@ -720,6 +736,43 @@ class BaseStore(Store):
                 self._templates[(id(plan), peek, adaptive, reserve, horizon)] = template
         return Prepared(plan.charges, keys, argv, booking, nonce, frame)
 
+    def _assemble(
+        self, plan: _Plan, peek: bool, adaptive: bool, reserve: bool, horizon: float | None
+    ) -> Prepared:
+        """A plain admission of a plan not remembered (identities that seldom recur, as with
+        many thousands of tenants), put together from its shape's packed parts, kept for
+        every plan of that shape, and its own keys, packed with the plan."""
+        memo = (plan.argv, peek, adaptive, reserve, horizon)
+        parts = self._parts.get(memo)
+        if parts is None:
+            head = [
+                "",
+                "p" if peek else "1" if reserve else "0",
+                "" if horizon is None else str(round(horizon * _US)),
+                "new" if reserve else "",
+                "",
+                self._grace,
+                "",
+            ]
+            start, mid, after = self._encode_call(plan.wire, int(reserve), head, "", False)
+            parts = _Parts(start, mid, after, [*head, "", *plan.argv])
+            if len(self._parts) >= 64:  # shapes are configuration, mostly
+                self._parts.clear()
+            self._parts[memo] = parts
+        argv = parts.argv.copy()
+        if reserve:
+            booking = nonce = token_urlsafe(12)
+            bkey = self.keyspace.booking_key(plan.anchor, booking)
+            keys = [*plan.keys, bkey]
+            extra = _bulk(bkey)
+        else:
+            booking, nonce = None, self._nonce()
+            keys = list(plan.keys)
+            extra = b""
+        argv[4] = nonce
+        frame = b"".join((parts.start, plan.wire.keys, extra, parts.mid, _bulk(nonce), parts.after))
+        return _new(Prepared, (plan.charges, keys, argv, booking, nonce, frame))
+
     def _encode_args(self, argv: Sequence[str], argv_adaptive: Sequence[str]) -> Any:
         """An admission shape's script arguments encoded ahead, by a store that sends the
         script call itself (see :meth:`_encode_call`); None for none."""
@@ -731,11 +784,13 @@ class BaseStore(Store):
         return None
 
     def _encode_call(
-        self, wire: Any, extra: list[str], head: list[str], fspec: str, adaptive: bool
-    ) -> tuple[bytes, bytes]:
+        self, wire: Any, nextra: int, head: list[str], fspec: str, adaptive: bool
+    ) -> tuple[bytes, bytes, bytes]:
         """The admission script call of a plan encoded by :meth:`_encode_keys` (never called
-        without one): its buckets' keys, then ``extra`` keys; ``head`` and ``fspec``, then the
-        plan's (adaptive) argv. In two parts, before and after the nonce (``head[4]``)."""
+        without one) with ``nextra`` keys after its buckets' and ``head``, ``fspec`` and the
+        plan's (adaptive) argv for arguments, in three parts: the call is the first part, the
+        buckets' keys (``wire.keys``, packed), the extra keys (packed as :func:`_bulk` packs
+        them), the second part, the nonce (``head[4]``, packed so too) and the third part."""
         raise NotImplementedError
 
     def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
@@ -1499,6 +1554,12 @@ def _reply_at(reply: Sequence[Any], limits: int) -> Any:
     if _OUTCOMES.get(reply[0]) is _ADMITTED:  # the short reply
         return reply[1 + 2 * limits]
     return reply[3 + 4 * limits]
+
+
+def _bulk(text: str) -> bytes:
+    """``text`` as a RESP bulk string: how a script call's keys and arguments go on the wire."""
+    data = text.encode("utf-8", "surrogatepass")
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _positive(value: object, *, zero: bool = False, most: float = math.inf) -> bool:

@@ -150,13 +150,13 @@ class RedisStore(BaseStore):
         return None if args is None else tuple.__new__(_Wire, (_pack(keys), len(keys), *args))
 
     def _encode_call(
-        self, wire: _Wire, extra: list[str], head: list[str], fspec: str, adaptive: bool
-    ) -> tuple[bytes, bytes]:
+        self, wire: _Wire, nextra: int, head: list[str], fspec: str, adaptive: bool
+    ) -> tuple[bytes, bytes, bytes]:
         if adaptive:
             tail, ntail = wire.argv_adaptive, wire.nargv_adaptive
         else:
             tail, ntail = wire.argv, wire.nargv
-        nkeys = wire.nkeys + len(extra)
+        nkeys = wire.nkeys + nextra
         # The parts that recur from call to call are packed once: the array header up to the
         # key count (by the counts), and the head's arguments around the nonce (by their
         # values, unless a test's clock or a deferral guard makes them one-offs).
@@ -176,7 +176,7 @@ class RedisStore(BaseStore):
             packed = _pack(head[:4]), _pack([head[5], head[6], fspec])
             if not head[0] and not head[6] and len(self._heads) < 64:
                 self._heads[around] = packed
-        return b"".join((start, wire.keys, _pack(extra), packed[0])), packed[1] + tail
+        return start, packed[0], packed[1] + tail
 
     def _run_prepared(self, prepared: Prepared) -> Sequence[Any]:
         frame = prepared.frame
