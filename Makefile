@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint pytest demo bench bench-decision bench-gate bench-adaptive bench-edge bench-soak clean
+.PHONY: test lint pytest demo bench bench-decision bench-gate bench-adaptive bench-edge bench-soak bench-script clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ bench-edge: $(STAMP)
 
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py $(BENCH_ARGS)
+
+# Instructions Redis executes per admission script call (needs valgrind): for comparing two
+# versions of the scripts on a machine whose speed moves too much for timings to.
+bench-script: $(STAMP)
+	$(BIN)/python benchmarks/script_cost.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
