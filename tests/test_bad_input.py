@@ -13,6 +13,7 @@ import itertools
 import math
 import re
 import threading
+import types
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -872,6 +873,21 @@ def test_a_bad_horizon_is_refused_before_anything_is_charged(
     with pytest.raises(ConfigurationError, match="horizon"):
         s.admit([limit], KEY, reserve=True, horizon=horizon, now_us=T0)  # type: ignore[arg-type]
     assert remaining(s, [limit], KEY) == [10]
+
+
+@pytest.mark.parametrize("horizon", [-5, math.nan, math.inf, "x"])
+def test_a_bad_horizon_is_refused_for_an_identity_whose_plan_is_not_remembered(
+    redis_client: redis.Redis, keyspace: Keyspace, horizon: object
+) -> None:
+    """An identity that is a Mapping but not a dict is not remembered: its admission is packed
+    from its shape's parts (the store's fast path for identities that seldom recur), and a bad
+    horizon is refused there too, before anything is charged."""
+    store = RedisStore(redis_client, keyspace)
+    limit = Limit("req", "1/h", burst=10)
+    who = types.MappingProxyType(dict(KEY))
+    with pytest.raises(ConfigurationError, match="horizon"):
+        store.admit([limit], who, reserve=True, horizon=horizon)  # type: ignore[arg-type]
+    assert store.peek([limit], KEY).limits[0].remaining == 10
 
 
 # -- through a worker -----------------------------------------------------------------------------

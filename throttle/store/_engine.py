@@ -214,7 +214,7 @@ class Engine:
         self, fspec: str, keys: Sequence[str], tail: int, now: float
     ) -> tuple[float, float]:
         """The load and upstream factors an admission or a settlement applies: ``fspec`` as in
-        admit.lua's ARGV[9]; their keys end at ``keys[tail]`` (the upstream one last)."""
+        admit.lua's ARGV[8]; their keys end at ``keys[tail]`` (the upstream one last)."""
         fload = fup = 1.0
         if fspec != "":
             lsrc, usrc = fspec.split(" ")

@@ -674,11 +674,11 @@ class BaseStore(Store):
                 packed = b"%s$%d\r\n%s\r\n%s" % (template.before, len(data), data, template.after)
                 return _new(Prepared, (plan.charges, template.keys, argv, None, nonce, packed))
             if not plan.kept and not (adaptive and plan.follows):
+                if horizon is not None:
+                    _check_horizon(horizon)
                 return self._assemble(plan, peek, adaptive, reserve, horizon)
-        if horizon is not None and not _positive(horizon, zero=True, most=MAX_SPAN):
-            raise ConfigurationError(
-                "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"
-            )
+        if horizon is not None:
+            _check_horizon(horizon)
         if booking is not None:
             booking = self.keyspace.check_booking_id(booking)
             bmode = "old"
@@ -798,7 +798,7 @@ class BaseStore(Store):
         return self._run_admit(prepared.keys, prepared.argv)
 
     def _factor_spec(self, follows: str, anchor: str, keys: list[str]) -> str:
-        """ARGV[9] of the admission script for limits that follow the factors (``follows`` is
+        """ARGV[8] of the admission script for limits that follow the factors (``follows`` is
         "a" when they follow the load factor only, "k" when one also follows its tenant's
         upstream factor); the factor keys the script reads are appended to ``keys``."""
         load = self._load_source()
@@ -904,7 +904,7 @@ class BaseStore(Store):
     ) -> Decision:
         """One script run per slot, in order; a later denial refunds the earlier charges.
 
-        Bookings are kept (redeem flag off) until every slot admitted, then deleted, so a
+        Bookings are kept (booking mode "keep") until every slot admitted, then deleted, so a
         denial in a later slot does not consume a booking held in an earlier one. The guard is
         checked in the first slot only; a denial in a later slot records the hand-over there
         afterwards, as a denial in the first slot's script does.
@@ -962,7 +962,7 @@ class BaseStore(Store):
 
     def _hand_over(self, tag: str, work_id: str, guard: str) -> None:
         """Record "<token>><next>" in the guard key, as admit.lua does on a denial (``guard`` is
-        its ARGV[8]: the copy's token, the next copy's, the time to live in ms, the message's
+        its ARGV[7]: the copy's token, the next copy's, the time to live in ms, the message's
         retry and deferral counts, whether the broker redelivered it, whether to record an
         admission, the call's id)."""
         token, following, ttl_ms, *_ = guard.split(" ")
@@ -1554,6 +1554,13 @@ def _reply_at(reply: Sequence[Any], limits: int) -> Any:
     if _OUTCOMES.get(reply[0]) is _ADMITTED:  # the short reply
         return reply[1 + 2 * limits]
     return reply[3 + 4 * limits]
+
+
+def _check_horizon(horizon: object) -> None:
+    if not _positive(horizon, zero=True, most=MAX_SPAN):
+        raise ConfigurationError(
+            "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"
+        )
 
 
 def _bulk(text: str) -> bytes:

@@ -5,7 +5,7 @@
 --       then, as in admit.lua, the factor keys [3] reads ('k')
 -- ARGV  [1] now_us: '' to read the server's TIME, else integer us (tests only)
 --       [2] nonce: the nonce the admission wrote its log members with
---       [3] factors, as admit.lua's ARGV[9]: '' when the admission did not apply them
+--       [3] factors, as admit.lua's ARGV[8]: '' when the admission did not apply them
 --       [4] n: number of limits
 --       then 5 per limit: kind (as in admit.lua), period_us, count, charged (units the
 --       admission took), delta (actual - charged; negative refunds). A token bucket that
