@@ -4,8 +4,9 @@
 Run from the repository root: ``python benchmarks/script_cost.py`` (about two minutes; needs
 ``valgrind`` on PATH). Wall-clock time on a shared two-core machine moves by a factor of two
 from one hour to the next, and a change to ``admit.lua`` worth 5% of its time is lost in that.
-An instruction count is not: cachegrind counts what redis-server executes, the same from run
-to run within about 1%.
+An instruction count is steadier: cachegrind counts what redis-server executes. Runs of one
+version differ by a few per cent (a bucket's write sets a new expiry when the whole second it
+rounds to has moved, and how often that happens moves with valgrind's speed).
 
 What is measured
     For each contender, a private ``redis-server`` runs under ``valgrind --tool=cachegrind``
