@@ -1557,6 +1557,7 @@ def _reply_at(reply: Sequence[Any], limits: int) -> Any:
 
 
 def _check_horizon(horizon: object) -> None:
+    """Refuse a booking horizon that is not seconds in [0, MAX_SPAN]."""
     if not _positive(horizon, zero=True, most=MAX_SPAN):
         raise ConfigurationError(
             "horizon", f"must be seconds in [0, {MAX_SPAN:g}] or None, got {horizon!r}"

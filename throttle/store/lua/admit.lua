@@ -49,24 +49,23 @@
 --       [8] factors: '' for none (every factor 1), else '<load> <upstream>', each 'k' (read
 --           it from its key), '-' (none: 1) or a number (the load factor only: given by a
 --           caller that cannot read the key, on Redis Cluster)
---       then 4 per limit: kind; for a token bucket its emission interval T (us per unit:
---       period_us / count) and its burst in time tau (us: burst x T), for a sliding window its
---       period_us and count (units per period); then the cost (units, 0 <= cost <= capacity).
---       (Few arguments: Redis builds ARGV as a table grown one entry at a time, and growing
---       it past 16 entries costs an admission about 5% of its time in Redis. Two limits fit.)
---       kind is the algorithm, 't' (token bucket) or 'w' (sliding window),
---       alone for a limit that ignores the factors, followed by 'a' for one that follows the
---       load factor, or by 'k' for one that follows the load factor times its tenant's
---       upstream factor; then, optionally, '>' and the 1-based indices, joined by '.', of the
---       limits narrower than this one (keyed by its dimensions and more, in the same hash tag:
---       an agent's share within its API key's limit; never a tenant's limits under a global
---       one). A booking made in a limit is also made, for the same slot, in the limits narrower than it, so the work it books
---       takes its share of them too: a runaway agent whose calls are booked in its key's
---       limit fills its own share, which then binds its later calls, instead of filling the
---       key's limit against its siblings. A factor f scales the refill rate: a token
---       bucket's emission interval becomes T / f (its burst, in time, is unchanged, so in
---       units it shrinks by f too, but never below the cost at hand), a window's count
---       becomes count * f.
+--       then 4 per limit: kind; for a token bucket its emission interval T (us per unit: period_us
+--       / count) and its burst in time tau (us: burst x T), for a sliding window its period_us and
+--       count (units per period); then the cost (units, 0 <= cost <= capacity). (Few arguments:
+--       Redis builds ARGV as a table grown one entry at a time, and growing it past 16 entries
+--       costs an admission about 5% of its time in Redis. Two limits fit.) kind is the algorithm,
+--       't' (token bucket) or 'w' (sliding window), alone for a limit that ignores the factors,
+--       followed by 'a' for one that follows the load factor, or by 'k' for one that follows the
+--       load factor times its tenant's upstream factor; then, optionally, '>' and the 1-based
+--       indices, joined by '.', of the limits narrower than this one (keyed by its dimensions and
+--       more, in the same hash tag: an agent's share within its API key's limit; never a tenant's
+--       limits under a global one). A booking made in a limit is also made, for the same slot, in
+--       the limits narrower than it, so the work it books takes its share of them too: a runaway
+--       agent whose calls are booked in its key's limit fills its own share, which then binds its
+--       later calls, instead of filling the key's limit against its siblings. A factor f scales the
+--       refill rate: a token bucket's emission interval becomes T / f (its burst, in time, is
+--       unchanged, so in units it shrinks by f too, but never below the cost at hand), a window's
+--       count becomes count * f.
 -- Returns {outcome, binding (1-based limit index, 0 for none), retry_after_us,
 --          then 4 per limit: remaining in millionths of a unit (rounded), us until full,
 --          us until it admits the cost, 1 if the booking presented paid for this limit (it
