@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
@@ -21,6 +23,7 @@ import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, Outcome, RedisStore, StoreUnavailable
+from throttle.identity import Fingerprint, total_key
 from throttle.store.base import Guard, Prepared
 
 KEY = {"api_key": "tenant"}
@@ -417,3 +420,77 @@ def test_the_short_reply_has_two_numbers_per_limit_and_the_time(
         assert reply[1 + 2 * i] == (rate - 2) * 1_000_000
         assert reply[2 + 2 * i] == 2 * 1_000_000 // rate
     assert reply[-1] == T0 + 500_000
+
+
+# -- plans filled in from their shape's key template ------------------------------------------
+
+_MODEL = ("model",)
+_POOL = (
+    Limit("req", "10/s"),
+    Limit("agent", "5/s", per=("api_key", "agent_id")),
+    Limit("tiered", "7/m", per=("api_key", "tier")),
+    Limit("global", "100/s", per=()),
+    Limit("per-model", "9/m", per=("model",), dimensions=_MODEL),
+    Limit("three", "9/m", per=("agent_id", "model", "api_key"), dimensions=_MODEL),
+    Limit("window", "20/m", per=("api_key", "agent_id"), algorithm="sliding_window"),
+)
+_VALUES = st.one_of(
+    st.none(),
+    st.text(max_size=300),  # past 256 characters a value is not fingerprinted from the cache
+    st.sampled_from(["t", "{x}", "%s", "a:b", "\x00", "\x01" * 14]),
+    st.integers(-5, 5),
+    st.builds(lambda v: Fingerprint(v), st.from_regex(r"\A[A-Za-z0-9_-]{16}\Z")),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chosen=st.lists(st.sampled_from(_POOL), min_size=1, max_size=4, unique=True),
+    values=st.dictionaries(st.sampled_from(["api_key", "agent_id", "tier", "model"]), _VALUES),
+    prefix=st.sampled_from(["throttle", "a.b:c-d_e"]),
+)
+def test_plans_filled_from_a_key_template_are_laid_out_as_each_key_is(
+    redis_client: redis.Redis, chosen: list[Limit], values: dict[str, object], prefix: str
+) -> None:
+    """A plan not remembered is filled in from its shape's template of keys and their packing,
+    when every value its keys need is a string fingerprinted from the cache: its buckets, keys
+    and packed keys are those that laying out each limit's key and packing them give. Other
+    identities (None, a long string, an integer, a Fingerprint) and sliding windows take the
+    general path, to the same end."""
+    store = RedisStore(redis_client, Keyspace(SECRET, prefix=prefix))
+    store._plan_pause = 1 << 30
+    plan = store._plan(chosen, values, 1)
+    expected = store.charges(chosen, values, 1)
+    assert plan.charges == expected
+    keys = []
+    for c in expected:
+        keys.append(c.bucket.key)
+        if c.limit.algorithm == "sliding_window":
+            keys.append(total_key(c.bucket))
+    assert plan.keys == tuple(keys)
+    shape = store._shape(chosen, values, 1)
+    assert plan.wire == store._encode_keys(keys, shape.wire)
+    # The template is there to be used: for every shape without a window.
+    windows = any(lim.algorithm == "sliding_window" for lim in chosen)
+    assert (shape.keys is None) == windows
+
+
+def test_an_admission_filled_from_a_key_template_charges_the_laid_out_buckets(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """End to end: admissions of identities not remembered, filled in from the template,
+    charge the buckets their keys name, and an identity remembered meets the same state."""
+    limits = [Limit("key", "3/h", burst=3), Limit("agent", "2/h", per=("api_key", "agent_id"))]
+    filled = _store(redis_client, keyspace, remembered=False)
+    laid_out = _store(redis_client, keyspace, remembered=True)
+    who = {"api_key": "tenant-{1}%s", "agent_id": "agent"}
+    assert filled.admit(limits, who, now_us=T0).allowed
+    assert filled._shape(limits, who, 1).keys is not None
+    assert laid_out.admit(limits, who, now_us=T0).allowed
+    denied = filled.admit(limits, who, now_us=T0)
+    assert denied.bound_by == "agent"
+    assert [state.remaining for state in denied.limits] == [1, 0]
+    for charge in laid_out.charges(limits, who):
+        assert redis_client.exists(charge.bucket.key)

@@ -21,12 +21,14 @@ Everything of one tenant shares the ``{K}`` hash tag, so one admission is one Re
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import hashlib
 import hmac
+import importlib
+import operator
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -40,7 +42,28 @@ _BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 # Values longer than this are fingerprinted every time rather than cached, so a stream of huge
 # identities cannot grow the cache by megabytes.
 _CACHEABLE_LEN: Final = 256
+_FINGERPRINT_LEN: Final = 16  # characters: 96 bits in URL-safe base64
 _FINGERPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16}$")
+# The bytes of URL-safe base64 where standard base64 has others.
+_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+
+
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    """SHA-256 by CPython's own module when it has one: its states copy in a fraction of the
+    time an OpenSSL 3 state takes, and a fingerprint copies two (same digests, of course).
+    ``hashlib``'s otherwise (a build without its own hashes, as some FIPS builds are)."""
+    for module in ("_sha2", "_sha256"):  # its name since 3.12, and before
+        try:
+            found: Callable[[bytes], Any] = importlib.import_module(module).sha256
+        except (ImportError, AttributeError):
+            continue
+        if found(b"abc").digest() == hashlib.sha256(b"abc").digest():
+            return found
+    return hashlib.sha256
+
+
+_sha256: Final = _builtin_sha256()
+
 # Integers up to this many bits (about 600 digits) are fingerprinted in decimal.
 _DECIMAL_BITS: Final = 2000
 
@@ -64,6 +87,24 @@ class Bucket(NamedTuple):
 
 
 _new_bucket = tuple.__new__  # a Bucket without its Python-level __new__, on the hot path
+
+
+def _nothing(fps: Sequence[str]) -> tuple[()]:
+    return ()
+
+
+class KeyTemplate(NamedTuple):
+    """The buckets of a list of limits as a template (see :meth:`Keyspace.key_template`)."""
+
+    dims: tuple[str, ...]  # whose fingerprints fill it in, in this order
+    text: str  # a %-format template of the fingerprints that ``pick`` picks from them
+    pick: Callable[[Sequence[str]], Any]
+    nlimits: int  # how many limits (tag and key pairs) it holds
+
+    def fill(self, fps: Sequence[str]) -> list[str]:
+        """Tag, key, tag, key, ... of every limit in order, then the extra part if any."""
+        text: str = self.text % self.pick(fps)
+        return text.split("\0")
 
 
 class Keyspace:
@@ -101,10 +142,10 @@ class Keyspace:
         self.prefix = prefix
         self._secret = secret
         # HMAC-SHA256 (RFC 2104) from its two keyed hash states, each absorbed once: copying a
-        # hashlib state is much cheaper than hmac.new or an hmac object's copy.
+        # hash state is much cheaper than hmac.new or an hmac object's copy.
         block = (hashlib.sha256(secret).digest() if len(secret) > 64 else secret).ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        self._inner = _sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = _sha256(bytes(b ^ 0x5C for b in block))
         self._inner_by_dim: dict[str, Any] = {}  # the inner state with "<dimension>\0" absorbed
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
@@ -159,7 +200,8 @@ class Keyspace:
         inner.update(raw)
         outer = self._outer.copy()
         outer.update(inner.digest())
-        return base64.urlsafe_b64encode(outer.digest()[:12]).decode()
+        mac = binascii.b2a_base64(outer.digest()[:12], newline=False)  # 16 characters, no "="
+        return mac.translate(_URLSAFE).decode()
 
     def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
         """The bucket of ``limit`` for ``identity``. A dimension the identity lacks (or maps to
@@ -198,6 +240,49 @@ class Keyspace:
         """The buckets of ``limits`` for ``identity``, as :meth:`bucket` gives them, without
         remembering them: for admissions whose identities seldom recur."""
         return [self._bucket(limit, identity) for limit in limits]
+
+    def key_template(
+        self, limits: Sequence[Limit], extra: Callable[[list[str]], str] | None = None
+    ) -> KeyTemplate | None:
+        """The buckets of ``limits`` for every identity whose values of their dimensions are
+        all strings of at most 256 characters, as one template to fill in with those values'
+        fingerprints (see :meth:`plain_fingerprints`): each limit's tag and key, then
+        ``extra`` of the keys when it is given (another spelling of them, which must hold
+        each key verbatim), separated by NUL. None when there is no such template."""
+        dims = tuple(dict.fromkeys(d for limit in limits for d in limit.per))
+        # Stand-ins for the fingerprints, as long as one (every fingerprint is 16 characters,
+        # which the packed keys' lengths count on) and made of characters none has.
+        marks = [f"\x01{i:0{_FINGERPRINT_LEN - 2}d}\x01" for i in range(len(dims))]
+        mark = dict(zip(dims, marks, strict=True))
+        buckets = [self._layout(limit, [mark[d] for d in limit.per]) for limit in limits]
+        parts = [part for bucket in buckets for part in bucket]
+        if extra is not None:
+            parts.append(extra([bucket.key for bucket in buckets]))
+        marked = "\0".join(parts)
+        found = re.compile("|".join(map(re.escape, marks))) if marks else None
+        order = [] if found is None else [marks.index(m) for m in found.findall(marked)]
+        text = marked.replace("%", "%%")
+        if found is not None:
+            text = found.sub("%s", text)
+        # (itemgetter picks one item as itself, and a lone string is what % takes for it.)
+        pick = operator.itemgetter(*order) if order else _nothing
+        if text % pick(marks) != marked:
+            return None
+        return KeyTemplate(dims, text, pick, len(limits))
+
+    def plain_fingerprints(
+        self, dims: Sequence[str], identity: Mapping[str, object]
+    ) -> list[str] | None:
+        """The fingerprints of ``identity``'s values of ``dims``, when each is a string of at
+        most 256 characters (else None), as :meth:`bucket` finds them."""
+        cached = self._fingerprint
+        fps = []
+        for dim in dims:
+            value = identity.get(dim)
+            if type(value) is not str or len(value) > _CACHEABLE_LEN:
+                return None
+            fps.append(cached(dim, value))
+        return fps
 
     def _layout(self, limit: Limit, fps: list[str]) -> Bucket:
         """The bucket of ``limit`` given the fingerprints of its dimensions, in ``per`` order."""

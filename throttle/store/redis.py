@@ -149,6 +149,12 @@ class RedisStore(BaseStore):
     ) -> _Wire | None:
         return None if args is None else tuple.__new__(_Wire, (_pack(keys), len(keys), *args))
 
+    def _keys_text(self, wire: _Wire) -> str:
+        return wire.keys.decode("ascii")  # validated prefixes and names, and fingerprints
+
+    def _with_keys(self, args: tuple[bytes, int, bytes, int], text: str, nkeys: int) -> _Wire:
+        return tuple.__new__(_Wire, (text.encode(), nkeys, *args))
+
     def _encode_call(
         self, wire: _Wire, nextra: int, head: list[str], fspec: str, adaptive: bool
     ) -> tuple[bytes, bytes, bytes]:
