@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
-from throttle import Keyspace, Limit, Outcome, RedisStore, StoreUnavailable
+from throttle import Keyspace, Limit, Outcome, RedisStore, StoreError, StoreUnavailable
 from throttle.identity import Fingerprint, total_key
 from throttle.store.base import Guard, Prepared
 
@@ -494,3 +494,26 @@ def test_an_admission_filled_from_a_key_template_charges_the_laid_out_buckets(
     assert [state.remaining for state in denied.limits] == [1, 0]
     for charge in laid_out.charges(limits, who):
         assert redis_client.exists(charge.bucket.key)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [b"admitted", 5_000_000],  # the short reply, cut
+        [b"admitted", b"x", 1, 2, 3, 4],  # not a number
+        [b"denied", 1],  # the long reply, cut
+        [b"nonsense", 1, 2, 3, 4, 5],
+        [],
+    ],
+)
+def test_a_reply_the_script_never_gives_is_a_store_error(
+    redis_client: redis.Redis, keyspace: Keyspace, reply: list[object]
+) -> None:
+    """A reply that is not what admit.lua answers is refused with a StoreError naming it,
+    not taken for a decision (nor left to fail with an IndexError or a TypeError)."""
+    store = RedisStore(redis_client, keyspace)
+    limits = [Limit("key", "3/h"), Limit("agent", "2/h", per=("api_key", "agent_id"))]
+    prepared = store.prepare(limits, {"api_key": "k", "agent_id": "a"})
+    assert isinstance(prepared, Prepared)
+    with pytest.raises(StoreError, match="unexpected reply from the admission script"):
+        store.finish(prepared, reply)
