@@ -55,6 +55,7 @@ from throttle.celeryext.settings import (
     ThrottleSettings,
     load_settings,
 )
+from throttle.identity import Fingerprint
 from throttle.limits import BUILTIN_DIMENSIONS, MAX_SPAN, MAX_UNITS, MIN_FACTOR
 from throttle.store.base import BaseStore
 
@@ -1438,3 +1439,28 @@ def test_a_provider_s_hostile_retry_after_still_defers_the_task(
         expected = DEFAULT_MAX_DELAY if name == "enormous" else 2
         assert expected - 5 <= pause <= expected + 0.5, (name, pause)
         assert app.AsyncResult(task_id).state != "FAILURE"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Limit("req\n", "1/s"),
+        lambda: Limit("req", "1/s", per=["api_key", "model\n"], dimensions=["model\n"]),
+        lambda: Keyspace(SECRET, prefix="throttle\n"),
+        lambda: Keyspace.check_booking_id("a" * 16 + "\n"),
+        lambda: load_settings(conf_of(throttle_key_prefix="throttle\n")),
+        lambda: load_settings(conf_of(throttle_dimensions=["model\n"])),
+        lambda: load_settings(conf_of(throttle_tiers={"gold\n": {}})),
+    ],
+    ids=["limit", "dimension", "prefix", "booking", "setting-prefix", "setting-dimension", "tier"],
+)
+def test_a_name_with_a_trailing_newline_is_refused(build: Callable[[], object]) -> None:
+    """Names that go into keys and header fields are whole matches of their pattern: a
+    trailing newline (which ``$`` lets through) is refused, as any other character would be."""
+    with pytest.raises((ConfigurationError, IdentityError)):
+        build()
+
+
+def test_a_fingerprint_is_exactly_sixteen_characters() -> None:
+    with pytest.raises(ValueError, match="not a fingerprint"):
+        Fingerprint("A" * 16 + "\n")

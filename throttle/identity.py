@@ -37,13 +37,13 @@ from throttle.limits import Limit
 
 __all__ = ["Bucket", "Fingerprint", "Keyspace"]
 
-_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+_BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}\Z")
 # Values longer than this are fingerprinted every time rather than cached, so a stream of huge
 # identities cannot grow the cache by megabytes.
 _CACHEABLE_LEN: Final = 256
 _FINGERPRINT_LEN: Final = 16  # characters: 96 bits in URL-safe base64
-_FINGERPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16}$")
+_FINGERPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16}\Z")
 # The bytes of URL-safe base64 where standard base64 has others.
 _URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 

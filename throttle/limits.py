@@ -66,8 +66,8 @@ _RATE_RE: Final = re.compile(
     r"^\s*(?P<count>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*/\s*"
     r"(?P<mult>[0-9]*\.?[0-9]+)?\s*(?P<unit>[a-z]+)\s*$"
 )
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DIMENSION_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_DIMENSION_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 
 
 @dataclass(frozen=True, slots=True)

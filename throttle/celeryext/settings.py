@@ -54,9 +54,9 @@ _LIMIT_KEYS: Final = frozenset(
         "upstream",
     }
 )
-_TIER_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_DIMENSION_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_TIER_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+_DIMENSION_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 _SECONDS: Final = f"seconds > 0, at most {MAX_SPAN:g} (ten years)"
 
 
