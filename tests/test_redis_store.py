@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -436,11 +437,13 @@ _POOL = (
 )
 _VALUES = st.one_of(
     st.none(),
-    st.text(max_size=300),  # past 256 characters a value is not fingerprinted from the cache
-    st.sampled_from(["t", "{x}", "%s", "a:b", "\x00", "\x01" * 14]),
+    # Any code point, surrogates too; past 256 characters a value is fingerprinted anew.
+    st.text(st.characters(blacklist_categories=()), max_size=300),
+    st.sampled_from(["t", "{x}", "%s", "a:b", "\x00", "\x01" * 14, ""]),
     st.integers(-5, 5),
     st.builds(lambda v: Fingerprint(v), st.from_regex(r"\A[A-Za-z0-9_-]{16}\Z")),
 )
+_IDENTITIES = st.dictionaries(st.sampled_from(["api_key", "agent_id", "tier", "model"]), _VALUES)
 
 
 @settings(
@@ -448,21 +451,33 @@ _VALUES = st.one_of(
 )
 @given(
     chosen=st.lists(st.sampled_from(_POOL), min_size=1, max_size=4, unique=True),
-    values=st.dictionaries(st.sampled_from(["api_key", "agent_id", "tier", "model"]), _VALUES),
+    first=_IDENTITIES,
+    values=_IDENTITIES,
+    proxy=st.booleans(),
+    cost=st.sampled_from([1, 2.5, "dict"]),
     prefix=st.sampled_from(["throttle", "a.b:c-d_e"]),
 )
 def test_plans_filled_from_a_key_template_are_laid_out_as_each_key_is(
-    redis_client: redis.Redis, chosen: list[Limit], values: dict[str, object], prefix: str
+    redis_client: redis.Redis,
+    chosen: list[Limit],
+    first: dict[str, object],
+    values: dict[str, object],
+    proxy: bool,
+    cost: object,
+    prefix: str,
 ) -> None:
-    """A plan not remembered is filled in from its shape's template of keys and their packing,
-    when every value its keys need is a string fingerprinted from the cache: its buckets, keys
-    and packed keys are those that laying out each limit's key and packing them give. Other
-    identities (None, a long string, an integer, a Fingerprint) and sliding windows take the
-    general path, to the same end."""
+    """A plan not remembered is filled in from its shape's template of keys and their packing
+    (made for another identity: ``first``), when every value its keys need is a string
+    fingerprinted from the cache: its buckets, keys and packed keys are those that laying
+    out each limit's key and packing them give. Other identities (None, a long string, an
+    integer, a Fingerprint) and sliding windows take the general path, to the same end."""
     store = RedisStore(redis_client, Keyspace(SECRET, prefix=prefix))
     store._plan_pause = 1 << 30
-    plan = store._plan(chosen, values, 1)
-    expected = store.charges(chosen, values, 1)
+    costs = {chosen[0].name: 2} if cost == "dict" else cost
+    who = types.MappingProxyType(values) if proxy else values
+    store._plan(chosen, first, costs)  # type: ignore[arg-type]
+    plan = store._plan(chosen, who, costs)  # type: ignore[arg-type]
+    expected = store.charges(chosen, who, costs)  # type: ignore[arg-type]
     assert plan.charges == expected
     keys = []
     for c in expected:
@@ -470,11 +485,26 @@ def test_plans_filled_from_a_key_template_are_laid_out_as_each_key_is(
         if c.limit.algorithm == "sliding_window":
             keys.append(total_key(c.bucket))
     assert plan.keys == tuple(keys)
-    shape = store._shape(chosen, values, 1)
+    shape = store._shape(chosen, who, costs)  # type: ignore[arg-type]
     assert plan.wire == store._encode_keys(keys, shape.wire)
     # The template is there to be used: for every shape without a window.
     windows = any(lim.algorithm == "sliding_window" for lim in chosen)
     assert (shape.keys is None) == windows
+
+
+def test_shapes_of_costs_that_vary_share_one_key_template(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """A cost estimated per call (LLM tokens) makes a shape per cost; the template of their
+    keys is made once for the list of limits, not once per shape."""
+    store = _store(redis_client, keyspace, remembered=False)
+    limits = [Limit("req", "60/m"), Limit("tokens", "20000/m", unit="tokens", max_cost=4096)]
+    for tokens in (1, 7, 4096):
+        store.prepare(limits, KEY, cost={"tokens": tokens})
+    templates = {id(shape.keys) for shape in store._shapes.values()}
+    assert len(store._shapes) == 3
+    assert len(templates) == 1
+    assert None not in {shape.keys for shape in store._shapes.values()}
 
 
 def test_an_admission_filled_from_a_key_template_charges_the_laid_out_buckets(
@@ -504,6 +534,9 @@ def test_an_admission_filled_from_a_key_template_charges_the_laid_out_buckets(
         [b"denied", 1],  # the long reply, cut
         [b"nonsense", 1, 2, 3, 4, 5],
         [],
+        [b"denied", 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # no such limit binds
+        [b"denied", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [b"admitted", 1, 2, 3, 4, 10**400],  # past a float
     ],
 )
 def test_a_reply_the_script_never_gives_is_a_store_error(

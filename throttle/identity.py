@@ -28,6 +28,7 @@ import hmac
 import importlib
 import operator
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
@@ -51,7 +52,10 @@ _URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 def _builtin_sha256() -> Callable[[bytes], Any]:
     """SHA-256 by CPython's own module when it has one: its states copy in a fraction of the
     time an OpenSSL 3 state takes, and a fingerprint copies two (same digests, of course).
-    ``hashlib``'s otherwise (a build without its own hashes, as some FIPS builds are)."""
+    ``hashlib``'s otherwise: on another interpreter (PyPy's is pure Python), with OpenSSL in
+    FIPS mode (whose own must be used there), or a build without its own hashes."""
+    if sys.implementation.name != "cpython" or _fips_mode():
+        return hashlib.sha256
     for module in ("_sha2", "_sha256"):  # its name since 3.12, and before
         try:
             found: Callable[[bytes], Any] = importlib.import_module(module).sha256
@@ -60,6 +64,13 @@ def _builtin_sha256() -> Callable[[bytes], Any]:
         if found(b"abc").digest() == hashlib.sha256(b"abc").digest():
             return found
     return hashlib.sha256
+
+
+def _fips_mode() -> bool:
+    try:
+        return bool(importlib.import_module("_hashlib").get_fips_mode())
+    except (ImportError, AttributeError, ValueError):
+        return False
 
 
 _sha256: Final = _builtin_sha256()
@@ -242,13 +253,14 @@ class Keyspace:
         return [self._bucket(limit, identity) for limit in limits]
 
     def key_template(
-        self, limits: Sequence[Limit], extra: Callable[[list[str]], str] | None = None
+        self, limits: Sequence[Limit], extra: Callable[[list[str]], str | None] | None = None
     ) -> KeyTemplate | None:
         """The buckets of ``limits`` for every identity whose values of their dimensions are
         all strings of at most 256 characters, as one template to fill in with those values'
         fingerprints (see :meth:`plain_fingerprints`): each limit's tag and key, then
         ``extra`` of the keys when it is given (another spelling of them, which must hold
-        each key verbatim), separated by NUL. None when there is no such template."""
+        each key verbatim), separated by NUL. None when there is no such template (or
+        ``extra`` gives none)."""
         dims = tuple(dict.fromkeys(d for limit in limits for d in limit.per))
         # Stand-ins for the fingerprints, as long as one (every fingerprint is 16 characters,
         # which the packed keys' lengths count on) and made of characters none has.
@@ -257,7 +269,10 @@ class Keyspace:
         buckets = [self._layout(limit, [mark[d] for d in limit.per]) for limit in limits]
         parts = [part for bucket in buckets for part in bucket]
         if extra is not None:
-            parts.append(extra([bucket.key for bucket in buckets]))
+            spelt = extra([bucket.key for bucket in buckets])
+            if spelt is None:
+                return None
+            parts.append(spelt)
         marked = "\0".join(parts)
         found = re.compile("|".join(map(re.escape, marks))) if marks else None
         order = [] if found is None else [marks.index(m) for m in found.findall(marked)]

@@ -309,6 +309,10 @@ class BaseStore(Store):
         #: (a shape's argv, peek, adaptive, reserve, horizon) -> the parts of a plain
         #: admission of that shape, for plans not remembered (see _assemble).
         self._parts: dict[tuple[Any, ...], _Parts] = {}
+        #: the ids of a list of limits -> the limits (kept alive) and their keys' template.
+        self._key_templates: dict[
+            tuple[int, ...], tuple[tuple[Limit, ...], KeyTemplate | None]
+        ] = {}
         self._plan_hits = 0  # since the plans were last cleared
         self._plan_pause = 0  # admissions left before plans are remembered again
 
@@ -508,7 +512,7 @@ class BaseStore(Store):
             windows,
             next((i for i, c in enumerate(charges) if not c.limit.is_global), 0),
             wire,
-            None if memo is None or windows else self._key_template(limits, wire),
+            None if memo is None or windows else self._key_template(ids, wire),
         )
         if memo is not None:
             if len(self._shapes) >= _SHAPES:  # limits and costs are configuration, mostly
@@ -813,23 +817,31 @@ class BaseStore(Store):
         :meth:`_encode_args`); None for none."""
         return None
 
-    def _key_template(self, limits: Sequence[Limit], args: Any) -> KeyTemplate | None:
-        """The keys of ``limits`` as a template (see :meth:`Keyspace.key_template`), with
-        their encoding by :meth:`_encode_keys` for a shape whose arguments encode as ``args``
-        (for :meth:`_with_keys`)."""
+    def _key_template(self, ids: tuple[int, ...], args: Any) -> KeyTemplate | None:
+        """The keys of the limits checked as ``ids`` as a template (see
+        :meth:`Keyspace.key_template`), with their encoding by :meth:`_encode_keys` for a
+        shape whose arguments encode as ``args`` (for :meth:`_with_keys`). Made once per list
+        of limits: shapes of costs that vary per call (an estimate of LLM tokens) share it."""
+        known = self._key_templates.get(ids)
+        if known is not None:
+            return known[1]
+        limits = self._checked[ids].limits
         if args is None:
-            return self.keyspace.key_template(limits)
+            template = self.keyspace.key_template(limits)
+        else:
+            encode, text = self._encode_keys, self._keys_text
+            template = self.keyspace.key_template(limits, lambda keys: text(encode(keys, args)))
+        if len(self._key_templates) >= _SHAPES:  # limit lists are configuration, mostly
+            self._key_templates.clear()
+        self._key_templates[ids] = (limits, template)  # the limits kept alive: ids stay theirs
+        return template
 
-        def packed(keys: list[str]) -> str:
-            return self._keys_text(self._encode_keys(keys, args))
-
-        return self.keyspace.key_template(limits, packed)
-
-    def _keys_text(self, wire: Any) -> str:
+    def _keys_text(self, wire: Any) -> str | None:
         """The keys' part of an encoding by :meth:`_encode_keys`, as text holding each key
-        verbatim (for a template: see :meth:`_key_template`). A store that encodes keys
-        gives this and :meth:`_with_keys`."""
-        raise NotImplementedError
+        verbatim (for a template: see :meth:`_key_template`), or None: then admissions of
+        plans not remembered lay out and encode their keys each time. A store that gives it
+        gives :meth:`_with_keys` too."""
+        return None
 
     def _with_keys(self, args: Any, text: str, nkeys: int) -> Any:
         """What :meth:`_encode_keys` gives for a shape's ``args`` and ``nkeys`` keys whose
@@ -1078,14 +1090,17 @@ class BaseStore(Store):
                 receipt = _new(Receipt, (charges, nonce, adaptive))
                 return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             binding = int(reply[1])
+            if not 1 <= binding <= len(charges):
+                raise IndexError(binding)
+            bound = charges[binding - 1].limit.name
             retry = reply[2] / _US
-        except (IndexError, KeyError, ValueError, TypeError) as exc:
+        except (IndexError, KeyError, ValueError, TypeError, OverflowError) as exc:
             raise StoreError(f"unexpected reply from the admission script: {reply!r}") from exc
         keeps_booking = outcome in (Outcome.BOOKED, Outcome.EARLY)
         return Decision(
             outcome,
             retry,
-            charges[binding - 1].limit.name,
+            bound,
             states,
             booking if keeps_booking else None,
             None,
