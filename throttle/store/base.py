@@ -429,8 +429,8 @@ class BaseStore(Store):
             None if template is None else self.keyspace.plain_fingerprints(template.dims, identity)
         )
         if template is not None and fps is not None:
-            # Filled in from the shape's template: about a tenth less of a plan's cost than
-            # laying out each key and packing the lot, which many tenants pay on every call.
+            # Filled in from the template of its limits' keys: a plan costs about a tenth less
+            # so than by laying out each key and packing the lot (many tenants: every call).
             parts = template.fill(fps)
             n = 2 * template.nlimits
             buckets = [_new(Bucket, parts[i : i + 2]) for i in range(0, n, 2)]
