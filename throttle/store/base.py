@@ -680,12 +680,10 @@ class BaseStore(Store):
             if template is not None and template.plan is plan:
                 t = template
                 return self._fill(plan, t.keys, t.argv, t.before, t.mid, t.after, reserve)
-            if not plan.kept and not (adaptive and plan.follows):
-                if horizon is not None:
-                    _check_horizon(horizon)
-                return self._assemble(plan, peek, adaptive, reserve, horizon)
-        if horizon is not None:
+        if horizon is not None:  # (a template's horizon was checked when it was made)
             _check_horizon(horizon)
+        if plain and not plan.kept and not (adaptive and plan.follows):
+            return self._assemble(plan, peek, adaptive, reserve, horizon)
         if booking is not None:
             booking = self.keyspace.check_booking_id(booking)
             bmode = "old"
@@ -989,7 +987,7 @@ class BaseStore(Store):
             reply = self._run_admit(*self._admit_args(group, head, booking, work_id, adaptive))
             head = [*head[:6], ""]
             if _OUTCOMES.get(reply[0]) not in _ALLOWED:
-                states = []
+                states: list[LimitState] = []
                 for earlier, earlier_reply in done:
                     self._refund(earlier, earlier_reply, nonce, now_us, adaptive)
                     states += self._probe(earlier, head, adaptive)
@@ -1037,7 +1035,7 @@ class BaseStore(Store):
 
     def _probe(
         self, group: tuple[Charge, ...], head: list[str], adaptive: bool
-    ) -> list[LimitState]:
+    ) -> tuple[LimitState, ...]:
         """The states of ``group`` as they are now, read by a zero-cost admission."""
         free = tuple(Charge(c.limit, c.bucket, 0.0) for c in group)
         plain = [head[0], "0", "", "", head[4], head[5], ""]
@@ -1059,13 +1057,18 @@ class BaseStore(Store):
 
     # -- the reply ---------------------------------------------------------------------------
 
-    def _states(self, charges: Sequence[Charge], reply: Sequence[Any]) -> list[LimitState]:
+    def _states(self, charges: Sequence[Charge], reply: Sequence[Any]) -> tuple[LimitState, ...]:
         if _OUTCOMES.get(reply[0]) is _ADMITTED:
-            return list(_short_states(charges, reply))
-        return [
-            _new(LimitState, (c.limit.name, reply[j] / _US, reply[j + 1] / _US, reply[j + 2] / _US))
-            for c, j in zip(charges, range(3, 3 + 4 * len(charges), 4), strict=True)
-        ]
+            return _short_states(charges, reply)
+        return tuple(
+            [
+                _new(
+                    LimitState,
+                    (c.limit.name, reply[j] / _US, reply[j + 1] / _US, reply[j + 2] / _US),
+                )
+                for c, j in zip(charges, range(3, 3 + 4 * len(charges), 4), strict=True)
+            ]
+        )
 
     def _decision(
         self,
@@ -1084,7 +1087,7 @@ class BaseStore(Store):
                 return _new(Decision, (outcome, 0.0, None, states, None, receipt, at))
             if outcome is _STALE:
                 return Decision(outcome, 0.0, None, ())
-            states = tuple(self._states(charges, reply))
+            states = self._states(charges, reply)
             at = _reply_at(reply, len(charges)) / _US
             if outcome in _ALLOWED:
                 receipt = _new(Receipt, (charges, nonce, adaptive))
