@@ -504,45 +504,48 @@ def test_redis_keys_expire_when_full_again(redis_client: redis.Redis, keyspace: 
         ("window" if ":win" in k else "booking" if ":~b:" in k else k.rsplit(":", 1)[1]): v
         for k, v in ttls.items()
     }
-    # Token buckets: the time to full, + 1 s margin, rounded up to a whole second of the clock.
-    assert 1300 < by_kind["req"] <= 2400  # 0.4 s to full + 1 s margin
+    # Token buckets: the time to full, + 1 s margin, rounded up to ten seconds of the clock.
+    assert 1300 < by_kind["req"] <= 11_400  # 0.4 s to full + 1 s margin, + up to 10 s
     assert 60_000 < by_kind["window"] <= 61_000  # newest entry leaves in 60 s, + margin
-    assert 7_100_000 < by_kind["slow"] <= 7_202_000  # one hour charged, one hour booked
+    assert 7_100_000 < by_kind["slow"] <= 7_211_000  # one hour charged, one hour booked
     assert 3_630_000 - 5_000 < by_kind["booking"] <= 3_631_000  # slot + grace + margin
 
 
-def test_a_busy_bucket_keeps_its_expiry_within_the_second(
+def test_a_busy_bucket_keeps_its_expiry_within_the_step(
     redis_client: redis.Redis, keyspace: Keyspace
 ) -> None:
-    """A token bucket's key expires 1 s after the bucket is full again, rounded up to a whole
-    second; a write that leaves that moment where it was keeps the expiry already set (the
+    """A token bucket's key expires 1 s after the bucket is full again, rounded up to ten
+    seconds; a write that leaves that moment where it was keeps the expiry already set (the
     cheaper write), one that moves it sets it anew. Admissions and settlements alike."""
     store = RedisStore(redis_client, keyspace)
     limit = Limit("req", "1000/s", burst=1000)  # each admission: 1 ms
-    start = T0 - T0 % 1_000_000  # a whole second
+    start = T0 - T0 % 10_000_000  # a multiple of ten seconds
     key = store.charges([limit], KEY)[0].bucket.key
 
-    first = store.admit([limit], KEY, now_us=start)  # full at +1 ms: expires at +2 s
-    assert 1900 < redis_client.pttl(key) <= 2000
+    first = store.admit([limit], KEY, now_us=start)  # full at +1 ms: expires at +10 s
+    assert 9900 < redis_client.pttl(key) <= 10_000
     assert first.receipt is not None
-    store.admit([limit], KEY, now_us=start + 600_000)  # full at +601 ms: still +2 s
-    # Kept: set anew it would be 2000 - 600 ms from the (test's) clock.
-    assert 1900 < redis_client.pttl(key) <= 2000
-    store.settle(first.receipt, {"req": 3}, now_us=start + 700_000)  # +2 units: full at +703 ms
-    assert 1900 < redis_client.pttl(key) <= 2000
-    store.admit([limit], KEY, now_us=start + 1_500_000)  # full at +1.501 s: expires at +3 s
-    assert 1400 < redis_client.pttl(key) <= 1500
+    store.admit([limit], KEY, now_us=start + 6_000_000)  # full at +6.001 s: still +10 s
+    # Kept: set anew it would be 10 - 6 s from the (test's) clock.
+    assert 9900 < redis_client.pttl(key) <= 10_000
+    store.settle(first.receipt, {"req": 3}, now_us=start + 7_000_000)  # full at about +7 s
+    assert 9900 < redis_client.pttl(key) <= 10_000
+    store.admit([limit], KEY, now_us=start + 9_500_000)  # full at +9.501 s: expires at +20 s
+    assert 10_400 < redis_client.pttl(key) <= 10_500
 
 
 def test_memory_store_forgets_idle_buckets(keyspace: Keyspace, clock: ManualClock) -> None:
     """The in-process store drops a bucket once it is full again, as Redis expiry does."""
     store = MemoryStore(keyspace, clock=clock)
     limit = Limit("req", "10/s", burst=10)
-    store.admit([limit], KEY)
+    assert clock.now_us() % 10_000_000 == 0  # (the expiry steps are whole ten seconds)
+    store.admit([limit], KEY)  # full again at +0.1 s, expires at +10 s
     assert len(store.keys()) == 1
     clock.advance(1.0)
     assert len(store.keys()) == 1  # full again, but within the margin
-    clock.advance(1.0)
+    clock.advance(8.9)
+    assert len(store.keys()) == 1  # and within the step it is rounded up to
+    clock.advance(0.1)
     assert store.keys() == []
 
 

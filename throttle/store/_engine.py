@@ -17,6 +17,7 @@ from typing import Final
 __all__ = ["Engine"]
 
 MARGIN_MS: Final = 1000
+EXPIRY_STEP_MS: Final = 10_000
 
 Reply = list[str | int]
 
@@ -31,7 +32,7 @@ def _ttl_ms(until_us: float, now: float) -> int:
 
 
 def _tat_expiry_ms(tat: float) -> int:
-    return math.ceil((tat / 1000 + MARGIN_MS) / 1000) * 1000
+    return math.ceil((tat / 1000 + MARGIN_MS) / EXPIRY_STEP_MS) * EXPIRY_STEP_MS
 
 
 def _member_cost(member: str) -> float:
