@@ -120,6 +120,24 @@ def test_fingerprints_are_stable_across_versions() -> None:
     assert keyspace.fingerprint("api_key", b"raw") == "1eXsDtzCZvkjq59F"
 
 
+def test_the_fingerprint_cache_is_bounded_and_answers_as_computing_does() -> None:
+    """Each dimension caches at most ``cache_size`` fingerprints (it starts over when full),
+    and every answer, cached or not, from any of the three ways in, is the computed one; "7",
+    7 and b"7" stay apart."""
+    keyspace = Keyspace(SECRET, cache_size=4)
+    limit = Limit("req", "10/s", per=("api_key", "agent_id"))
+    for round_ in range(3):
+        for i in range(10):
+            who = {"api_key": f"key-{i % 6}", "agent_id": "a"}
+            expected = [keyspace._compute(d, who[d]) for d in ("api_key", "agent_id")]
+            assert keyspace.plain_fingerprints(("api_key", "agent_id"), who) == expected
+            assert keyspace.bucket(limit, who) == keyspace._layout(limit, expected)
+            assert keyspace.fingerprint("api_key", f"key-{i % 6}") == expected[0]
+            assert all(len(known) <= 4 for known in keyspace._fps.values()), round_
+    fps = {keyspace.fingerprint("tier", v) for v in ("7", 7, b"7", "7", 7, b"7")}
+    assert len(fps) == 3
+
+
 @pytest.mark.parametrize("length", [16, 63, 64, 65, 200])
 def test_fingerprints_are_hmac_sha256_for_every_secret_length(length: int) -> None:
     """The fingerprint is computed from precomputed HMAC pad states; it matches the standard

@@ -492,6 +492,44 @@ def test_plans_filled_from_a_key_template_are_laid_out_as_each_key_is(
     assert (shape.keys is None) == windows
 
 
+def _spelt(prepared: Prepared) -> tuple[object, ...]:
+    """A prepared admission with its nonce (and the booking id it names) taken out."""
+    nonce = prepared.nonce
+    bulk = b"$%d\r\n%s\r\n" % (len(nonce), nonce.encode())
+    assert prepared.frame is not None
+    assert prepared.frame.count(bulk) == 1
+    frame = prepared.frame.replace(bulk, b"<nonce>").replace(nonce.encode(), b"<booking>")
+    keys = [k.replace(nonce, "<booking>") for k in prepared.keys]
+    argv = [*prepared.argv[:4], "<nonce>", *prepared.argv[5:]]
+    return prepared.charges, keys, argv, prepared.booking is None, frame
+
+
+@pytest.mark.parametrize(
+    "how",
+    [{}, {"reserve": True}, {"peek": True}, {"reserve": True, "horizon": 60.0}],
+    ids=["plain", "reserve", "peek", "horizon"],
+)
+def test_an_admission_not_remembered_is_packed_as_a_remembered_one(
+    redis_client: redis.Redis, keyspace: Keyspace, how: dict[str, Any]
+) -> None:
+    """A plain admission whose plan is not remembered is packed straight from its shape's key
+    template, without a plan: into the frame, keys and arguments that a remembered plan gives
+    (laid out the first time, from its own template after), but for its nonce."""
+    limits = [Limit("key", "3/h", burst=3), Limit("agent", "2/h", per=("api_key", "agent_id"))]
+    who = {"api_key": "tenant-{1}%s", "agent_id": "agent"}
+    fresh = _store(redis_client, keyspace, remembered=False)
+    kept = _store(redis_client, keyspace, remembered=True)
+    plain = (bool(how.get("peek")), False, bool(how.get("reserve")), how.get("horizon"))
+    assert isinstance(fresh._plan(limits, who, 1, plain), Prepared)  # no plan made
+    made = [store.prepare(limits, who, **how) for store in (fresh, fresh, kept, kept)]
+    assert all(isinstance(p, Prepared) for p in made)
+    spelt = [_spelt(p) for p in made]  # type: ignore[arg-type]
+    assert spelt[1:] == spelt[:1] * 3
+    assert not fresh._plans
+    assert len(kept._templates) == 1
+    assert len({p.nonce for p in made}) == 4  # type: ignore[union-attr]
+
+
 def test_shapes_of_costs_that_vary_share_one_key_template(
     redis_client: redis.Redis, keyspace: Keyspace
 ) -> None:

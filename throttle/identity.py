@@ -22,7 +22,6 @@ Everything of one tenant shares the ``{K}`` hash tag, so one admission is one Re
 from __future__ import annotations
 
 import binascii
-import functools
 import hashlib
 import hmac
 import importlib
@@ -43,6 +42,7 @@ _BOOKING_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}\Z")
 # Values longer than this are fingerprinted every time rather than cached, so a stream of huge
 # identities cannot grow the cache by megabytes.
 _CACHEABLE_LEN: Final = 256
+_DIMENSIONS_CACHED: Final = 256  # dimensions whose fingerprints are cached, at most
 _FINGERPRINT_LEN: Final = 16  # characters: 96 bits in URL-safe base64
 _FINGERPRINT_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16}\Z")
 # The bytes of URL-safe base64 where standard base64 has others.
@@ -125,7 +125,7 @@ class Keyspace:
     __slots__ = (
         "_buckets",
         "_cache_size",
-        "_fingerprint",
+        "_fps",
         "_inner",
         "_inner_by_dim",
         "_outer",
@@ -160,7 +160,11 @@ class Keyspace:
         self._inner_by_dim: dict[str, Any] = {}  # the inner state with "<dimension>\0" absorbed
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
-        self._fingerprint = functools.lru_cache(maxsize=cache_size)(self._compute)
+        #: Fingerprints of short values, per dimension (value -> fingerprint), each emptied
+        #: when it holds ``cache_size``. Not an LRU: with many thousands of tenants nearly
+        #: every API key is new, and an LRU's upkeep on each (unlinking the oldest entry, in
+        #: memory long out of the CPU's caches) cost more than its hash.
+        self._fps: dict[str, dict[object, str]] = {}
         self._cache_size = cache_size
         self._buckets: dict[tuple[object, ...], Bucket] = {}
 
@@ -177,15 +181,37 @@ class Keyspace:
             return str(value)
         if isinstance(value, str):
             if len(value) <= _CACHEABLE_LEN:
-                return self._fingerprint(dimension, value)
+                return self._cached(dimension, value)
         elif isinstance(value, bytes | int) and not isinstance(value, bool):
             if not isinstance(value, bytes) or len(value) <= _CACHEABLE_LEN:
-                return self._fingerprint(dimension, value)
+                return self._cached(dimension, value)
         else:
             raise IdentityError(
                 dimension, f"must be a string, bytes or an integer, got {type(value).__name__}"
             )
         return self._compute(dimension, value)
+
+    def _cached(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
+        """The fingerprint of ``value`` (short, or an int: see :meth:`fingerprint`), from the
+        cache when it is there. (``1`` and ``True`` would share an entry: no bool comes here.)"""
+        known = self._fps.get(dimension)
+        if known is not None:
+            found = known.get(value)
+            if found is not None:
+                return found
+        return self._remember(dimension, value)
+
+    def _remember(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
+        fp = self._compute(dimension, value)
+        known = self._fps.get(dimension)
+        if known is None:
+            if len(self._fps) >= _DIMENSIONS_CACHED:  # names from the configuration, mostly
+                self._fps.clear()
+            known = self._fps[dimension] = {}
+        elif len(known) >= self._cache_size:
+            known.clear()
+        known[value] = fp
+        return fp
 
     def _compute(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
         if isinstance(value, _Anonymous):
@@ -235,7 +261,7 @@ class Keyspace:
         return bucket
 
     def _bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
-        cached = self._fingerprint
+        cached = self._cached
         fps = []
         for dim in limit.per:  # on every admission: kept lean
             value = identity.get(dim)
@@ -290,13 +316,15 @@ class Keyspace:
     ) -> list[str] | None:
         """The fingerprints of ``identity``'s values of ``dims``, when each is a string of at
         most 256 characters (else None), as :meth:`bucket` finds them."""
-        cached = self._fingerprint
+        by_dim = self._fps
         fps = []
         for dim in dims:
             value = identity.get(dim)
             if type(value) is not str or len(value) > _CACHEABLE_LEN:
                 return None
-            fps.append(cached(dim, value))
+            known = by_dim.get(dim)
+            found = None if known is None else known.get(value)
+            fps.append(self._remember(dim, value) if found is None else found)
         return fps
 
     def _layout(self, limit: Limit, fps: list[str]) -> Bucket:
@@ -339,7 +367,7 @@ class Keyspace:
         in. An identity without an API key is the ``anonymous`` tenant."""
         value = identity.get("api_key")
         if value is None:
-            return "{" + self._fingerprint("api_key", _Anonymous(anonymous)) + "}"
+            return "{" + self._cached("api_key", _Anonymous(anonymous)) + "}"
         return "{" + self.fingerprint("api_key", value) + "}"
 
     def upstream_key(self, tag: str) -> str:

@@ -407,12 +407,17 @@ class BaseStore(Store):
         limits: Sequence[Limit],
         identity: Mapping[str, object],
         cost: float | Mapping[str, float],
-    ) -> _Plan:
+        plain: tuple[bool, bool, bool, float | None] | None = None,
+    ) -> _Plan | Prepared:
         """The charges of an admission and the script arguments that do not change from one
         call to the next. Recent plans are remembered, keyed by the limits' identity and the
         identity's and costs' values, when every value is of a type whose equality is safe to
         key on (a str or None; an int or float cost): ``1`` and ``True`` are equal as dict keys
-        but not as costs, and a ``Fingerprint`` equals the string it is spelt as."""
+        but not as costs, and a ``Fingerprint`` equals the string it is spelt as.
+
+        ``plain`` is given for a plain admission (see :meth:`_prepare`), as (peek, adaptive,
+        reserve, horizon): a plan that is not remembered and fills in its shape's key template
+        is then not made at all, and the admission comes back :class:`Prepared` instead."""
         memo = None
         if self._plan_pause:
             self._plan_pause -= 1
@@ -433,11 +438,14 @@ class BaseStore(Store):
             # so than by laying out each key and packing the lot (many tenants: every call).
             parts = template.fill(fps)
             n = 2 * template.nlimits
-            buckets = [_new(Bucket, parts[i : i + 2]) for i in range(0, n, 2)]
+            if len(parts) > n:
+                if memo is None and plain is not None and not (plain[1] and shape.follows):
+                    return self._fresh(shape, parts, n, *plain)
+                wire = self._with_keys(shape.wire, parts[n], template.nlimits)
+            else:
+                wire = None
+            buckets, charges = _filled(shape, parts, n)
             keys = parts[1:n:2]
-            wire = (
-                self._with_keys(shape.wire, parts[n], template.nlimits) if len(parts) > n else None
-            )
         else:
             buckets = self.keyspace.buckets(shape.limits, identity)
             if shape.windows:
@@ -449,9 +457,9 @@ class BaseStore(Store):
             else:
                 keys = [b.key for b in buckets]
             wire = self._encode_keys(keys, shape.wire)
-        charges = tuple(
-            [_new(Charge, c) for c in zip(shape.limits, buckets, shape.costs, strict=True)]
-        )
+            charges = tuple(
+                [_new(Charge, c) for c in zip(shape.limits, buckets, shape.costs, strict=True)]
+            )
         plan = _new(
             _Plan,
             (
@@ -664,22 +672,25 @@ class BaseStore(Store):
     ) -> Prepared | tuple[Any, ...]:
         if isinstance(limits, Limit):
             limits = (limits,)
-        plan = self._plan(limits, identity, cost)
         # A plain admission or peek (no booking to redeem, guard or test clock; a horizon only
         # when it may book) of a plan sent whole: everything but the nonce (and the booking
         # that may be made, named by it) is the same from call to call, and is kept packed.
         plain = (
-            plan.wire is not None
-            and booking is None
-            and guard is None
-            and now_us is None
-            and (horizon is None or reserve)
+            booking is None and guard is None and now_us is None and (horizon is None or reserve)
         )
+        plan = self._plan(
+            limits, identity, cost, (peek, adaptive, reserve, horizon) if plain else None
+        )
+        if isinstance(plan, Prepared):
+            return plan
+        plain = plain and plan.wire is not None
         if plain:
             template = self._templates.get((id(plan), peek, adaptive, reserve, horizon))
             if template is not None and template.plan is plan:
                 t = template
-                return self._fill(plan, t.keys, t.argv, t.before, t.mid, t.after, reserve)
+                return self._fill(
+                    plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after, reserve
+                )
         if horizon is not None:  # (a template's horizon was checked when it was made)
             _check_horizon(horizon)
         if plain and not plan.kept and not (adaptive and plan.follows):
@@ -745,31 +756,76 @@ class BaseStore(Store):
         self, plan: _Plan, peek: bool, adaptive: bool, reserve: bool, horizon: float | None
     ) -> Prepared:
         """A plain admission of a plan not remembered (identities that seldom recur, as with
-        many thousands of tenants), put together from its shape's packed parts, kept for
-        every plan of that shape, and its own keys, packed with the plan."""
+        many thousands of tenants), put together from its shape's packed parts (see
+        :meth:`_packed`) and its own keys, packed with the plan."""
         memo = (plan.argv, peek, adaptive, reserve, horizon)
-        parts = self._parts.get(memo)
-        if parts is None:
-            head = [
-                "",
-                "p" if peek else "1" if reserve else "0",
-                "" if horizon is None else str(round(horizon * _US)),
-                "new" if reserve else "",
-                "",
-                self._grace,
-                "",
-            ]
-            start, mid, after = self._encode_call(plan.wire, int(reserve), head, "", False)
-            parts = _Parts(start, mid, after, [*head, "", *plan.argv])
-            if len(self._parts) >= 64:  # shapes are configuration, mostly
-                self._parts.clear()
-            self._parts[memo] = parts
-        keys, before = list(plan.keys), parts.start + plan.wire.keys
-        return self._fill(plan, keys, parts.argv, before, parts.mid, parts.after, reserve)
+        parts = self._parts.get(memo) or self._packed(memo, plan.wire)
+        before = parts.start + plan.wire.keys
+        keys = list(plan.keys)
+        return self._fill(
+            plan.charges, plan.anchor, keys, parts.argv, before, parts.mid, parts.after, reserve
+        )
+
+    def _fresh(
+        self,
+        shape: _Shape,
+        parts: list[str],
+        n: int,
+        peek: bool,
+        adaptive: bool,
+        reserve: bool,
+        horizon: float | None,
+    ) -> Prepared:
+        """:meth:`_assemble` for an identity whose plan would not be remembered, from its
+        shape's key template filled in (``parts``: tag and key of each limit, ``n`` of them,
+        then the keys as the store packs them), without making the plan: with many thousands
+        of tenants this is every admission."""
+        memo = (shape.argv, peek, adaptive, reserve, horizon)
+        packed = self._parts.get(memo)
+        if packed is None:
+            packed = self._packed(memo, self._with_keys(shape.wire, parts[n], n // 2))
+        buckets, charges = _filled(shape, parts, n)
+        before = packed.start + parts[n].encode()  # (see _keys_text)
+        return self._fill(
+            charges,
+            buckets[shape.anchor].tag,
+            parts[1:n:2],
+            packed.argv,
+            before,
+            packed.mid,
+            packed.after,
+            reserve,
+        )
+
+    def _packed(
+        self, memo: tuple[tuple[str, ...], bool, bool, bool, float | None], wire: Any
+    ) -> _Parts:
+        """The packed parts of the plain admissions ``memo`` names (their shape's argv, peek,
+        adaptive, reserve, horizon) of plans encoded as ``wire``, made and kept for every plan
+        of that shape."""
+        argv, peek, _, reserve, horizon = memo
+        if horizon is not None:
+            _check_horizon(horizon)
+        head = [
+            "",
+            "p" if peek else "1" if reserve else "0",
+            "" if horizon is None else str(round(horizon * _US)),
+            "new" if reserve else "",
+            "",
+            self._grace,
+            "",
+        ]
+        start, mid, after = self._encode_call(wire, int(reserve), head, "", False)
+        parts = _Parts(start, mid, after, [*head, "", *argv])
+        if len(self._parts) >= 64:  # shapes are configuration, mostly
+            self._parts.clear()
+        self._parts[memo] = parts
+        return parts
 
     def _fill(
         self,
-        plan: _Plan,
+        charges: tuple[Charge, ...],
+        anchor: str,
         keys: list[str],
         argv: list[str],
         before: bytes,
@@ -779,14 +835,14 @@ class BaseStore(Store):
     ) -> Prepared:
         """A plain admission packed ahead (by its plan's template or its shape's parts) with a
         nonce of its own: ``before``, then the booking key when it ``reserve``s (named by a new
-        booking id, which is its nonce), ``mid``, the nonce, ``after``. ``keys`` and ``argv``
-        are its keys but the booking key and its arguments but the nonce (argv[4]); neither is
-        changed."""
+        booking id, which is its nonce, in the hash tag ``anchor``), ``mid``, the nonce,
+        ``after``. ``keys`` and ``argv`` are its keys but the booking key and its arguments but
+        the nonce (argv[4]); neither is changed."""
         argv = argv.copy()
         # (One %-format: a call to _bulk for each part costs this hot path about 0.3 us more.)
         if reserve:
             booking = nonce = token_urlsafe(12)
-            bkey = self.keyspace.booking_key(plan.anchor, booking)
+            bkey = self.keyspace.booking_key(anchor, booking)
             keys = [*keys, bkey]
             data, name = booking.encode(), bkey.encode()
             frame = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s" % (
@@ -803,7 +859,7 @@ class BaseStore(Store):
             data = nonce.encode()
             frame = b"%s%s$%d\r\n%s\r\n%s" % (before, mid, len(data), data, after)
         argv[4] = nonce
-        return _new(Prepared, (plan.charges, keys, argv, booking, nonce, frame))
+        return _new(Prepared, (charges, keys, argv, booking, nonce, frame))
 
     def _encode_args(self, argv: Sequence[str], argv_adaptive: Sequence[str]) -> Any:
         """An admission shape's script arguments encoded ahead, by a store that sends the
@@ -835,10 +891,10 @@ class BaseStore(Store):
         return template
 
     def _keys_text(self, wire: Any) -> str | None:
-        """The keys' part of an encoding by :meth:`_encode_keys`, as text holding each key
-        verbatim (for a template: see :meth:`_key_template`), or None: then admissions of
-        plans not remembered lay out and encode their keys each time. A store that gives it
-        gives :meth:`_with_keys` too."""
+        """The keys' part of an encoding by :meth:`_encode_keys` (``wire.keys``, bytes), as
+        the ASCII text that encodes to it, holding each key verbatim (for a template: see
+        :meth:`_key_template`), or None: then admissions of plans not remembered lay out and
+        encode their keys each time. A store that gives it gives :meth:`_with_keys` too."""
         return None
 
     def _with_keys(self, args: Any, text: str, nkeys: int) -> Any:
@@ -1473,6 +1529,21 @@ class BaseStore(Store):
         fspec = self._factor_spec(follows, _anchor(charges), keys) if follows else ""
         now = "" if now_us is None else str(int(now_us))
         self._run_settle(keys, [now, nonce, fspec, str(len(charges)), *limit_argv])
+
+
+def _filled(shape: _Shape, parts: list[str], n: int) -> tuple[list[Bucket], tuple[Charge, ...]]:
+    """The buckets and charges of ``shape`` from its key template filled in: ``parts`` starts
+    with each limit's tag and key (``n`` of them, in the order of its limits)."""
+    # (A plain loop: map, zip and itertools.repeat cost more than twice as much here, once the
+    # CPU's caches have lost them between two admissions, as a round trip's wait makes them.)
+    limits, costs = shape.limits, shape.costs
+    buckets = []
+    charges = []
+    for i in range(n // 2):
+        bucket = _new(Bucket, (parts[2 * i], parts[2 * i + 1]))
+        buckets.append(bucket)
+        charges.append(_new(Charge, (limits[i], bucket, costs[i])))
+    return buckets, tuple(charges)
 
 
 def _limit_args(charges: Sequence[Charge], adaptive: bool) -> tuple[list[str], list[str]]:
