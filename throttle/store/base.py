@@ -166,7 +166,9 @@ class _Plan(NamedTuple):
     anchor: str  # the hash tag of the booking and guard keys
     follows: str  # which factors its limits follow: "" none, "a" the load's, "k" also upstream
     wire: Any  # the store's own encoding of keys and argv (see BaseStore._encode_keys)
-    kept: bool  # remembered for the admissions that recur (then so is its template)
+    #: For a plan remembered (for the admissions that recur): its plain admissions, packed
+    #: (see _Template), by (peek, adaptive, reserve, horizon); None for a plan not remembered.
+    sent: dict[tuple[bool, bool, bool, float | None], _Template] | None
 
 
 class _Template(NamedTuple):
@@ -177,7 +179,6 @@ class _Template(NamedTuple):
     nonce and a booking key named by it, the last key: then ``keys`` lacks it, and the frame
     is ``before`` + the booking key + ``mid`` + the nonce + ``after``."""
 
-    plan: _Plan  # kept alive, so that the id it is remembered by stays its
     keys: list[str]
     argv: list[str]
     before: bytes
@@ -302,9 +303,6 @@ class BaseStore(Store):
         self._nonce = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
-        #: (id of a plan, peek, adaptive, reserve, horizon) -> its plain admission, packed
-        #: around the nonce (and the booking key).
-        self._templates: dict[tuple[int, bool, bool, bool, float | None], _Template] = {}
         self._shapes: dict[Hashable, _Shape] = {}
         #: (a shape's argv, peek, adaptive, reserve, horizon) -> the parts of a plain
         #: admission of that shape, for plans not remembered (see _assemble).
@@ -470,7 +468,7 @@ class BaseStore(Store):
                 buckets[shape.anchor].tag,
                 shape.follows,
                 wire,
-                memo is not None,
+                None if memo is None else {},
             ),
         )
         if memo is not None:
@@ -684,16 +682,15 @@ class BaseStore(Store):
         if isinstance(plan, Prepared):
             return plan
         plain = plain and plan.wire is not None
-        if plain:
-            template = self._templates.get((id(plan), peek, adaptive, reserve, horizon))
-            if template is not None and template.plan is plan:
-                t = template
+        if plain and plan.sent is not None:
+            t = plan.sent.get((peek, adaptive, reserve, horizon))
+            if t is not None:
                 return self._fill(
                     plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after, reserve
                 )
         if horizon is not None:  # (a template's horizon was checked when it was made)
             _check_horizon(horizon)
-        if plain and not plan.kept and not (adaptive and plan.follows):
+        if plain and plan.sent is None and not (adaptive and plan.follows):
             return self._assemble(plan, peek, adaptive, reserve, horizon)
         if booking is not None:
             booking = self.keyspace.check_booking_id(booking)
@@ -738,10 +735,10 @@ class BaseStore(Store):
             start, mid, after = self._encode_call(plan.wire, len(extra), head, fspec, adapts)
             before = b"".join((start, plan.wire.keys, *map(_bulk, extra), mid))
             frame = before + _bulk(nonce) + after
-            if plain and plan.kept:
-                if len(self._templates) >= _PLANS:
-                    self._templates.clear()
-                template = _Template(plan, keys, list(argv), before, after)
+            if plain and plan.sent is not None:
+                if len(plan.sent) >= 8:  # a horizon computed per call, say
+                    plan.sent.clear()
+                template = _Template(keys, list(argv), before, after)
                 if booking is not None:  # the last key names it: cut it out
                     name = extra[-1].encode()
                     bulk = b"$%d\r\n%s\r\n" % (len(name), name)
@@ -749,7 +746,7 @@ class BaseStore(Store):
                     template = template._replace(
                         keys=keys[:-1], before=before[:cut], mid=before[cut + len(bulk) :]
                     )
-                self._templates[(id(plan), peek, adaptive, reserve, horizon)] = template
+                plan.sent[(peek, adaptive, reserve, horizon)] = template
         return Prepared(plan.charges, keys, argv, booking, nonce, frame)
 
     def _assemble(
