@@ -133,9 +133,37 @@ def test_the_fingerprint_cache_is_bounded_and_answers_as_computing_does() -> Non
             assert keyspace.plain_fingerprints(("api_key", "agent_id"), who) == expected
             assert keyspace.bucket(limit, who) == keyspace._layout(limit, expected)
             assert keyspace.fingerprint("api_key", f"key-{i % 6}") == expected[0]
-            assert all(len(known) <= 4 for known in keyspace._fps.values()), round_
+            assert all(len(known.fps) <= 4 for known in keyspace._fps.values()), round_
     fps = {keyspace.fingerprint("tier", v) for v in ("7", 7, b"7", "7", 7, b"7")}
     assert len(fps) == 3
+
+
+def test_a_dimension_whose_values_seldom_recur_stops_being_cached_for_a_while() -> None:
+    """A dimension's cache that fills with fewer hits than entries (an API key per tenant,
+    many thousands of them) is left alone for 16 x cache_size values: they are computed, and
+    neither looked up nor added. One whose values recur (a few agents) stays cached."""
+    keyspace = Keyspace(SECRET, cache_size=4)
+    dims = ("api_key", "agent_id")
+
+    def admit(i: int) -> None:
+        who = {"api_key": f"key-{i}", "agent_id": f"agent-{i % 2}"}
+        expected = [keyspace._compute(d, who[d]) for d in dims]
+        assert keyspace.plain_fingerprints(dims, who) == expected
+
+    for i in range(4):
+        admit(i)
+    keys, agents = keyspace._fps["api_key"], keyspace._fps["agent_id"]
+    assert (len(keys.fps), keys.pause, agents.hits) == (4, 0, 2)
+    admit(4)  # full, and no API key came back: paused
+    assert (len(keys.fps), keys.pause) == (0, 64)
+    for i in range(5, 5 + 64):
+        admit(i)
+    assert (len(keys.fps), keys.pause) == (0, 0)
+    assert agents.pause == 0
+    assert len(agents.fps) == 2
+    admit(100)  # caching again
+    admit(100)
+    assert (len(keys.fps), keys.hits) == (1, 1)
 
 
 @pytest.mark.parametrize("length", [16, 63, 64, 65, 200])

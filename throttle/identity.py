@@ -160,11 +160,11 @@ class Keyspace:
         self._inner_by_dim: dict[str, Any] = {}  # the inner state with "<dimension>\0" absorbed
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
-        #: Fingerprints of short values, per dimension (value -> fingerprint), each emptied
-        #: when it holds ``cache_size``. Not an LRU: with many thousands of tenants nearly
-        #: every API key is new, and an LRU's upkeep on each (unlinking the oldest entry, in
-        #: memory long out of the CPU's caches) cost more than its hash.
-        self._fps: dict[str, dict[object, str]] = {}
+        #: Fingerprints of short values, per dimension (see _Known). Not an LRU: with many
+        #: thousands of tenants nearly every API key is new, and an LRU's upkeep on each
+        #: (unlinking the oldest entry, in memory long out of the CPU's caches) cost more
+        #: than its hash.
+        self._fps: dict[str, _Known] = {}
         self._cache_size = cache_size
         self._buckets: dict[tuple[object, ...], Bucket] = {}
 
@@ -195,22 +195,36 @@ class Keyspace:
         """The fingerprint of ``value`` (short, or an int: see :meth:`fingerprint`), from the
         cache when it is there. (``1`` and ``True`` would share an entry: no bool comes here.)"""
         known = self._fps.get(dimension)
-        if known is not None:
-            found = known.get(value)
+        if known is not None and not known.pause:
+            found = known.fps.get(value)
             if found is not None:
+                known.hits += 1
                 return found
         return self._remember(dimension, value)
 
     def _remember(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
+        """The fingerprint of ``value``, computed, and cached unless its dimension's cache
+        is paused."""
         fp = self._compute(dimension, value)
         known = self._fps.get(dimension)
         if known is None:
             if len(self._fps) >= _DIMENSIONS_CACHED:  # names from the configuration, mostly
                 self._fps.clear()
-            known = self._fps[dimension] = {}
-        elif len(known) >= self._cache_size:
-            known.clear()
-        known[value] = fp
+            known = self._fps[dimension] = _Known()
+        elif known.pause:
+            known.pause -= 1
+            return fp
+        fps = known.fps
+        if len(fps) >= self._cache_size:
+            # Full. Fewer hits than entries since it was last emptied means its values seldom
+            # recur (an API key per tenant, many thousands of them): stop caching for a while.
+            if known.hits < len(fps):
+                known.pause = 16 * self._cache_size
+            fps.clear()
+            known.hits = 0
+            if known.pause:
+                return fp
+        fps[value] = fp
         return fp
 
     def _compute(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
@@ -323,8 +337,13 @@ class Keyspace:
             if type(value) is not str or len(value) > _CACHEABLE_LEN:
                 return None
             known = by_dim.get(dim)
-            found = None if known is None else known.get(value)
-            fps.append(self._remember(dim, value) if found is None else found)
+            if known is not None and not known.pause:
+                found = known.fps.get(value)
+                if found is not None:
+                    known.hits += 1
+                    fps.append(found)
+                    continue
+            fps.append(self._remember(dim, value))
         return fps
 
     def _layout(self, limit: Limit, fps: list[str]) -> Bucket:
@@ -389,6 +408,19 @@ class Keyspace:
 def total_key(bucket: Bucket) -> str:
     """The running-total key beside a sliding_window log."""
     return bucket.key + ":~n"
+
+
+class _Known:
+    """The fingerprints of one dimension's short values (value -> fingerprint), emptied when it
+    holds ``cache_size``, with the hits since then; while ``pause`` is above 0 it is neither
+    read nor added to, and each value computed counts it down."""
+
+    __slots__ = ("fps", "hits", "pause")
+
+    def __init__(self) -> None:
+        self.fps: dict[object, str] = {}
+        self.hits = 0
+        self.pause = 0
 
 
 @dataclass(frozen=True, slots=True)
