@@ -380,7 +380,7 @@ def test_a_forked_child_opens_a_connection_of_its_own(
     limit = Limit("requests", "100000/s")
 
     def port() -> int:
-        return int(store._fast._link().conn._sock.getsockname()[1])  # type: ignore[union-attr]
+        return int(store._fast.link().conn._sock.getsockname()[1])  # type: ignore[union-attr]
 
     assert store.admit([limit], {"api_key": "k"}).allowed
     parent = port()

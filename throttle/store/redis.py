@@ -314,7 +314,7 @@ class RedisStore(BaseStore):
             if self._fast is not None:
                 try:
                     if frame is not None:
-                        return self._fast.call(frame)
+                        return self._fast.link().call(frame)
                     return self._fast.evalsha(script.sha, keys, argv)
                 except NoScriptError:
                     pass  # Script below loads it and runs it again.
@@ -336,7 +336,8 @@ class _FastPath:
         self._factory: Callable[[], Any] = lambda: pool.connection_class(**pool.connection_kwargs)
         self._local = threading.local()
 
-    def _link(self) -> _Link:
+    def link(self) -> _Link:
+        """This thread's connection (this process's: a forked child opens its own)."""
         local = self._local
         link: _Link | None = getattr(local, "link", None)
         if link is None or link.pid != os.getpid():
@@ -353,10 +354,7 @@ class _FastPath:
         return _Link(self._factory())
 
     def evalsha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
-        return self._link().call(self.frame(sha, keys, argv))
-
-    def call(self, frame: bytes) -> Any:
-        return self._link().call(frame)
+        return self.link().call(self.frame(sha, keys, argv))
 
 
 class _Wire(NamedTuple):
@@ -418,14 +416,28 @@ class _Link:
 
     def call(self, frame: bytes) -> Any:
         """Send one request and wait for its reply; an error reply is raised."""
-        self.send(frame)
-        try:
-            if self._reader is None:
-                return self.conn.read_response()
+        reader = self._reader
+        sent = False
+        if reader is None:  # not connected yet, or read by redis-py
+            self.send(frame)
+            sent = True
             reader = self._reader
+            if reader is None:
+                try:
+                    return self.conn.read_response()
+                except BaseException as exc:
+                    self._broken(exc)
+        # (Straight over the socket, without send() and _recv(): on every admission.)
+        sock = self._sock
+        try:
+            if not sent:
+                sock.sendall(frame)
             reply = reader.gets()
             while reply is False:
-                reader.feed(self._recv())
+                data = sock.recv(65536)
+                if not data:
+                    raise RedisConnectionError("Redis closed the connection")
+                reader.feed(data)
                 reply = reader.gets()
         except BaseException as exc:
             self._broken(exc)
