@@ -891,6 +891,24 @@ def test_a_bad_horizon_is_refused_for_an_identity_whose_plan_is_not_remembered(
     assert store.peek([limit], KEY).limits[0].remaining == 10
 
 
+@pytest.mark.parametrize("remembered", [True, False], ids=["remembered", "not-remembered"])
+@pytest.mark.parametrize("horizon", [[60], {}, True, "60", -5, math.nan])
+def test_a_bad_horizon_is_refused_by_a_plain_admission(
+    redis_client: redis.Redis, keyspace: Keyspace, horizon: object, remembered: bool
+) -> None:
+    """A plain admission (packed ahead: no booking, guard or test clock) refuses a bad horizon
+    with a ConfigurationError naming it, whether its plan is remembered or not, also once a
+    good horizon's admission is packed (True is not 1 second); nothing is charged."""
+    store = RedisStore(redis_client, keyspace)
+    if not remembered:
+        store._plan_pause = 1 << 30
+    limit = Limit("req", "1/h", burst=10)
+    store.admit([limit], KEY, reserve=True, horizon=1)
+    with pytest.raises(ConfigurationError, match="horizon"):
+        store.admit([limit], KEY, reserve=True, horizon=horizon)  # type: ignore[arg-type]
+    assert store.peek([limit], KEY).limits[0].remaining == 9
+
+
 # -- through a worker -----------------------------------------------------------------------------
 
 

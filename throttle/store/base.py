@@ -670,6 +670,10 @@ class BaseStore(Store):
     ) -> Prepared | tuple[Any, ...]:
         if isinstance(limits, Limit):
             limits = (limits,)
+        if horizon is not None and type(horizon) is not float and type(horizon) is not int:
+            # (Plain numbers are checked where a packed admission is made for them: the rest
+            # before they key one, where a list could not, and True would pass for 1.)
+            _check_horizon(horizon)
         # A plain admission or peek (no booking to redeem, guard or test clock; a horizon only
         # when it may book) of a plan sent whole: everything but the nonce (and the booking
         # that may be made, named by it) is the same from call to call, and is kept packed.
