@@ -164,6 +164,10 @@ def test_a_dimension_whose_values_seldom_recur_stops_being_cached_for_a_while() 
     admit(100)  # caching again
     admit(100)
     assert (len(keys.fps), keys.hits) == (1, 1)
+    # Threads counting the pause down at once can take it below 0: that caches too.
+    keys.pause = -2
+    admit(101)
+    assert (len(keys.fps), keys.pause) == (2, -2)
 
 
 @pytest.mark.parametrize("length", [16, 63, 64, 65, 200])

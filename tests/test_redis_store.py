@@ -532,6 +532,20 @@ def test_an_admission_not_remembered_is_packed_as_a_remembered_one(
     assert len({p.nonce for p in made}) == 4  # type: ignore[union-attr]
 
 
+def test_a_plan_pause_counted_below_zero_is_over(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """Threads that count the pause on remembering plans down at once can take it below 0:
+    plans are remembered then, not skipped for ever."""
+    store = RedisStore(redis_client, keyspace)
+    store._plan_pause = -3
+    limits = [Limit("req", "10/s")]
+    for _ in range(2):  # (the first one validates the limits)
+        store.prepare(limits, KEY)
+    assert len(store._plans) == 1
+    assert store._plan_pause == -3
+
+
 def test_shapes_of_costs_that_vary_share_one_key_template(
     redis_client: redis.Redis, keyspace: Keyspace
 ) -> None:

@@ -195,7 +195,7 @@ class Keyspace:
         """The fingerprint of ``value`` (short, or an int: see :meth:`fingerprint`), from the
         cache when it is there. (``1`` and ``True`` would share an entry: no bool comes here.)"""
         known = self._fps.get(dimension)
-        if known is not None and not known.pause:
+        if known is not None and known.pause <= 0:
             found = known.fps.get(value)
             if found is not None:
                 known.hits += 1
@@ -211,7 +211,7 @@ class Keyspace:
             if len(self._fps) >= _DIMENSIONS_CACHED:  # names from the configuration, mostly
                 self._fps.clear()
             known = self._fps[dimension] = _Known()
-        elif known.pause:
+        elif known.pause > 0:
             known.pause -= 1
             return fp
         fps = known.fps
@@ -222,7 +222,7 @@ class Keyspace:
                 known.pause = 16 * self._cache_size
             fps.clear()
             known.hits = 0
-            if known.pause:
+            if known.pause > 0:
                 return fp
         fps[value] = fp
         return fp
@@ -337,7 +337,7 @@ class Keyspace:
             if type(value) is not str or len(value) > _CACHEABLE_LEN:
                 return None
             known = by_dim.get(dim)
-            if known is not None and not known.pause:
+            if known is not None and known.pause <= 0:
                 found = known.fps.get(value)
                 if found is not None:
                     known.hits += 1
@@ -413,7 +413,8 @@ def total_key(bucket: Bucket) -> str:
 class _Known:
     """The fingerprints of one dimension's short values (value -> fingerprint), emptied when it
     holds ``cache_size``, with the hits since then; while ``pause`` is above 0 it is neither
-    read nor added to, and each value computed counts it down."""
+    read nor added to, and each value computed counts it down. (Threads that count it down at
+    once can take it below 0: that is not paused.)"""
 
     __slots__ = ("fps", "hits", "pause")
 

@@ -417,7 +417,9 @@ class BaseStore(Store):
         reserve, horizon): a plan that is not remembered and fills in its shape's key template
         is then not made at all, and the admission comes back :class:`Prepared` instead."""
         memo = None
-        if self._plan_pause:
+        # (> 0: threads that count it down at once can take it below 0, which must not read as
+        # paused for ever.)
+        if self._plan_pause > 0:
             self._plan_pause -= 1
         else:
             memo = self._plan_key(limits, identity, cost)
