@@ -121,9 +121,10 @@ def test_fingerprints_are_stable_across_versions() -> None:
 
 
 def test_the_fingerprint_cache_is_bounded_and_answers_as_computing_does() -> None:
-    """Each dimension caches at most ``cache_size`` fingerprints (it starts over when full),
-    and every answer, cached or not, from any of the three ways in, is the computed one; "7",
-    7 and b"7" stay apart."""
+    """At most ``cache_size`` fingerprints are cached, in all dimensions together (then they
+    start over), and every answer, cached or not, from any of the three ways in, is the
+    computed one; "7", 7 and b"7" stay apart. Made-up dimensions (an identity header's keys
+    are the publisher's to choose) do not make room for more."""
     keyspace = Keyspace(SECRET, cache_size=4)
     limit = Limit("req", "10/s", per=("api_key", "agent_id"))
     for round_ in range(3):
@@ -133,16 +134,35 @@ def test_the_fingerprint_cache_is_bounded_and_answers_as_computing_does() -> Non
             assert keyspace.plain_fingerprints(("api_key", "agent_id"), who) == expected
             assert keyspace.bucket(limit, who) == keyspace._layout(limit, expected)
             assert keyspace.fingerprint("api_key", f"key-{i % 6}") == expected[0]
-            assert all(len(known.fps) <= 4 for known in keyspace._fps.values()), round_
+            assert sum(len(known.fps) for known in keyspace._fps.values()) <= 4, round_
     fps = {keyspace.fingerprint("tier", v) for v in ("7", 7, b"7", "7", 7, b"7")}
     assert len(fps) == 3
+    for i in range(300):
+        assert keyspace.fingerprint(f"made-up-{i}", "v") == keyspace._compute(f"made-up-{i}", "v")
+        assert sum(len(known.fps) for known in keyspace._fps.values()) <= 4
+    assert len(keyspace._fps) <= 256
+
+
+def test_a_fingerprint_cache_of_size_0_caches_nothing() -> None:
+    keyspace = Keyspace(SECRET, cache_size=0)
+    for _ in range(2):
+        assert keyspace.fingerprint("api_key", "k") == keyspace._compute("api_key", "k")
+    assert keyspace.plain_fingerprints(("api_key",), {"api_key": "k"}) is not None
+    assert all(not known.fps for known in keyspace._fps.values())
+
+
+@pytest.mark.parametrize("size", [-1, None, True, "8", 8.0])
+def test_a_bad_cache_size_is_refused(size: object) -> None:
+    with pytest.raises(ConfigurationError, match="cache_size"):
+        Keyspace(SECRET, cache_size=size)  # type: ignore[arg-type]
 
 
 def test_a_dimension_whose_values_seldom_recur_stops_being_cached_for_a_while() -> None:
-    """A dimension's cache that fills with fewer hits than entries (an API key per tenant,
-    many thousands of them) is left alone for 16 x cache_size values: they are computed, and
-    neither looked up nor added. One whose values recur (a few agents) stays cached."""
-    keyspace = Keyspace(SECRET, cache_size=4)
+    """When the cache is full, a dimension that had fewer hits than entries since it was last
+    emptied (an API key per tenant, many thousands of them) is left alone for 16 x cache_size
+    values: they are computed, and neither looked up nor added. One whose values recur (a few
+    agents) stays cached."""
+    keyspace = Keyspace(SECRET, cache_size=8)
     dims = ("api_key", "agent_id")
 
     def admit(i: int) -> None:
@@ -150,23 +170,22 @@ def test_a_dimension_whose_values_seldom_recur_stops_being_cached_for_a_while() 
         expected = [keyspace._compute(d, who[d]) for d in dims]
         assert keyspace.plain_fingerprints(dims, who) == expected
 
-    for i in range(4):
+    for i in range(6):
         admit(i)
     keys, agents = keyspace._fps["api_key"], keyspace._fps["agent_id"]
-    assert (len(keys.fps), keys.pause, agents.hits) == (4, 0, 2)
-    admit(4)  # full, and no API key came back: paused
-    assert (len(keys.fps), keys.pause) == (0, 64)
-    for i in range(5, 5 + 64):
+    assert (len(keys.fps), len(agents.fps), agents.hits) == (6, 2, 4)
+    admit(6)  # full: the API keys, never back, pause; the agents, back 4 times, do not
+    assert (len(keys.fps), keys.pause, agents.pause) == (0, 128, 0)
+    assert len(agents.fps) == 1  # (agent-0, cached again)
+    for i in range(7, 7 + 128):
         admit(i)
-    assert (len(keys.fps), keys.pause) == (0, 0)
-    assert agents.pause == 0
-    assert len(agents.fps) == 2
-    admit(100)  # caching again
-    admit(100)
+    assert (len(keys.fps), keys.pause, agents.pause) == (0, 0, 0)
+    admit(1000)  # caching again
+    admit(1000)
     assert (len(keys.fps), keys.hits) == (1, 1)
     # Threads counting the pause down at once can take it below 0: that caches too.
     keys.pause = -2
-    admit(101)
+    admit(1001)
     assert (len(keys.fps), keys.pause) == (2, -2)
 
 

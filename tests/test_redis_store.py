@@ -523,11 +523,15 @@ def test_an_admission_not_remembered_is_packed_as_a_remembered_one(
     kept = _store(redis_client, keyspace, remembered=True)
     plain = (bool(how.get("peek")), False, bool(how.get("reserve")), how.get("horizon"))
     assert isinstance(fresh._plan(limits, who, 1, plain), Prepared)  # no plan made
+    # Its limits checked first (an admission for another identity): then plans are kept, and
+    # the calls below are laid out, then packed from the template that made.
+    kept.prepare(limits, {"api_key": "other"}, **how)
     made = [store.prepare(limits, who, **how) for store in (fresh, fresh, kept, kept)]
     assert all(isinstance(p, Prepared) for p in made)
     spelt = [_spelt(p) for p in made]  # type: ignore[arg-type]
     assert spelt[1:] == spelt[:1] * 3
     assert not fresh._plans
+    assert len(kept._plans) == 1
     assert len(_templates(kept, remembered=True)) == 1
     assert len({p.nonce for p in made}) == 4  # type: ignore[union-attr]
 
@@ -544,6 +548,23 @@ def test_a_plan_pause_counted_below_zero_is_over(
         store.prepare(limits, KEY)
     assert len(store._plans) == 1
     assert store._plan_pause == -3
+
+
+def test_packed_admissions_are_bounded_in_all(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """A horizon computed per call packs an admission each time (never used again): the
+    plans remembered hold at most as many packed admissions in all as plans are remembered
+    (4,096), however many each plan has."""
+    store = RedisStore(redis_client, keyspace)
+    limits = [Limit("req", "10/s")]
+    most = throttle.store.base._PLANS
+    for horizon in range(1, 9):
+        for i in range(most // 6):
+            store.prepare(limits, {"api_key": f"k{i}"}, reserve=True, horizon=float(horizon))
+    assert len(store._plans) == most // 6
+    held = len(_templates(store, remembered=True))
+    assert 0 < held <= most
 
 
 def test_shapes_of_costs_that_vary_share_one_key_template(

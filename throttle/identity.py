@@ -126,6 +126,7 @@ class Keyspace:
         "_buckets",
         "_cache_size",
         "_fps",
+        "_fps_count",
         "_inner",
         "_inner_by_dim",
         "_outer",
@@ -144,6 +145,10 @@ class Keyspace:
                 "a long random string, e.g. from `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'`",
             )
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ConfigurationError(
+                "cache_size", f"must be an integer >= 0, got {cache_size!r}", "0 caches nothing"
+            )
         if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
             raise ConfigurationError(
                 "prefix",
@@ -160,11 +165,12 @@ class Keyspace:
         self._inner_by_dim: dict[str, Any] = {}  # the inner state with "<dimension>\0" absorbed
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
-        #: Fingerprints of short values, per dimension (see _Known). Not an LRU: with many
-        #: thousands of tenants nearly every API key is new, and an LRU's upkeep on each
-        #: (unlinking the oldest entry, in memory long out of the CPU's caches) cost more
-        #: than its hash.
+        #: Fingerprints of short values, per dimension (see _Known), ``cache_size`` of them
+        #: in all (then every dimension's start over). Not an LRU: with many thousands of
+        #: tenants nearly every API key is new, and an LRU's upkeep on each (unlinking the
+        #: oldest entry, in memory long out of the CPU's caches) cost more than its hash.
         self._fps: dict[str, _Known] = {}
+        self._fps_count = 0  # fingerprints cached, in every dimension
         self._cache_size = cache_size
         self._buckets: dict[tuple[object, ...], Bucket] = {}
 
@@ -208,24 +214,33 @@ class Keyspace:
         fp = self._compute(dimension, value)
         known = self._fps.get(dimension)
         if known is None:
+            if not self._cache_size:
+                return fp
             if len(self._fps) >= _DIMENSIONS_CACHED:  # names from the configuration, mostly
+                self._start_over()
                 self._fps.clear()
             known = self._fps[dimension] = _Known()
         elif known.pause > 0:
             known.pause -= 1
             return fp
-        fps = known.fps
-        if len(fps) >= self._cache_size:
-            # Full. Fewer hits than entries since it was last emptied means its values seldom
-            # recur (an API key per tenant, many thousands of them): stop caching for a while.
-            if known.hits < len(fps):
-                known.pause = 16 * self._cache_size
-            fps.clear()
-            known.hits = 0
+        if self._fps_count >= self._cache_size:
+            self._start_over()
             if known.pause > 0:
                 return fp
-        fps[value] = fp
+        known.fps[value] = fp
+        self._fps_count += 1
         return fp
+
+    def _start_over(self) -> None:
+        """Empty the fingerprint cache (it is full). A dimension that had fewer hits than
+        entries since it was last emptied has values that seldom recur (an API key per tenant,
+        many thousands of them): it stops being cached for a while."""
+        for known in self._fps.values():
+            if known.hits < len(known.fps):
+                known.pause = 16 * self._cache_size
+            known.fps.clear()
+            known.hits = 0
+        self._fps_count = 0
 
     def _compute(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
         if isinstance(value, _Anonymous):
@@ -411,10 +426,10 @@ def total_key(bucket: Bucket) -> str:
 
 
 class _Known:
-    """The fingerprints of one dimension's short values (value -> fingerprint), emptied when it
-    holds ``cache_size``, with the hits since then; while ``pause`` is above 0 it is neither
-    read nor added to, and each value computed counts it down. (Threads that count it down at
-    once can take it below 0: that is not paused.)"""
+    """The fingerprints of one dimension's short values (value -> fingerprint), with the hits
+    since they were last emptied (see Keyspace._start_over); while ``pause`` is above 0 it is
+    neither read nor added to, and each value computed counts it down. (Threads that count it
+    down at once can take it below 0: that is not paused.)"""
 
     __slots__ = ("fps", "hits", "pause")
 

@@ -303,6 +303,7 @@ class BaseStore(Store):
         self._nonce = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
+        self._sent = 0  # packed admissions the remembered plans hold, in all
         self._shapes: dict[Hashable, _Shape] = {}
         #: (a shape's argv, peek, adaptive, reserve, horizon) -> the parts of a plain
         #: admission of that shape, for plans not remembered (see _assemble).
@@ -480,7 +481,7 @@ class BaseStore(Store):
                 if self._plan_hits < _PLANS:
                     self._plan_pause = 16 * _PLANS
                 self._plans.clear()
-                self._plan_hits = 0
+                self._plan_hits = self._sent = 0
             self._plans[memo] = plan
         return plan
 
@@ -742,8 +743,12 @@ class BaseStore(Store):
             before = b"".join((start, plan.wire.keys, *map(_bulk, extra), mid))
             frame = before + _bulk(nonce) + after
             if plain and plan.sent is not None:
-                if len(plan.sent) >= 8:  # a horizon computed per call, say
-                    plan.sent.clear()
+                if self._sent >= _PLANS:  # (a horizon computed per call, say)
+                    for remembered in self._plans.values():
+                        if remembered.sent:
+                            remembered.sent.clear()
+                    self._sent = 0
+                self._sent += 1
                 template = _Template(keys, list(argv), before, after)
                 if booking is not None:  # the last key names it: cut it out
                     name = extra[-1].encode()
