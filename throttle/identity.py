@@ -217,8 +217,8 @@ class Keyspace:
             if not self._cache_size:
                 return fp
             if len(self._fps) >= _DIMENSIONS_CACHED:  # names from the configuration, mostly
-                self._start_over()
                 self._fps.clear()
+                self._fps_count = 0
             known = self._fps[dimension] = _Known()
         elif known.pause > 0:
             known.pause -= 1
