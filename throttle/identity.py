@@ -120,7 +120,9 @@ class KeyTemplate(NamedTuple):
 
 class Keyspace:
     """Turns (limit, identity) into bucket keys, under ``prefix``, with fingerprints keyed by
-    ``secret``. Thread-safe; fingerprints of short values are cached."""
+    ``secret``. Thread-safe; fingerprints of short values are cached, ``cache_size`` of them
+    in all (0: none), and a dimension whose values seldom recur stops being cached for a
+    while."""
 
     __slots__ = (
         "_buckets",
