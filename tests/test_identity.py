@@ -189,6 +189,10 @@ def test_a_dimension_whose_values_seldom_recur_stops_being_cached_for_a_while() 
     assert (len(keys.fps), keys.pause) == (2, -2)
 
 
+class _Text(str):
+    """A subclass of str: fingerprinted as the str it is."""
+
+
 @pytest.mark.parametrize("length", [16, 63, 64, 65, 200])
 def test_fingerprints_are_hmac_sha256_for_every_secret_length(length: int) -> None:
     """The fingerprint is computed from precomputed HMAC pad states; it matches the standard
@@ -201,6 +205,7 @@ def test_fingerprints_are_hmac_sha256_for_every_secret_length(length: int) -> No
         ("tier", 42, b"i42"),
         ("model", b"\x00\xff", b"b\x00\xff"),
         ("api_key", "k" * 5000, b"s" + b"k" * 5000),  # too long to cache: computed each time
+        ("api_key", _Text("k" * 300), b"s" + b"k" * 300),  # a str, not exactly: the other path
     ]
     for dimension, value, tagged in cases:
         digest = hmac.new(secret, dimension.encode() + b"\0" + tagged, hashlib.sha256).digest()

@@ -131,6 +131,7 @@ class Keyspace:
         "_fps_count",
         "_inner",
         "_inner_by_dim",
+        "_inner_str",
         "_outer",
         "_secret",
         "prefix",
@@ -165,6 +166,7 @@ class Keyspace:
         self._inner = _sha256(bytes(b ^ 0x36 for b in block))
         self._outer = _sha256(bytes(b ^ 0x5C for b in block))
         self._inner_by_dim: dict[str, Any] = {}  # the inner state with "<dimension>\0" absorbed
+        self._inner_str: dict[str, Any] = {}  # ... and "s" too, the type tag of a str
         #: A key derived from the secret for signing message headers (never the secret itself).
         self.signing_key = hmac.new(secret, b"throttle header signing", hashlib.sha256).digest()
         #: Fingerprints of short values, per dimension (see _Known), ``cache_size`` of them
@@ -245,31 +247,45 @@ class Keyspace:
         self._fps_count = 0
 
     def _compute(self, dimension: str, value: str | bytes | int | _Anonymous) -> str:
-        if isinstance(value, _Anonymous):
-            # Its own type tag: a caller whose API key is literally "anonymous" is not anonymous.
-            raw = b"a" + value.label.encode()
-        elif isinstance(value, str):
-            raw = b"s" + value.encode("utf-8", "surrogatepass")
-        elif isinstance(value, bytes):
-            raw = b"b" + value
-        elif value.bit_length() <= _DECIMAL_BITS:
-            raw = b"i" + str(value).encode()
+        if type(value) is str:  # nearly always: its type tag is in the state already
+            inner = self._inner_str.get(dimension)
+            if inner is None:
+                inner = self._inner_for(dimension, b"s")
+            inner = inner.copy()
+            inner.update(value.encode("utf-8", "surrogatepass"))
         else:
-            # Past what every interpreter converts to decimal (sys.set_int_max_str_digits
-            # allows no less than 640 digits): hexadecimal, under a type tag of its own.
-            raw = b"x" + format(value, "x").encode()
-        inner = self._inner_by_dim.get(dimension)
-        if inner is None:
-            inner = self._inner.copy()
-            inner.update(dimension.encode() + b"\0")
-            if len(self._inner_by_dim) < 256:  # dimensions are names from the configuration
-                self._inner_by_dim[dimension] = inner
-        inner = inner.copy()
-        inner.update(raw)
+            if isinstance(value, _Anonymous):
+                # Its own type tag: a caller whose API key is "anonymous" is not anonymous.
+                raw = b"a" + value.label.encode()
+            elif isinstance(value, str):
+                raw = b"s" + value.encode("utf-8", "surrogatepass")
+            elif isinstance(value, bytes):
+                raw = b"b" + value
+            elif value.bit_length() <= _DECIMAL_BITS:
+                raw = b"i" + str(value).encode()
+            else:
+                # Past what every interpreter converts to decimal (sys.set_int_max_str_digits
+                # allows no less than 640 digits): hexadecimal, under a type tag of its own.
+                raw = b"x" + format(value, "x").encode()
+            inner = self._inner_for(dimension, b"").copy()
+            inner.update(raw)
         outer = self._outer.copy()
         outer.update(inner.digest())
         mac = binascii.b2a_base64(outer.digest()[:12], newline=False)  # 16 characters, no "="
         return mac.translate(_URLSAFE).decode()
+
+    def _inner_for(self, dimension: str, tag: bytes) -> Any:
+        """The inner hash state with ``dimension``, a zero byte and ``tag`` (b"s", the type tag
+        of a str, or nothing) absorbed; kept for 256 dimensions (names from the
+        configuration, mostly)."""
+        states = self._inner_str if tag else self._inner_by_dim
+        inner = states.get(dimension)
+        if inner is None:
+            inner = self._inner.copy()
+            inner.update(dimension.encode() + b"\0" + tag)
+            if len(states) < 256:
+                states[dimension] = inner
+        return inner
 
     def bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
         """The bucket of ``limit`` for ``identity``. A dimension the identity lacks (or maps to
