@@ -144,6 +144,7 @@ def test_the_fingerprint_cache_is_bounded_and_answers_as_computing_does() -> Non
 
 
 def test_a_fingerprint_cache_of_size_0_caches_nothing() -> None:
+    """``cache_size=0``: every fingerprint is computed, none is kept."""
     keyspace = Keyspace(SECRET, cache_size=0)
     for _ in range(2):
         assert keyspace.fingerprint("api_key", "k") == keyspace._compute("api_key", "k")
@@ -153,6 +154,7 @@ def test_a_fingerprint_cache_of_size_0_caches_nothing() -> None:
 
 @pytest.mark.parametrize("size", [-1, None, True, "8", 8.0])
 def test_a_bad_cache_size_is_refused(size: object) -> None:
+    """A cache size that is not an integer >= 0 is a ConfigurationError naming it."""
     with pytest.raises(ConfigurationError, match="cache_size"):
         Keyspace(SECRET, cache_size=size)  # type: ignore[arg-type]
 
