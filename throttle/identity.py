@@ -369,6 +369,8 @@ class Keyspace:
             value = identity.get(dim)
             if type(value) is not str or len(value) > _CACHEABLE_LEN:
                 return None
+            # (_cached's lookup, written out: a call less per dimension on every admission of
+            # a plan not remembered, about 0.25 us of a new tenant's with cold CPU caches.)
             known = by_dim.get(dim)
             if known is not None and known.pause <= 0:
                 found = known.fps.get(value)
