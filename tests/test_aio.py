@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import SECRET
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, RedisStore, StoreError
-from throttle.store.aio import AsyncStore
+from throttle.store.aio import BATCH, AsyncStore
 from throttle.store.redis import script_source
 
 LIMIT = Limit("requests", "100/h")
@@ -69,3 +69,35 @@ def test_a_reload_refused_fails_every_waiting_admission(server: RedisServer) -> 
     admin.script_load(script_source("admit"))
     decisions = _admit_all(waiting, 3)
     assert [round(d.limits[0].remaining) for d in decisions] == [99, 98, 97]  # type: ignore[attr-defined]
+
+
+def test_admissions_of_one_turn_go_out_every_batch_and_are_each_answered(
+    server: RedisServer,
+) -> None:
+    """Forty admissions asked in one turn of the loop go out in writes of at most BATCH
+    frames, the last at the turn's end: each gets its own reply, in the order asked."""
+    store = RedisStore(server.client(), Keyspace(SECRET))
+    waiting = AsyncStore(store)
+    writes: list[int] = []  # EVALSHA frames per write
+
+    async def run() -> list[float]:
+        await waiting.admit([LIMIT], {"api_key": "k"})  # connects
+        pipe = waiting._pipe_for(store)
+        assert pipe is not None
+        send = pipe.link.send
+
+        def counted(data: bytes) -> None:
+            writes.append(data.count(b"EVALSHA"))
+            send(data)
+
+        pipe.link.send = counted
+        asks = [waiting.admit([LIMIT], {"api_key": "k"}) for _ in range(40)]
+        # Before the loop turns: only the full batches are out.
+        assert writes == [BATCH] * (40 // BATCH)
+        found = await asyncio.wait_for(asyncio.gather(*asks), 30)
+        await waiting.aclose()
+        return [d.limits[0].remaining for d in found]
+
+    left = asyncio.run(run())
+    assert writes == [BATCH] * (40 // BATCH) + [40 % BATCH]
+    assert [round(r) for r in left] == list(range(98, 58, -1))
