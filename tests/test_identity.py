@@ -214,3 +214,18 @@ def test_fingerprints_are_hmac_sha256_for_every_secret_length(length: int) -> No
         expected = base64.urlsafe_b64encode(digest[:12]).decode()
         assert keyspace.fingerprint(dimension, value) == expected
         assert keyspace.fingerprint(dimension, value) == expected  # the cached answer too
+
+
+def test_limits_sharing_a_dimension_look_its_fingerprint_up_once() -> None:
+    """``buckets()`` of two limits keyed by the API key looks the key's fingerprint up once:
+    API keys that never come back have no hits, and their cache pauses when it is full, as
+    with one such limit."""
+    keyspace, fresh = Keyspace(SECRET, cache_size=4), Keyspace(SECRET, cache_size=0)
+    limits = [Limit("req", "10/s"), Limit("tokens", "1000/m", unit="tokens")]
+    for i in range(5):
+        who = {"api_key": f"key-{i}"}
+        buckets = keyspace.buckets(limits, who)
+        assert buckets == [fresh.bucket(limit, who) for limit in limits]
+        assert buckets[0].tag == buckets[1].tag != buckets[0].key != buckets[1].key
+    keys = keyspace._fps["api_key"]
+    assert (keys.hits, keys.pause) == (0, 64)

@@ -307,7 +307,11 @@ class Keyspace:
             self._buckets[memo] = bucket
         return bucket
 
-    def _bucket(self, limit: Limit, identity: Mapping[str, object]) -> Bucket:
+    def _bucket(
+        self, limit: Limit, identity: Mapping[str, object], found: dict[str, str] | None = None
+    ) -> Bucket:
+        """``limit``'s bucket; ``found`` holds the fingerprints of ``identity``'s strings
+        looked up already, by dimension, and takes those looked up here."""
         cached = self._cached
         fps = []
         for dim in limit.per:  # on every admission: kept lean
@@ -315,15 +319,25 @@ class Keyspace:
             if value is None:
                 fps.append(cached(dim, _Anonymous(limit.anonymous)))
             elif type(value) is str and len(value) <= _CACHEABLE_LEN:
-                fps.append(cached(dim, value))
+                if found is None:
+                    fps.append(cached(dim, value))
+                else:
+                    fp = found.get(dim)
+                    if fp is None:
+                        fp = found[dim] = cached(dim, value)
+                    fps.append(fp)
             else:
                 fps.append(self.fingerprint(dim, value))
         return self._layout(limit, fps)
 
     def buckets(self, limits: Sequence[Limit], identity: Mapping[str, object]) -> list[Bucket]:
         """The buckets of ``limits`` for ``identity``, as :meth:`bucket` gives them, without
-        remembering them: for admissions whose identities seldom recur."""
-        return [self._bucket(limit, identity) for limit in limits]
+        remembering them: for admissions whose identities seldom recur. Each value's
+        fingerprint is looked up once, however many limits are keyed by its dimension: a
+        second lookup would count as a hit, and keep a dimension whose values never come
+        back from pausing its cache."""
+        found: dict[str, str] = {}
+        return [self._bucket(limit, identity, found) for limit in limits]
 
     def key_template(
         self, limits: Sequence[Limit], extra: Callable[[list[str]], str | None] | None = None
