@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import SECRET
 from tests.redis_servers import RedisServer
-from throttle import Keyspace, Limit, RedisStore, StoreError
+from throttle import Keyspace, Limit, RedisStore, StoreError, StoreUnavailable
 from throttle.store.aio import BATCH, AsyncStore
 from throttle.store.redis import script_source
 
@@ -77,7 +77,7 @@ def test_admissions_of_one_turn_go_out_every_batch_and_are_each_answered(
     """Forty admissions asked in one turn of the loop go out in writes of at most BATCH
     frames, the last at the turn's end: each gets its own reply, in the order asked."""
     store = RedisStore(server.client(), Keyspace(SECRET))
-    waiting = AsyncStore(store)
+    waiting = AsyncStore(store, timeout=5)  # (the test's own bound is wait_for's)
     writes: list[int] = []  # EVALSHA frames per write
 
     async def run() -> list[float]:
@@ -101,3 +101,44 @@ def test_admissions_of_one_turn_go_out_every_batch_and_are_each_answered(
     left = asyncio.run(run())
     assert writes == [BATCH] * (40 // BATCH) + [40 % BATCH]
     assert [round(r) for r in left] == list(range(98, 58, -1))
+
+
+@pytest.mark.parametrize("error", [OSError("connection reset"), ValueError("a bug")])
+def test_a_write_that_fails_mid_turn_fails_every_admission_waiting(
+    server: RedisServer, error: Exception
+) -> None:
+    """When the second of three writes in one turn fails, every admission sent or queued on
+    the connection by then is told (none is left waiting); those asked after it connect
+    again and are answered."""
+    store = RedisStore(server.client(), Keyspace(SECRET))
+    waiting = AsyncStore(store, timeout=5)
+
+    async def run() -> tuple[list[object], float]:
+        await waiting.admit([LIMIT], {"api_key": "k"})  # connects
+        pipe = waiting._pipe_for(store)
+        assert pipe is not None
+        send = pipe.link.send
+        writes = []
+
+        def failing(data: bytes) -> None:
+            writes.append(data)
+            if len(writes) == 2:
+                raise error
+            send(data)
+
+        pipe.link.send = failing
+        asks = [waiting.admit([LIMIT], {"api_key": "k"}) for _ in range(40)]
+        found = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 30)
+        again = await asyncio.wait_for(waiting.admit([LIMIT], {"api_key": "k"}), 30)
+        await waiting.aclose()
+        return list(found), again.limits[0].remaining
+
+    found, remaining = asyncio.run(run())
+    told = 2 * BATCH
+    expected = StoreUnavailable if isinstance(error, OSError) else StoreError
+    assert [type(f) for f in found[:told]] == [expected] * told, found
+    assert all(getattr(f, "allowed", False) for f in found[told:]), found
+    # The first write's admissions may have run in Redis before the connection was closed,
+    # the failed write's did not; the rest, and the one after them, did.
+    ran = 1 + (40 - told) + 1
+    assert 100 - ran - BATCH <= round(remaining) <= 100 - ran

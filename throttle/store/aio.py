@@ -203,8 +203,8 @@ class _Pipe:
         #: Whether the connection is read straight off its socket (None: not connected yet).
         self.direct: bool | None = None
         self.pending: deque[_Waiting] = deque()
-        self.out: list[bytes] = []  # frames to send at the end of this turn of the loop
-        self.due = False  # whether that sending is scheduled
+        self.out: list[bytes] = []  # frames not sent yet (see _send)
+        self.due = False  # whether sending them at the end of this turn is scheduled
         self.timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -252,6 +252,8 @@ class _Pipe:
             self.link.send(data)
         except _UNAVAILABLE as exc:
             self.fail(StoreUnavailable(f"Redis did not answer: {exc}"))
+        except Exception as exc:  # whatever it is, every request waiting must hear of it
+            self.fail(StoreError(f"could not send to Redis: {exc!r}"))
 
     def _reload(self, item: _Waiting) -> None:
         """Redis lost the script (``SCRIPT FLUSH``, a restart): nothing ran. It is loaded again
