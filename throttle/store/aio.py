@@ -44,8 +44,8 @@ __all__ = ["AsyncStore"]
 #: turn of its loop; sent all at its end, their admissions keep Redis idle while the loop
 #: works, then the loop idle while Redis does (with 32 connections to a bare Starlette app on
 #: uvloop, the server waited on Redis 15% of the time). Sent every 16, a write (one system
-#: call, about 15 us here) costs each admission under 1 us, and the edge benchmark's
-#: throughput went up 3% to 18% (``benchmarks/edge.py``, 2026-11-28).
+#: call, about 15 us here) costs each admission under 1 us, and the throttled servers of
+#: ``benchmarks/edge.py`` answered 3% to 15% more requests per second (2026-11-28).
 BATCH: Final = 16
 
 
