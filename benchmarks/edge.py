@@ -14,17 +14,23 @@ What is measured
     its query and answers a pydantic model (``benchmarks/edgeapp.py``), each bare and behind
     ``ThrottleMiddleware`` checking two limits (per API key, and per agent within it) that
     never bind, so every request pays a full admission in Redis and gets its rate headers.
+    The Starlette app is also served behind the floor of any such check (``CheckFloor`` in
+    ``edgeapp.py``: one admission packed ahead, sent as it is on the same pipelined
+    connection, its reply awaited, fixed header fields added), which tells the middleware's
+    own work from what any check that asks Redis for each request adds.
     The load comes from this process: a fixed number of keep-alive HTTP/1.1 connections on
     one asyncio loop, each sending its next request as soon as the answer to its last one is
-    read (a closed loop), spread over 50 API keys and 5 agents each. Rounds alternate each
-    app's two servers (bare then throttled, then throttled then bare, ...) after an untimed
-    warm-up of each, so drift in the machine's load hits both alike; a round counts the
-    answers in a fixed span. Every answer must be a 200, and every answer of a throttled
-    server must carry its rate headers, or the run fails.
+    read (a closed loop), spread over 50 API keys and 5 agents each. Rounds alternate the
+    order of each app's servers (bare, throttled, floor, then floor, throttled, bare, ...)
+    after an untimed warm-up of each, so drift in the machine's load hits all alike; a round
+    counts the answers in a fixed span. Every answer must be a 200, and every answer of a
+    throttled (or floor) server must carry its rate headers, or the run fails.
 
 How to read it
     Per app, requests per second of each server (the median of its rounds, and the rounds'
-    spread), then throttled / bare, whose goal is at least 0.8. Each server has a CPU of its
+    spread), then throttled / bare, whose goal is at least 0.8; for the Starlette app, the
+    floor's too (floor / bare: no check that asks Redis for each request does better). Each
+    server has a CPU of its
     own (the load and Redis share the other) and keeps it busy: the second row is the
     server's CPU time per answer, whose ratio says the same from the cost side, less moved by
     how a round went. "Other load" says how many CPUs other processes kept busy.
@@ -54,6 +60,8 @@ from benchmarks._common import redis_server, table, verdict  # noqa: E402
 
 GOAL = 0.8
 FRAMEWORKS = ("starlette", "fastapi")
+#: Each app's servers, in the order of an even round (odd rounds go the other way).
+KINDS = {"starlette": ("bare", "throttled", "floor"), "fastapi": ("bare", "throttled")}
 KEYS = 50
 AGENTS = 5
 PATH = "/v1/runs"
@@ -127,7 +135,7 @@ def stacks() -> list[tuple[str, str]]:
     return [*found, ("httptools", "uvloop")]
 
 
-#: A server: (framework, (http, loop), "bare" or "throttled").
+#: A server: (framework, (http, loop), one of its KINDS).
 Key = tuple[str, tuple[str, str], str]
 
 
@@ -137,7 +145,7 @@ def servers(redis_url: str, pairs: Sequence[tuple[str, str]]) -> Iterator[dict[K
     try:
         for framework in FRAMEWORKS:
             for stack in pairs:
-                for kind in ("bare", "throttled"):
+                for kind in KINDS[framework]:
                     app = f"benchmarks.edgeapp:{framework}_{kind}"
                     started[framework, stack, kind] = Server(app, redis_url, stack)
         yield started
@@ -245,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_pin(running, url))
             print(f"warm-up, then {rounds} rounds x {seconds:g} s per server ...", flush=True)
             for key, server in running.items():
-                measure(server.port, 1.0, args.connections, key[2] == "throttled")
+                measure(server.port, 1.0, args.connections, key[2] != "bare")
             rates: dict[Key, list[float]] = {key: [] for key in running}
             cpu: dict[Key, list[float]] = {key: [] for key in running}  # s per request
             failures: list[str] = []
@@ -255,14 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in range(rounds):
                 for framework in FRAMEWORKS:
                     for stack in pairs:
-                        pair: list[Key] = [
-                            (framework, stack, "bare"),
-                            (framework, stack, "throttled"),
-                        ]
-                        for key in pair if r % 2 == 0 else reversed(pair):
+                        kinds = KINDS[framework]
+                        for kind in kinds if r % 2 == 0 else reversed(kinds):
+                            key = (framework, stack, kind)
                             server = running[key]
                             used = server.cpu()
-                            marked = key[2] == "throttled"
+                            marked = kind != "bare"
                             rate, tally = measure(server.port, seconds, args.connections, marked)
                             rates[key].append(rate)
                             cpu[key].append((server.cpu() - used) / max(tally.ok, 1))
@@ -276,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["app (HTTP parser, event loop)", "measure", "throttle", "bare", "ratio", "goal", "result"]
     ]
     ratios: dict[str, float] = {}
+    floors: dict[str, float] = {}  # the floor's throughput / bare, per app that has one
     for framework in FRAMEWORKS:
         for stack in pairs:
             label = _label(framework, stack)
@@ -307,6 +314,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "",
                 ]
             )
+            if "floor" in KINDS[framework]:
+                floor_rates = rates[framework, stack, "floor"]
+                floor = statistics.median(floor_rates)
+                floors[label] = floor / bare
+                floor_us = statistics.median(cpu[framework, stack, "floor"]) * 1e6
+                rows.append(
+                    [
+                        label,
+                        "floor of any check: requests/s",
+                        f"{floor:,.0f} ({_spread(floor_rates)})",
+                        f"{bare:,.0f} ({_spread(bare_rates)})",
+                        f"{floor / bare:.2f}",
+                        "",
+                        "",
+                    ]
+                )
+                rows.append(
+                    [
+                        label,
+                        "floor of any check: server CPU per request",
+                        f"{floor_us:.0f} us",
+                        f"{bare_us:.0f} us",
+                        f"{bare_us / floor_us:.2f}",
+                        "",
+                        "",
+                    ]
+                )
     print()
     print(
         f"Throughput through uvicorn, {args.connections} keep-alive connections, "
@@ -319,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED CHECK: {problem}")
     for label, ratio in ratios.items():
         print(f"{label}: throttled / bare {ratio:.2f} (goal >= {GOAL}): {verdict(ratio >= GOAL)}")
+    for label, ratio in floors.items():
+        print(f"{label}: floor of any check / bare {ratio:.2f} (no goal: the best a check can do)")
     print(f"total time {time.monotonic() - began:.0f} s")
     return 1 if failures else 0
 

@@ -2,8 +2,9 @@
 """The web apps ``benchmarks/edge.py`` serves with uvicorn, each bare and behind
 :class:`throttle.asgi.ThrottleMiddleware` with limits that never bind: a Starlette JSON endpoint
 (``starlette_bare``, ``starlette_throttled``) and a FastAPI one that validates its query and
-answers a pydantic model (``fastapi_bare``, ``fastapi_throttled``). The store is the Redis at
-``EDGE_REDIS_URL``."""
+answers a pydantic model (``fastapi_bare``, ``fastapi_throttled``). The Starlette endpoint is
+also served behind the floor of any check at the door (``starlette_floor``, see
+:class:`CheckFloor`). The store is the Redis at ``EDGE_REDIS_URL``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from throttle import Throttle
 from throttle.asgi import ThrottleMiddleware
+from throttle.store.aio import AsyncStore
+from throttle.store.base import Prepared
 
 #: Per API key, and per agent within it, as an agent platform would set them; far above what
 #: the benchmark sends, so every request is admitted and pays the full check.
@@ -66,7 +70,63 @@ def _throttled(app: Any) -> Any:
     return app
 
 
+#: What the floor adds to every answer: the throttled app's five fields, spelt as it spells them.
+FLOOR_FIELDS = [
+    (b"x-ratelimit-limit", b"1000000"),
+    (b"x-ratelimit-remaining", b"999999"),
+    (b"x-ratelimit-reset", b"1"),
+    (b"ratelimit", b'"requests";r=999999;t=1, "per_agent";r=999999;t=1'),
+    (b"ratelimit-policy", b'"requests";q=1000000;w=1, "per_agent";q=1000000;w=1'),
+]
+
+
+class CheckFloor:
+    """The least a check at the door that asks Redis costs a request here: the throttled
+    app's admission, packed once for one API key and agent and sent as it is for every
+    request on the same pipelined connection as the middleware's, its reply awaited and not
+    read, and fixed rate-limit header fields added. Nothing of who asks, no packing, no
+    decision: what the middleware costs beyond this is its own work."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        ext = getattr(_celery, "_throttle_extension", None) or Throttle(_celery)
+        self.store = AsyncStore(ext.store())
+        limits = [ext.settings.policy(name).limit for name in LIMITS]
+        identity = {"api_key": "floor", "agent_id": "floor", "tier": "default"}
+        prepared = ext.store()._prepare(
+            limits, identity, 1, False, None, None, None, False, None, False
+        )
+        if not isinstance(prepared, Prepared) or prepared.frame is None:
+            raise RuntimeError("the floor needs an admission packed whole: one Redis server")
+        self.prepared = prepared
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        pipe = self.store._pipe_for(self.store.store)
+        if pipe is None:
+            raise RuntimeError("the floor needs a pipelined connection: one Redis server")
+        if pipe.fd is None:
+            await pipe.call(self.prepared)  # connects
+        else:
+            await pipe.submit(self.prepared)
+
+        def send_with_fields(message: Any) -> Any:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *FLOOR_FIELDS]}
+            return send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+
+def _floor(app: Any) -> Any:
+    app.add_middleware(CheckFloor)
+    return app
+
+
 starlette_bare = _starlette()
 starlette_throttled = _throttled(_starlette())
+starlette_floor = _floor(_starlette())
 fastapi_bare = _fastapi()
 fastapi_throttled = _throttled(_fastapi())
