@@ -603,3 +603,35 @@ def test_whom_a_client_address_stands_for(host: str, stands_for: str) -> None:
     """An IPv4 client is its address (also on a dual-stack socket); an IPv6 one is its /64,
     so a client cannot take a fresh bucket with each address of its allocation."""
     assert _network(host) == stands_for
+
+
+def test_the_edge_benchmarks_apps_answer_as_it_expects(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/edge.py`` fails a run whose answers are not 200s, or whose throttled (or
+    floor) answers lack the rate headers: its apps (``benchmarks/edgeapp.py``, the floor's
+    reaching into the store's pipelined connection) answer so against this Redis, the
+    throttled ones charging the API key's and its agent's buckets, the floor its own fixed
+    tenant's."""
+    import importlib
+    import sys
+
+    from benchmarks.edge import KINDS
+
+    monkeypatch.setenv("EDGE_REDIS_URL", redis_server.url)
+    sys.modules.pop("benchmarks.edgeapp", None)
+    edgeapp = importlib.import_module("benchmarks.edgeapp")
+    client = redis_server.client()
+    client.flushdb()
+    headers = {"X-API-Key": "bench-key-001", "X-Agent-ID": "agent-1"}
+    for name, kinds in KINDS.items():
+        for kind in kinds:
+            with serve(getattr(edgeapp, f"{name}_{kind}")) as base:
+                answers = [httpx.get(f"{base}/v1/runs", headers=headers, timeout=TIMEOUT)]
+                answers.append(httpx.get(f"{base}/v1/runs", headers=headers, timeout=TIMEOUT))
+            for answer in answers:
+                assert answer.status_code == 200, (name, kind, answer.text)
+                assert ("x-ratelimit-remaining" in answer.headers) == (kind != "bare"), kind
+    keys = client.keys("*")
+    assert len(keys) == 4, keys  # (per key and per agent) x (the API key, the floor's tenant)
+    sys.modules.pop("benchmarks.edgeapp", None)
