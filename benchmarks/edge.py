@@ -30,10 +30,10 @@ How to read it
     Per app, requests per second of each server (the median of its rounds, and the rounds'
     spread), then throttled / bare, whose goal is at least 0.8; for the Starlette app, the
     floor's too (floor / bare: no check that asks Redis for each request does better). Each
-    server has a CPU of its
-    own (the load and Redis share the other) and keeps it busy: the second row is the
-    server's CPU time per answer, whose ratio says the same from the cost side, less moved by
-    how a round went. "Other load" says how many CPUs other processes kept busy.
+    server has a CPU of its own (the load and Redis share the other) and keeps it busy: the
+    CPU rows give the server's CPU time per answer, whose ratio says the same from the cost
+    side, less moved by how a round went. "Other load" says how many CPUs other processes
+    kept busy.
 """
 
 from __future__ import annotations
