@@ -93,7 +93,7 @@ class CheckFloor:
         self.store = AsyncStore(ext.store())
         limits = [ext.settings.policy(name).limit for name in LIMITS]
         identity = {"api_key": "floor", "agent_id": "floor", "tier": "default"}
-        prepared = ext.store()._prepare(
+        prepared = self.store.store._prepare(
             limits, identity, 1, False, None, None, None, False, None, False
         )
         if not isinstance(prepared, Prepared) or prepared.frame is None:
