@@ -13,6 +13,7 @@ from tests.conftest import SECRET
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, RedisStore, StoreError, StoreUnavailable
 from throttle.store.aio import BATCH, AsyncStore
+from throttle.store.base import short_reply
 from throttle.store.redis import script_source
 
 LIMIT = Limit("requests", "100/h")
@@ -142,3 +143,38 @@ def test_a_write_that_fails_mid_turn_fails_every_admission_waiting(
     # the failed write's did not; the rest, and the one after them, did.
     ran = 1 + (40 - told) + 1
     assert 100 - ran - BATCH <= round(remaining) <= 100 - ran
+
+
+def test_send_hands_over_the_packed_admission_and_its_raw_reply(server: RedisServer) -> None:
+    """``send`` sends on an open connection only (None, and nothing charged, before it is
+    open or with no loop running); its future is the script's reply, which ``finish`` or
+    ``finish_peek`` makes the decision ``admit`` or ``peek`` would have given."""
+    store = RedisStore(server.client(), Keyspace(SECRET))
+    waiting = AsyncStore(store, timeout=5)
+    tight = Limit("tight", "2/h")
+    identity = {"api_key": "k"}
+    assert waiting.send([LIMIT], identity) is None  # no loop running
+
+    async def run() -> list[tuple[bool, object]]:
+        assert waiting.send([LIMIT], identity) is None  # not connected yet
+        await waiting.admit([LIMIT], identity)  # connects: 99 left
+        answers = []
+        asks = [([LIMIT], False), ([LIMIT], True), *[([tight], False)] * 3]
+        for limits, peek in asks:
+            sent = waiting.send(limits, identity, peek=peek)
+            assert sent is not None
+            prepared, future = sent
+            reply = await asyncio.wait_for(future, 30)
+            finish = store.finish_peek if peek else store.finish
+            answers.append((short_reply(reply), finish(prepared, reply)))
+        await waiting.aclose()
+        return answers
+
+    answers = asyncio.run(run())
+    assert [short for short, _ in answers] == [True, True, True, True, False]
+    decisions = [d for _, d in answers]
+    assert [d.allowed for d in decisions] == [True, True, True, True, False]  # type: ignore[attr-defined]
+    assert [round(d.limits[0].remaining) for d in decisions[:2]] == [98, 98]  # type: ignore[attr-defined]
+    assert decisions[-1].bound_by == "tight"  # type: ignore[attr-defined]
+    assert decisions[-1].retry_after > 0  # type: ignore[attr-defined]
+    assert round(store.peek([LIMIT], identity).limits[0].remaining) == 98  # the peek took none

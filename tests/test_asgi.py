@@ -28,9 +28,11 @@ import throttle
 from tests.conftest import SECRET, TIMEOUT, make_app
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, MemoryStore, RedisStore
-from throttle.asgi import ThrottleMiddleware, _network
+from throttle.asgi import _US, ThrottleMiddleware, _decided_fields, _fields, _limits, _network
 from throttle.client import Backoff, arequest, request
 from throttle.errors import ConfigurationError
+from throttle.store.aio import AsyncStore
+from throttle.store.base import short_reply
 from throttle.testing import ManualClock
 
 pytestmark = pytest.mark.usefixtures("redis_client")  # every db emptied before each test
@@ -119,6 +121,48 @@ def test_answers_carry_rate_headers(redis_server: RedisServer) -> None:
     assert items[1].startswith('"tokens";r=700;t=')
     assert last["ratelimit-policy"] == '"requests";q=5;w=3600, "tokens";q=1000;w=3600;qu="tokens"'
     assert answers[-1].json() == {"ok": True}
+
+
+def test_fields_read_off_the_short_reply_are_those_of_its_decision(
+    redis_server: RedisServer,
+) -> None:
+    """An admitted request's fields are read straight off the script's reply; they are the
+    ones its decision gives, whichever limit is the tightest and in whatever order the limits
+    are asked (and a denial's, from its decision, describe the limit that denied)."""
+    store = store_for(redis_server)
+    big, small = Limit("big", "100/h"), Limit("small", "5/h", burst=3)
+    waiting = AsyncStore(store, timeout=5)
+
+    async def run() -> list[tuple[list[Any], list[Any] | None]]:
+        seen: list[tuple[list[Any], list[Any] | None]] = []
+        await waiting.admit([big], {"api_key": "warm"})  # connects
+        both, one = {"big": 30, "small": 1}, {"big": 30, "small": 0}
+        for limits, cost in (
+            ([big, small], both),
+            ([small, big], one),
+            ([big, small], one),
+            ([small, big], both),
+        ):
+            described = _limits(limits)
+            sent = waiting.send(limits, {"api_key": "fields"}, cost=cost)
+            assert sent is not None
+            prepared, reply = sent[0], await asyncio.wait_for(sent[1], 30)
+            decided = _decided_fields(described, store.finish(prepared, reply))
+            short = _fields(described, reply, 1, _US, None) if short_reply(reply) else None
+            seen.append((decided, short))
+        await waiting.aclose()
+        return seen
+
+    seen = asyncio.run(run())
+    assert [short is not None for _, short in seen] == [True, True, True, False]
+    for decided, short in seen[:3]:
+        assert short == decided
+    shown = [(dict(d)[b"x-ratelimit-limit"], dict(d)[b"x-ratelimit-remaining"]) for d, _ in seen]
+    # big: 70, 40, 10 left of 100; small: 2 of 3 left, then untouched. The last asks 30 of big's
+    # 10: big denies, and is the limit described.
+    assert shown == [(b"3", b"2"), (b"100", b"40"), (b"100", b"10"), (b"100", b"10")]
+    assert dict(seen[2][0])[b"ratelimit"].startswith(b'"big";r=10;t=')
+    assert b'"small";r=2;t=' in dict(seen[1][0])[b"ratelimit"]
 
 
 def test_denial_is_429_with_exact_body(redis_server: RedisServer) -> None:
@@ -564,7 +608,7 @@ def test_costs_per_limit_set_and_whole_quotas(redis_server: RedisServer) -> None
         limits=["anon"],
         processes=3,
     )
-    assert shared._tiers["default"].local.quotas["anon"][1] == b"3"  # 10/3, rounded down
+    assert shared._tiers["default"].local.quotas[0][2] == b"3"  # 10/3, rounded down
 
 
 def test_lifespan_and_websockets_pass_through(redis_server: RedisServer) -> None:

@@ -62,6 +62,7 @@ from throttle.identity import Fingerprint
 from throttle.limits import Limit, check_cost
 from throttle.store import Decision, MemoryStore
 from throttle.store.aio import AsyncStore
+from throttle.store.base import short_reply
 
 __all__ = ["ThrottleMiddleware"]
 
@@ -87,8 +88,10 @@ class _Limits(NamedTuple):
     limits: tuple[Limit, ...]
     by_name: Mapping[str, Limit]
     policy: bytes  # the RateLimit-Policy field: it does not change between answers
-    #: name -> burst, the burst as X-RateLimit-Limit says it, the name as RateLimit quotes it
-    quotas: Mapping[str, tuple[float, bytes, bytes]]
+    #: Each limit, in order: its name and burst, and the burst as X-RateLimit-Limit says it
+    quotas: tuple[tuple[str, float, bytes], ...]
+    #: The RateLimit field with %d for each limit's remaining units and seconds until full
+    ratelimit: bytes
 
 
 class _Checked(NamedTuple):
@@ -156,7 +159,10 @@ class ThrottleMiddleware:
             self._ip = self._ip._replace(cost=_part(cost, self._ip))
         self._default = self._tiers[DEFAULT_TIER]
         self._store = AsyncStore(ext.store(), timeout=settings.socket_timeout)
-        self._check = self._store.peek if mode == "check_only" else self._store.admit
+        self._peek = mode == "check_only"
+        self._check = self._store.peek if self._peek else self._store.admit
+        store = self._store.store
+        self._finish = store.finish_peek if self._peek else store.finish
         self._local = MemoryStore(ext.keyspace, clock=ext.clock)
         self._down_until = 0
         self._adaptive = settings.adaptive.enabled
@@ -179,30 +185,44 @@ class ThrottleMiddleware:
             return
         cost = checked.cost if self._cost is None else _part(self._cost(scope), checked)
         shared = checked.shared
+        fields = None
         decision: Decision | None = None
         if not self._down_until or self.ext.clock.now_us() >= self._down_until:
             try:
-                decision = await self._check(
-                    shared.limits, identity, cost=cost, adaptive=self._adaptive
+                # Nearly always sent at once on the loop's connection, and an admission's
+                # reply read here straight into the fields: no Decision is made for it.
+                sent = self._store.send(
+                    shared.limits, identity, cost=cost, adaptive=self._adaptive, peek=self._peek
                 )
+                if sent is None:
+                    decision = await self._check(
+                        shared.limits, identity, cost=cost, adaptive=self._adaptive
+                    )
+                else:
+                    prepared, reply = sent[0], await sent[1]
+                    if short_reply(reply):
+                        fields = _fields(shared, reply, 1, _US, None)
+                    else:
+                        decision = self._finish(prepared, reply)
             except StoreError as exc:
                 self._store_failed(exc)
-        if decision is not None:
-            described = shared
-        else:
-            decided = self._fallback(checked, identity, cost)
-            if decided is None:  # open while Redis is away: unchecked, so nothing to tell
-                await self.app(scope, receive, send)
+        if fields is None:
+            if decision is not None:
+                described = shared
+            else:
+                decided = self._fallback(checked, identity, cost)
+                if decided is None:  # open while Redis is away: unchecked, so nothing to tell
+                    await self.app(scope, receive, send)
+                    return
+                if isinstance(decided, str):
+                    wait = max(self._down_until - self.ext.clock.now_us(), 0) / _US
+                    await _refuse(send, 503, decided, wait or self.settings.store_retry, [])
+                    return
+                decision, described = decided
+            fields = _decided_fields(described, decision)
+            if not decision.allowed:
+                await _refuse(send, 429, decision.bound_by, decision.retry_after, fields)
                 return
-            if isinstance(decided, str):
-                wait = max(self._down_until - self.ext.clock.now_us(), 0) / _US
-                await _refuse(send, 503, decided, wait or self.settings.store_retry, [])
-                return
-            decision, described = decided
-        fields = _fields(described, decision)
-        if not decision.allowed:
-            await _refuse(send, 429, decision.bound_by, decision.retry_after, fields)
-            return
 
         def send_with_fields(message: Message) -> Awaitable[None]:
             # The app's own send, awaited by the app: no coroutine of ours in between.
@@ -292,42 +312,60 @@ def _network(host: str) -> str:
 
 def _limits(limits: Sequence[Limit]) -> _Limits:
     policy = ", ".join(_policy_item(limit) for limit in limits).encode()
-    quotas = {
-        limit.name: (limit.burst, _number(limit.burst).encode(), f'"{limit.name}"'.encode())
-        for limit in limits
-    }
-    return _Limits(tuple(limits), {limit.name: limit for limit in limits}, policy, quotas)
+    quotas = tuple((limit.name, limit.burst, _number(limit.burst).encode()) for limit in limits)
+    quoted = [limit.name.replace("%", "%%") for limit in limits]  # (names have none)
+    ratelimit = ", ".join(f'"{name}";r=%d;t=%d' for name in quoted).encode()
+    return _Limits(
+        tuple(limits), {limit.name: limit for limit in limits}, policy, quotas, ratelimit
+    )
 
 
-def _fields(limits: _Limits, decision: Decision) -> list[tuple[bytes, bytes]]:
-    """The rate-limit header fields of an answer: the X-RateLimit ones describe the limit
-    that denied, else the one with the least room left for its size. (On every request:
-    kept lean.)"""
-    bound = decision.bound_by
-    quotas = limits.quotas
-    items = []
+def _fields(
+    limits: _Limits, values: Sequence[float], first: int, scale: float, bound: str | None
+) -> list[tuple[bytes, bytes]]:
+    """The rate-limit header fields of an answer about ``limits``, whose states ``values``
+    holds in their order from index ``first``, two each: the units remaining and the seconds
+    until the bucket is full again, times ``scale`` (the script's short reply counts
+    millionths). The X-RateLimit fields describe ``bound`` (the limit that denied), else the
+    limit with the least room left for its size. (On every request: kept lean.)"""
+    numbers: list[int] = []
     shown = None
     room = math.inf
-    for name, remaining, reset_after, _ in decision.limits:
+    j = first
+    for name, burst, quota in limits.quotas:
+        remaining = values[j] / scale
         left = int(remaining + 1e-9) if remaining > 0 else 0  # whole units, never below 0
-        reset = _ceil(reset_after)
-        burst, quota, label = quotas[name]
-        items.append(b"%s;r=%d;t=%d" % (label, left, reset))
+        reset = _ceil(values[j + 1] / scale)
+        j += 2
+        numbers += (left, reset)
         if bound is None:
             share = remaining / burst
             if share < room:
                 room, shown = share, (quota, left, reset)
         elif name == bound:
             room, shown = -math.inf, (quota, left, reset)
-    if shown is None:  # no state (a stale copy): nothing to describe
+    if shown is None:  # (a bound limit that is not among them: nothing to describe)
         return [(b"ratelimit-policy", limits.policy)]
     return [
         (b"x-ratelimit-limit", shown[0]),
         (b"x-ratelimit-remaining", b"%d" % shown[1]),
         (b"x-ratelimit-reset", b"%d" % shown[2]),
-        (b"ratelimit", b", ".join(items)),
+        (b"ratelimit", limits.ratelimit % tuple(numbers)),
         (b"ratelimit-policy", limits.policy),
     ]
+
+
+def _decided_fields(limits: _Limits, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """:func:`_fields` of a decision (whose states may come in another order: a Redis
+    Cluster's, by slot)."""
+    states = {state.name: state for state in decision.limits}
+    values: list[float] = []
+    for name, *_ in limits.quotas:
+        state = states.get(name)
+        if state is None:  # no state (a stale copy): nothing to describe
+            return [(b"ratelimit-policy", limits.policy)]
+        values += (state.remaining, state.reset_after)
+    return _fields(limits, values, 0, 1, decision.bound_by)
 
 
 def _policy_item(limit: Limit) -> str:

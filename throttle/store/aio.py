@@ -91,6 +91,36 @@ class AsyncStore:
         """:meth:`BaseStore.peek <throttle.store.BaseStore.peek>`: charge nothing."""
         return self._start(limits, identity, cost, adaptive, True)
 
+    def send(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        cost: float | Mapping[str, float] = 1,
+        adaptive: bool = False,
+        peek: bool = False,
+    ) -> tuple[Prepared, asyncio.Future[Any]] | None:
+        """Send an admission (a peek with ``peek``) on the running loop's connection when it
+        is open and read directly, as :meth:`admit` (:meth:`peek`) would, for a caller that
+        reads the reply itself: the admission as packed, and the future of the script's
+        reply (:meth:`BaseStore.finish <throttle.store.BaseStore.finish>`, or ``finish_peek``,
+        makes it a decision; it fails with :class:`StoreError`). None, and nothing sent, when
+        it cannot go so (not connected yet, not one Redis server, a connection that cannot be
+        read without blocking, no loop running): :meth:`admit` then does the rest. Bad input
+        that is sent is raised by the call."""
+        try:
+            pipe = self._pipe_for(self.store)
+        except RuntimeError:  # no loop running
+            return None
+        if pipe is None or pipe.fd is None or not pipe.direct:
+            return None
+        prepared = self.store._prepare(
+            limits, identity, cost, False, None, None, None, adaptive, None, peek
+        )
+        if type(prepared) is not Prepared:  # (a pipe is one Redis server's: never so)
+            return None
+        return prepared, pipe.submit(prepared)
+
     async def aclose(self) -> None:
         """Close this loop's connection (requests still waiting on it get
         :class:`StoreUnavailable`)."""
@@ -109,20 +139,21 @@ class AsyncStore:
         peek: bool,
     ) -> Awaitable[Decision]:
         """On an open connection read directly (nearly always), the admission is sent from
-        here, and only its reply is awaited (:meth:`_decide`). Anything else is
+        here (:meth:`send`), and only its reply is awaited (:meth:`_decide`). Anything else is
         :meth:`_run`'s."""
+        sent = self.send(limits, identity, cost=cost, adaptive=adaptive, peek=peek)
+        if sent is not None:
+            return self._decide(sent[1], sent[0], peek)
         store = self.store
         try:
             pipe = self._pipe_for(store)
         except RuntimeError:  # no loop running yet: then it runs in a thread
             pipe = None
         prepared = None
-        if pipe is not None and pipe.direct is not False:
+        if pipe is not None and pipe.direct is not False:  # sent once connected
             prepared = store._prepare(
                 limits, identity, cost, False, None, None, None, adaptive, None, peek
             )
-            if type(prepared) is Prepared and pipe.fd is not None and pipe.direct:
-                return self._decide(pipe.submit(prepared), prepared, peek)
         return self._run(pipe, prepared, (limits, identity, cost, adaptive, peek))
 
     async def _decide(self, reply: Awaitable[Any], prepared: Prepared, peek: bool) -> Decision:

@@ -1691,8 +1691,16 @@ def _usage(limit: Limit, actual: object) -> float:
     return float(actual)
 
 
+def short_reply(reply: Sequence[Any]) -> bool:
+    """Whether an admission script's reply is the short one, of an admission (or a peek) that
+    passed and redeemed nothing (see admit.lua): ``reply[1 + 2 * i]`` and ``reply[2 + 2 * i]``
+    are then the ``i``-th limit's remaining units and time until its bucket is full again, in
+    millionths (of units, of seconds), the limits in the order they were asked in."""
+    return _OUTCOMES.get(reply[0]) is _ADMITTED
+
+
 def _short_states(charges: Sequence[Charge], reply: Sequence[Any]) -> tuple[LimitState, ...]:
-    """The limits' states from the short reply of an admission (see admit.lua)."""
+    """The limits' states from the short reply of an admission (see :func:`short_reply`)."""
     states = []
     j = 1
     for c in charges:  # (a loop, not a comprehension: on every admission, one frame less)
