@@ -108,8 +108,10 @@ class AsyncStore:
         it cannot go so (not connected yet, not one Redis server, a connection that cannot be
         read without blocking, no loop running): :meth:`admit` then does the rest. Bad input
         that is sent is raised by the call."""
+        pipe = self._last
         try:
-            pipe = self._pipe_for(self.store)
+            if pipe is None or pipe.loop is not asyncio.get_running_loop():
+                pipe = self._pipe_for(self.store)
         except RuntimeError:  # no loop running
             return None
         if pipe is None or pipe.fd is None or not pipe.direct:

@@ -680,17 +680,17 @@ class BaseStore(Store):
         # A plain admission or peek (no booking to redeem, guard or test clock; a horizon only
         # when it may book) of a plan sent whole: everything but the nonce (and the booking
         # that may be made, named by it) is the same from call to call, and is kept packed.
-        plain = (
-            booking is None and guard is None and now_us is None and (horizon is None or reserve)
+        mode = (
+            (peek, adaptive, reserve, horizon)
+            if booking is None and guard is None and now_us is None and (horizon is None or reserve)
+            else None
         )
-        plan = self._plan(
-            limits, identity, cost, (peek, adaptive, reserve, horizon) if plain else None
-        )
-        if isinstance(plan, Prepared):
+        plan = self._plan(limits, identity, cost, mode)
+        if type(plan) is Prepared:
             return plan
-        plain = plain and plan.wire is not None
+        plain = mode is not None and plan.wire is not None
         if plain and plan.sent is not None:
-            t = plan.sent.get((peek, adaptive, reserve, horizon))
+            t = plan.sent.get(mode)
             if t is not None:
                 return self._fill(
                     plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after, reserve
