@@ -686,15 +686,17 @@ class BaseStore(Store):
             else None
         )
         plan = self._plan(limits, identity, cost, mode)
-        if type(plan) is Prepared:
+        if isinstance(plan, Prepared):
             return plan
-        plain = mode is not None and plan.wire is not None
-        if plain and plan.sent is not None:
-            t = plan.sent.get(mode)
-            if t is not None:
-                return self._fill(
-                    plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after, reserve
-                )
+        plain = False
+        if mode is not None and plan.wire is not None:
+            plain = True
+            if plan.sent is not None:
+                t = plan.sent.get(mode)
+                if t is not None:
+                    return self._fill(
+                        plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after, reserve
+                    )
         if horizon is not None:  # (a template's horizon was checked when it was made)
             _check_horizon(horizon)
         if plain and plan.sent is None and not (adaptive and plan.follows):
