@@ -166,7 +166,7 @@ def test_send_hands_over_the_packed_admission_and_its_raw_reply(server: RedisSer
             prepared, future = sent
             reply = await asyncio.wait_for(future, 30)
             finish = store.finish_peek if peek else store.finish
-            answers.append((short_reply(reply), finish(prepared, reply)))
+            answers.append((short_reply(reply, len(prepared.charges)), finish(prepared, reply)))
         await waiting.aclose()
         return answers
 

@@ -28,9 +28,10 @@ import throttle
 from tests.conftest import SECRET, TIMEOUT, make_app
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, MemoryStore, RedisStore
-from throttle.asgi import _US, ThrottleMiddleware, _decided_fields, _fields, _limits, _network
+from throttle.asgi import ThrottleMiddleware, _decided_fields, _limits, _network, _short_fields
 from throttle.client import Backoff, arequest, request
-from throttle.errors import ConfigurationError
+from throttle.errors import ConfigurationError, StoreError
+from throttle.store import Decision, LimitState, Outcome
 from throttle.store.aio import AsyncStore
 from throttle.store.base import short_reply
 from throttle.testing import ManualClock
@@ -148,7 +149,8 @@ def test_fields_read_off_the_short_reply_are_those_of_its_decision(
             assert sent is not None
             prepared, reply = sent[0], await asyncio.wait_for(sent[1], 30)
             decided = _decided_fields(described, store.finish(prepared, reply))
-            short = _fields(described, reply, 1, _US, None) if short_reply(reply) else None
+            is_short = short_reply(reply, len(limits))
+            short = _short_fields(described, reply) if is_short else None
             seen.append((decided, short))
         await waiting.aclose()
         return seen
@@ -163,6 +165,94 @@ def test_fields_read_off_the_short_reply_are_those_of_its_decision(
     assert shown == [(b"3", b"2"), (b"100", b"40"), (b"100", b"10"), (b"100", b"10")]
     assert dict(seen[2][0])[b"ratelimit"].startswith(b'"big";r=10;t=')
     assert b'"small";r=2;t=' in dict(seen[1][0])[b"ratelimit"]
+
+
+def test_a_decision_describes_the_limits_it_has_states_for_in_their_order() -> None:
+    """A decision's states may come in another order, or only some of them (a Redis
+    Cluster's admission runs slot by slot and stops at the first that denies): the fields
+    describe the limits it has states for, in the order they are set, the limit that denied
+    in the X-RateLimit ones, and the whole policy; a tie goes to the first limit."""
+    big, small, other = Limit("big", "100/h"), Limit("small", "5/h"), Limit("other", "10/h")
+    described = _limits([big, small, other])
+    full = _limits([big, small])
+
+    def decision(*states: LimitState, bound: str | None = None) -> Decision:
+        outcome = Outcome.ADMITTED if bound is None else Outcome.DENIED
+        return Decision(outcome, 0.0 if bound is None else 60.0, bound, states)
+
+    reordered = decision(LimitState("small", 1.5, 1800.2, 0), LimitState("big", 40, 2160, 0))
+    assert dict(_decided_fields(full, reordered)) == {
+        b"x-ratelimit-limit": b"5",
+        b"x-ratelimit-remaining": b"1",
+        b"x-ratelimit-reset": b"1801",
+        b"ratelimit": b'"big";r=40;t=2160, "small";r=1;t=1801',
+        b"ratelimit-policy": full.policy,
+    }
+    partial = decision(LimitState("small", 0.4, 3312, 648), bound="small")
+    assert dict(_decided_fields(described, partial)) == {
+        b"x-ratelimit-limit": b"5",
+        b"x-ratelimit-remaining": b"0",
+        b"x-ratelimit-reset": b"3312",
+        b"ratelimit": b'"small";r=0;t=3312',
+        b"ratelimit-policy": described.policy,
+    }
+    tied = decision(LimitState("big", 50, 1800, 0), LimitState("other", 5, 1800, 0))
+    assert dict(_decided_fields(described, tied))[b"x-ratelimit-limit"] == b"100"
+    stale = Decision(Outcome.STALE, 0.0, None, ())
+    assert _decided_fields(described, stale) == [(b"ratelimit-policy", described.policy)]
+
+
+def test_a_short_reply_the_script_never_gives_is_a_store_error() -> None:
+    """Numbers the admission script never answers are a StoreError (on_store_error applies),
+    not the app's 500; a reply of the wrong length is not read as a short one."""
+    described = _limits([Limit("big", "100/h")])
+    assert not short_reply([b"admitted", 1, 2], 1)
+    assert short_reply([b"admitted", 1, 2, 3], 1)
+    for numbers in ([b"x", 1], [10**400, 1], [1, float("inf")]):
+        with pytest.raises(StoreError, match="unexpected reply"):
+            _short_fields(described, [b"admitted", *numbers, 3])
+
+
+def test_an_admitted_request_makes_no_decision(redis_server: RedisServer) -> None:
+    """An admitted request's fields come off the script's short reply: the middleware makes
+    a decision only for the one that is denied (and for the first, which connects)."""
+    app = starlette_app()
+    middleware = ThrottleMiddleware(app, celery_app=celery_app(redis_server), limits=["requests"])
+    finished = []
+    finish = middleware._finish
+
+    def counted(prepared: Any, reply: Any) -> Any:
+        finished.append(reply[0])
+        return finish(prepared, reply)
+
+    middleware._finish = counted  # type: ignore[method-assign]
+
+    async def run() -> list[int]:
+        statuses = []
+        for _ in range(7):
+            sent: list[Any] = []
+
+            async def send(message: Any) -> None:
+                sent.append(message)  # noqa: B023 (each request's own list, read in its turn)
+
+            async def receive() -> Any:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": "/",
+                "headers": [(b"x-api-key", KEY.encode())],
+                "client": ("127.0.0.1", 1),
+                "query_string": b"",
+                "root_path": "",
+            }
+            await middleware(scope, receive, send)
+            statuses.append(sent[0]["status"])
+        return statuses
+
+    assert asyncio.run(run()) == [200] * 5 + [429] * 2
+    assert finished == [b"denied"] * 2  # the first went through admit(): it connected
 
 
 def test_denial_is_429_with_exact_body(redis_server: RedisServer) -> None:

@@ -200,8 +200,8 @@ class ThrottleMiddleware:
                     )
                 else:
                     prepared, reply = sent[0], await sent[1]
-                    if short_reply(reply):
-                        fields = _fields(shared, reply, 1, _US, None)
+                    if short_reply(reply, len(shared.quotas)):
+                        fields = _short_fields(shared, reply)
                     else:
                         decision = self._finish(prepared, reply)
             except StoreError as exc:
@@ -355,16 +355,30 @@ def _fields(
     ]
 
 
+def _short_fields(limits: _Limits, reply: Sequence[Any]) -> list[tuple[bytes, bytes]]:
+    """:func:`_fields` of an admission's short reply (see
+    :func:`~throttle.store.base.short_reply`), whose limits are in ``limits``' order."""
+    try:
+        return _fields(limits, reply, 1, _US, None)
+    except (TypeError, ValueError, OverflowError) as exc:  # numbers the script never gives
+        raise StoreError(f"unexpected reply from the admission script: {reply!r}") from exc
+
+
 def _decided_fields(limits: _Limits, decision: Decision) -> list[tuple[bytes, bytes]]:
-    """:func:`_fields` of a decision (whose states may come in another order: a Redis
-    Cluster's, by slot)."""
+    """:func:`_fields` of a decision. Its states may come in another order, and some may be
+    missing: a Redis Cluster's admission runs slot by slot, and stops at the first that
+    denies. The limits it has states for are described, in ``limits``' order."""
     states = {state.name: state for state in decision.limits}
     values: list[float] = []
     for name, *_ in limits.quotas:
         state = states.get(name)
-        if state is None:  # no state (a stale copy): nothing to describe
+        if state is not None:
+            values += (state.remaining, state.reset_after)
+    if len(values) < 2 * len(limits.quotas):
+        if not values:  # no state (a stale copy): nothing to describe
             return [(b"ratelimit-policy", limits.policy)]
-        values += (state.remaining, state.reset_after)
+        present = [limit for limit in limits.limits if limit.name in states]
+        limits = _limits(present)._replace(policy=limits.policy)
     return _fields(limits, values, 0, 1, decision.bound_by)
 
 

@@ -104,10 +104,10 @@ class AsyncStore:
         is open and read directly, as :meth:`admit` (:meth:`peek`) would, for a caller that
         reads the reply itself: the admission as packed, and the future of the script's
         reply (:meth:`BaseStore.finish <throttle.store.BaseStore.finish>`, or ``finish_peek``,
-        makes it a decision; it fails with :class:`StoreError`). None, and nothing sent, when
-        it cannot go so (not connected yet, not one Redis server, a connection that cannot be
-        read without blocking, no loop running): :meth:`admit` then does the rest. Bad input
-        that is sent is raised by the call."""
+        makes it a decision; it fails with :class:`StoreError`). None, and nothing checked or
+        sent, when it cannot go so (not connected yet, not one Redis server, a connection that
+        cannot be read without blocking, no loop running): :meth:`admit` then does the rest.
+        Bad input raises here when it would be sent."""
         pipe = self._last
         try:
             if pipe is None or pipe.loop is not asyncio.get_running_loop():

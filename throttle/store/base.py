@@ -37,6 +37,7 @@ __all__ = [
     "Prepared",
     "Receipt",
     "Store",
+    "short_reply",
 ]
 
 _US = 1_000_000
@@ -1693,12 +1694,13 @@ def _usage(limit: Limit, actual: object) -> float:
     return float(actual)
 
 
-def short_reply(reply: Sequence[Any]) -> bool:
-    """Whether an admission script's reply is the short one, of an admission (or a peek) that
-    passed and redeemed nothing (see admit.lua): ``reply[1 + 2 * i]`` and ``reply[2 + 2 * i]``
-    are then the ``i``-th limit's remaining units and time until its bucket is full again, in
-    millionths (of units, of seconds), the limits in the order they were asked in."""
-    return _OUTCOMES.get(reply[0]) is _ADMITTED
+def short_reply(reply: Sequence[Any], limits: int) -> bool:
+    """Whether a script run's reply about ``limits`` limits is the short one, of an admission
+    (or a peek) that passed and redeemed nothing (see admit.lua), and as long as it must be:
+    ``reply[1 + 2 * i]`` and ``reply[2 + 2 * i]`` are then the ``i``-th limit's remaining
+    units and time until its bucket is full again, in millionths (of units, of seconds), in
+    the order of the run's limits (a prepared admission's ``charges``)."""
+    return len(reply) == 2 + 2 * limits and _OUTCOMES.get(reply[0]) is _ADMITTED
 
 
 def _short_states(charges: Sequence[Charge], reply: Sequence[Any]) -> tuple[LimitState, ...]:
