@@ -46,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -191,8 +191,11 @@ async def _connection(
         writer.close()
 
 
-async def _load(port: int, seconds: float, connections: int, marked: bool) -> tuple[Tally, float]:
-    """Answers counted over ``seconds`` (after the connections are open and busy)."""
+async def _load(
+    port: int, seconds: float, connections: int, marked: bool, cpu: Callable[[], float]
+) -> tuple[Tally, float, float]:
+    """Answers counted over ``seconds`` (after the connections are open and busy), the span
+    they took, and the server's CPU time over that span (``cpu``: its CPU seconds so far)."""
     tally = Tally()
     counting = [False]
     loop = asyncio.get_running_loop()
@@ -204,14 +207,17 @@ async def _load(port: int, seconds: float, connections: int, marked: bool) -> tu
     ]
     await asyncio.sleep(warm)  # the benchmark's own clock: the span measured starts here
     counting[0] = True
-    start = loop.time()
+    start, used = loop.time(), cpu()
     await asyncio.gather(*tasks)
-    return tally, loop.time() - start
+    return tally, loop.time() - start, cpu() - used
 
 
-def measure(port: int, seconds: float, connections: int, marked: bool) -> tuple[float, Tally]:
-    tally, span = asyncio.run(_load(port, seconds, connections, marked))
-    return tally.ok / span, tally
+def measure(
+    server: Server, seconds: float, connections: int, marked: bool
+) -> tuple[float, float, Tally]:
+    """Answers per second, the server's CPU seconds per answer, and the answers' tally."""
+    tally, span, used = asyncio.run(_load(server.port, seconds, connections, marked, server.cpu))
+    return tally.ok / span, used / max(tally.ok, 1), tally
 
 
 def _implementations(pairs: Sequence[tuple[str, str]]) -> str:
@@ -253,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_pin(running, url))
             print(f"warm-up, then {rounds} rounds x {seconds:g} s per server ...", flush=True)
             for key, server in running.items():
-                measure(server.port, 1.0, args.connections, key[2] != "bare")
+                measure(server, 1.0, args.connections, key[2] != "bare")
             rates: dict[Key, list[float]] = {key: [] for key in running}
             cpu: dict[Key, list[float]] = {key: [] for key in running}  # s per request
             failures: list[str] = []
@@ -267,11 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for kind in kinds if r % 2 == 0 else reversed(kinds):
                             key = (framework, stack, kind)
                             server = running[key]
-                            used = server.cpu()
                             marked = kind != "bare"
-                            rate, tally = measure(server.port, seconds, args.connections, marked)
+                            rate, used, tally = measure(server, seconds, args.connections, marked)
                             rates[key].append(rate)
-                            cpu[key].append((server.cpu() - used) / max(tally.ok, 1))
+                            cpu[key].append(used)
                             name = f"{_label(framework, stack)} {key[2]}"
                             if tally.bad:
                                 failures.append(f"{name}: answers other than 200: {tally.bad}")
