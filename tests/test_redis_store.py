@@ -402,6 +402,29 @@ def test_a_forked_child_opens_a_connection_of_its_own(
     assert port() == parent  # the parent keeps its own
 
 
+def test_a_forked_child_makes_nonces_of_its_own(
+    redis_client: redis.Redis, keyspace: Keyspace
+) -> None:
+    """Nonces name sliding-window log members and receipts: a child forked from a process
+    that used a store must not repeat the nonces its parent goes on to make."""
+    store = RedisStore(redis_client, keyspace)
+    before = [store._nonces.next() for _ in range(100)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports its next nonces
+        try:
+            os.write(write, " ".join(store._nonces.next() for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    parent = [store._nonces.next() for _ in range(100)]
+    with os.fdopen(read) as answer:
+        child = answer.read().split()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert len(child) == 100
+    assert len(set(before + parent + child)) == 300
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_the_short_reply_has_two_numbers_per_limit_and_the_time(
     redis_client: redis.Redis, keyspace: Keyspace, count: int

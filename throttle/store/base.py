@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
@@ -272,19 +272,18 @@ class Store(ABC):
 
 
 class _Nonces:
-    """Cheap unique nonces for log members: a random per-process prefix and a counter.
-    The prefix is renewed in a forked child, which would otherwise repeat its parent's."""
+    """Cheap unique nonces for log members: a random per-process prefix and a counter, in
+    hex. The prefix is renewed in a forked child, which would otherwise repeat its parent's.
+    ``next()`` gives the next one, with no Python frame: read ``next`` at each call, as a
+    fork replaces it."""
 
     def __init__(self) -> None:
         self._renew()
         os.register_at_fork(after_in_child=self._renew)
 
     def _renew(self) -> None:
-        self._prefix = secrets.token_urlsafe(6)
-        self._counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        prefix = secrets.token_urlsafe(6)  # (letters, digits, - and _: no braces to format)
+        self.next: Callable[[], str] = map(f"{prefix}{{:x}}".format, itertools.count()).__next__
 
 
 class BaseStore(Store):
@@ -301,7 +300,7 @@ class BaseStore(Store):
             raise ConfigurationError("keyspace", f"must be a Keyspace, got {keyspace!r}")
         self.keyspace = keyspace
         self._grace = str(round(_seconds(booking_grace, "booking_grace") * _US))
-        self._nonce = _Nonces()
+        self._nonces = _Nonces()
         self._checked: dict[tuple[int, ...], _Checked] = {}
         self._plans: dict[Hashable, _Plan] = {}
         self._sent = 0  # packed admissions the remembered plans hold, in all
@@ -612,7 +611,7 @@ class BaseStore(Store):
             "p",
             "",
             "",
-            self._nonce(),
+            self._nonces.next(),
             self._grace,
             "",
         ]
@@ -710,7 +709,7 @@ class BaseStore(Store):
             bmode = "new"
         else:
             bmode = ""
-        nonce = booking or self._nonce()
+        nonce = booking or self._nonces.next()
         head = [
             "" if now_us is None else str(int(now_us)),
             "p" if peek else "1" if reserve else "0",
@@ -866,7 +865,7 @@ class BaseStore(Store):
                 after,
             )
         else:
-            booking, nonce = None, self._nonce()
+            booking, nonce = None, self._nonces.next()
             data = nonce.encode()
             frame = b"%s%s$%d\r\n%s\r\n%s" % (before, mid, len(data), data, after)
         argv[4] = nonce
@@ -1468,7 +1467,7 @@ class BaseStore(Store):
             change,
             floor,
             str(max(1, round(_seconds(ttl, "ttl") * 1000))),
-            self._nonce(),
+            self._nonces.next(),
             held,
             quieted,
             str(len(tenant)),
