@@ -10,10 +10,13 @@ What is measured
     Uvicorn servers run side by side for the whole run, one process each, on uvicorn's own
     HTTP parser and event loop (h11, asyncio) and, where ``uvicorn[standard]`` installed
     them, on httptools and uvloop too (the first line says which were measured): a Starlette
-    app with one JSON endpoint and a FastAPI app whose endpoint validates
-    its query and answers a pydantic model (``benchmarks/edgeapp.py``), each bare and behind
-    ``ThrottleMiddleware`` checking two limits (per API key, and per agent within it) that
-    never bind, so every request pays a full admission in Redis and gets its rate headers.
+    app with one JSON endpoint, a FastAPI app whose endpoint validates its query and answers
+    a pydantic model, and a Starlette endpoint that enqueues a Celery task (``send_task`` to
+    a queue on the same Redis as broker, which nothing consumes: it is emptied after each
+    round), as the APIs this middleware guards do (``benchmarks/edgeapp.py``); each bare and
+    behind ``ThrottleMiddleware`` checking two limits (per API key, and per agent within it)
+    that never bind, so every request pays a full admission in Redis and gets its rate
+    headers.
     The Starlette app is also served behind the floor of any such check (``CheckFloor`` in
     ``edgeapp.py``: one admission packed ahead, sent as it is on the same pipelined
     connection, its reply awaited, fixed header fields added), which tells the middleware's
@@ -59,9 +62,17 @@ if str(ROOT) not in sys.path:
 from benchmarks._common import redis_server, table, verdict  # noqa: E402
 
 GOAL = 0.8
-FRAMEWORKS = ("starlette", "fastapi")
+FRAMEWORKS = ("starlette", "fastapi", "enqueue")
 #: Each app's servers, in the order of an even round (odd rounds go the other way).
-KINDS = {"starlette": ("bare", "throttled", "floor"), "fastapi": ("bare", "throttled")}
+KINDS = {
+    "starlette": ("bare", "throttled", "floor"),
+    "fastapi": ("bare", "throttled"),
+    "enqueue": ("bare", "throttled"),
+}
+#: The broker queue of the enqueuing endpoint (``EDGE_QUEUE``), emptied after each round.
+QUEUE = "edgebench"
+#: How the table names each app.
+TITLES = {"starlette": "starlette", "fastapi": "fastapi", "enqueue": "starlette + celery task"}
 KEYS = 50
 AGENTS = 5
 PATH = "/v1/runs"
@@ -72,7 +83,12 @@ class Server:
 
     def __init__(self, app: str, redis_url: str, stack: tuple[str, str]) -> None:
         self.app = app
-        env = {**os.environ, "EDGE_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "EDGE_REDIS_URL": redis_url,
+            "EDGE_QUEUE": QUEUE,
+            "PYTHONPATH": str(ROOT),
+        }
         http, loop = stack
         self.proc = subprocess.Popen(
             [
@@ -229,7 +245,7 @@ def _implementations(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def _label(framework: str, stack: tuple[str, str]) -> str:
-    return f"{framework} ({stack[0]}, {stack[1]})"
+    return f"{TITLES[framework]} ({stack[0]}, {stack[1]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warm-up, then {rounds} rounds x {seconds:g} s per server ...", flush=True)
             for key, server in running.items():
                 measure(server, 1.0, args.connections, key[2] != "bare")
+            client.delete(QUEUE)
             rates: dict[Key, list[float]] = {key: [] for key in running}
             cpu: dict[Key, list[float]] = {key: [] for key in running}  # s per request
             failures: list[str] = []
@@ -277,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             rate, used, tally = measure(server, seconds, args.connections, marked)
                             rates[key].append(rate)
                             cpu[key].append(used)
+                            client.delete(QUEUE)  # the tasks the round enqueued
                             name = f"{_label(framework, stack)} {key[2]}"
                             if tally.bad:
                                 failures.append(f"{name}: answers other than 200: {tally.bad}")

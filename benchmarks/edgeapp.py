@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: MIT
 """The web apps ``benchmarks/edge.py`` serves with uvicorn, each bare and behind
 :class:`throttle.asgi.ThrottleMiddleware` with limits that never bind: a Starlette JSON endpoint
-(``starlette_bare``, ``starlette_throttled``) and a FastAPI one that validates its query and
-answers a pydantic model (``fastapi_bare``, ``fastapi_throttled``). The Starlette endpoint is
-also served behind the floor of any check at the door (``starlette_floor``, see
-:class:`CheckFloor`). The store is the Redis at ``EDGE_REDIS_URL``."""
+(``starlette_bare``, ``starlette_throttled``), a FastAPI one that validates its query and
+answers a pydantic model (``fastapi_bare``, ``fastapi_throttled``), and a Starlette endpoint
+that enqueues the agent's run as a Celery task, as the APIs this middleware guards do
+(``enqueue_bare``, ``enqueue_throttled``: ``send_task`` to the :data:`QUEUE` list on the same
+Redis as broker). The first Starlette endpoint is also served behind the floor of any check
+at the door (``starlette_floor``, see :class:`CheckFloor`). The store is the Redis at
+``EDGE_REDIS_URL``."""
 
 from __future__ import annotations
 
@@ -32,8 +35,19 @@ LIMITS: dict[str, dict[str, Any]] = {
 }
 
 
-async def enqueue(request: Request) -> JSONResponse:
+#: The broker queue the enqueuing endpoint sends its tasks to (a Redis list nobody consumes:
+#: ``edge.py`` names it, and empties it after each round).
+QUEUE = os.environ.get("EDGE_QUEUE", "edgebench")
+
+
+async def answer(request: Request) -> JSONResponse:
     return JSONResponse({"queued": True})
+
+
+async def enqueue(request: Request) -> JSONResponse:
+    # (Blocking for the publish, as task.delay() in an async endpoint is: it is quick on Redis.)
+    task = _celery.send_task("agents.run", kwargs={"agent": request.headers.get("x-agent-id")})
+    return JSONResponse({"queued": True, "id": task.id})
 
 
 class Queued(BaseModel):
@@ -41,8 +55,8 @@ class Queued(BaseModel):
     agent: str
 
 
-def _starlette() -> Starlette:
-    return Starlette(routes=[Route("/v1/runs", enqueue, methods=["GET", "POST"])])
+def _starlette(endpoint: Any = answer) -> Starlette:
+    return Starlette(routes=[Route("/v1/runs", endpoint, methods=["GET", "POST"])])
 
 
 def _fastapi() -> FastAPI:
@@ -55,9 +69,13 @@ def _fastapi() -> FastAPI:
     return api
 
 
+_url = os.environ.get("EDGE_REDIS_URL", "redis://127.0.0.1:6379/0")
 _celery = Celery("edgebench", set_as_current=False)
 _celery.conf.update(
-    throttle_redis_url=os.environ.get("EDGE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    broker_url=_url,
+    broker_connection_retry_on_startup=True,
+    task_default_queue=QUEUE,
+    throttle_redis_url=_url,
     throttle_key_secret="benchmark-secret-0123456789abcdef",
     throttle_limits=LIMITS,
 )
@@ -130,3 +148,5 @@ starlette_throttled = _throttled(_starlette())
 starlette_floor = _floor(_starlette())
 fastapi_bare = _fastapi()
 fastapi_throttled = _throttled(_fastapi())
+enqueue_bare = _starlette(enqueue)
+enqueue_throttled = _throttled(_starlette(enqueue))

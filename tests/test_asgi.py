@@ -746,7 +746,7 @@ def test_the_edge_benchmarks_apps_answer_as_it_expects(
     floor) answers lack the rate headers: its apps (``benchmarks/edgeapp.py``, the floor's
     reaching into the store's pipelined connection) answer so against this Redis, the
     throttled ones charging the API key's and its agent's buckets, the floor its own fixed
-    tenant's."""
+    tenant's, the enqueuing ones each sending a task to its queue."""
     import importlib
     import sys
 
@@ -767,7 +767,9 @@ def test_the_edge_benchmarks_apps_answer_as_it_expects(
                 for answer in answers:
                     assert answer.status_code == 200, (name, kind, answer.text)
                     assert ("x-ratelimit-remaining" in answer.headers) == (kind != "bare"), kind
-        keys = client.keys("*")
+        keys = client.keys("throttle:*")
         assert len(keys) == 4, keys  # (per key and per agent) x (the API key, the floor's tenant)
+        # The enqueuing endpoint's tasks, bare and throttled: in its queue, for nobody.
+        assert client.llen(edgeapp.QUEUE) == 4
     finally:
         sys.modules.pop("benchmarks.edgeapp", None)
