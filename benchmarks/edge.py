@@ -17,7 +17,7 @@ What is measured
     behind ``ThrottleMiddleware`` checking two limits (per API key, and per agent within it)
     that never bind, so every request pays a full admission in Redis and gets its rate
     headers.
-    The Starlette app is also served behind the floor of any such check (``CheckFloor`` in
+    The first Starlette app is also served behind the floor of any such check (``CheckFloor`` in
     ``edgeapp.py``: one admission packed ahead, sent as it is on the same pipelined
     connection, its reply awaited, fixed header fields added), which tells the middleware's
     own work from what any check that asks Redis for each request adds.
@@ -31,7 +31,7 @@ What is measured
 
 How to read it
     Per app, requests per second of each server (the median of its rounds, and the rounds'
-    spread), then throttled / bare, whose goal is at least 0.8; for the Starlette app, the
+    spread), then throttled / bare, whose goal is at least 0.8; for the first Starlette app, the
     floor's too (floor / bare: no check that asks Redis for each request does better). Each
     server has a CPU of its own (the load and Redis share the other) and keeps it busy: the
     CPU rows give the server's CPU time per answer, whose ratio says the same from the cost

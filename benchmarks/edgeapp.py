@@ -45,8 +45,8 @@ async def answer(request: Request) -> JSONResponse:
 
 
 async def enqueue(request: Request) -> JSONResponse:
-    # (Blocking for the publish, as task.delay() in an async endpoint is: it is quick on Redis.)
-    task = _celery.send_task("agents.run", kwargs={"agent": request.headers.get("x-agent-id")})
+    # (Blocking the loop for the publish, as task.delay() in an async endpoint does.)
+    task = _broker.send_task("agents.run", kwargs={"agent": request.headers.get("x-agent-id")})
     return JSONResponse({"queued": True, "id": task.id})
 
 
@@ -70,11 +70,15 @@ def _fastapi() -> FastAPI:
 
 
 _url = os.environ.get("EDGE_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: The enqueuing endpoint's Celery app: one of its own, so that the bare and the throttled
+#: endpoint publish alike (the middleware installs throttle's extension, and its publish
+#: hooks, on the app it is given).
+_broker = Celery("edgebench-api", set_as_current=False)
+_broker.conf.update(
+    broker_url=_url, broker_connection_retry_on_startup=True, task_default_queue=QUEUE
+)
 _celery = Celery("edgebench", set_as_current=False)
 _celery.conf.update(
-    broker_url=_url,
-    broker_connection_retry_on_startup=True,
-    task_default_queue=QUEUE,
     throttle_redis_url=_url,
     throttle_key_secret="benchmark-secret-0123456789abcdef",
     throttle_limits=LIMITS,
