@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import SECRET
 from tests.redis_servers import RedisServer
 from throttle import Keyspace, Limit, RedisStore, StoreError, StoreUnavailable
+from throttle.store import Decision
 from throttle.store.aio import BATCH, AsyncStore
 from throttle.store.base import short_reply
 from throttle.store.redis import script_source
@@ -155,7 +156,7 @@ def test_send_hands_over_the_packed_admission_and_its_raw_reply(server: RedisSer
     identity = {"api_key": "k"}
     assert waiting.send([LIMIT], identity) is None  # no loop running
 
-    async def run() -> list[tuple[bool, object]]:
+    async def run() -> list[tuple[bool, Decision]]:
         assert waiting.send([LIMIT], identity) is None  # not connected yet
         await waiting.admit([LIMIT], identity)  # connects: 99 left
         answers = []
@@ -173,8 +174,8 @@ def test_send_hands_over_the_packed_admission_and_its_raw_reply(server: RedisSer
     answers = asyncio.run(run())
     assert [short for short, _ in answers] == [True, True, True, True, False]
     decisions = [d for _, d in answers]
-    assert [d.allowed for d in decisions] == [True, True, True, True, False]  # type: ignore[attr-defined]
-    assert [round(d.limits[0].remaining) for d in decisions[:2]] == [98, 98]  # type: ignore[attr-defined]
-    assert decisions[-1].bound_by == "tight"  # type: ignore[attr-defined]
-    assert decisions[-1].retry_after > 0  # type: ignore[attr-defined]
+    assert [d.allowed for d in decisions] == [True, True, True, True, False]
+    assert [round(d.limits[0].remaining) for d in decisions[:2]] == [98, 98]
+    assert decisions[-1].bound_by == "tight"
+    assert decisions[-1].retry_after > 0
     assert round(store.peek([LIMIT], identity).limits[0].remaining) == 98  # the peek took none
