@@ -80,6 +80,17 @@ LIMITS = {
 }
 
 
+#: Per API key and per agent within it, with a "gold" tier for the API key "gold".
+TIERED: dict[str, Any] = {
+    "throttle_limits": {
+        "requests": {"rate": "5/h"},
+        "per_agent": {"rate": "2/h", "per": ["api_key", "agent_id"]},
+    },
+    "throttle_tiers": {"gold": {"requests": {"rate": "8/h"}}},
+    "throttle_tier_resolver": lambda ident: "gold" if ident["api_key"] == "gold" else None,
+}
+
+
 def celery_app(server: RedisServer, **conf: Any) -> Any:
     conf.setdefault("throttle_limits", LIMITS)
     return make_app(server, **conf)
@@ -228,31 +239,93 @@ def test_an_admitted_request_makes_no_decision(redis_server: RedisServer) -> Non
     middleware._finish = counted  # type: ignore[method-assign]
 
     async def run() -> list[int]:
-        statuses = []
-        for _ in range(7):
-            sent: list[Any] = []
-
-            async def send(message: Any) -> None:
-                sent.append(message)  # noqa: B023 (each request's own list, read in its turn)
-
-            async def receive() -> Any:
-                return {"type": "http.request", "body": b"", "more_body": False}
-
-            scope = {
-                "type": "http",
-                "method": "GET",
-                "path": "/",
-                "headers": [(b"x-api-key", KEY.encode())],
-                "client": ("127.0.0.1", 1),
-                "query_string": b"",
-                "root_path": "",
-            }
-            await middleware(scope, receive, send)
-            statuses.append(sent[0]["status"])
-        return statuses
+        return [await _status(middleware, {b"x-api-key": KEY}) for _ in range(7)]
 
     assert asyncio.run(run()) == [200] * 5 + [429] * 2
     assert finished == [b"denied"] * 2  # the first went through admit(): it connected
+
+
+async def _status(middleware: Any, headers: dict[bytes, str]) -> int:
+    """The status of a GET / with ``headers``, through ``middleware`` called in-process."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(name, value.encode()) for name, value in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "query_string": b"",
+        "root_path": "",
+    }
+    await middleware(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+def test_an_identity_that_comes_again_is_packed_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admission of an API key, agent and tier that comes again is packed once and kept:
+    later requests of it ask the store for no packing, and are charged as exactly. At most
+    ``_PACKED`` identities are kept; none for requests charged per client IP, nor when the
+    cost is the request's own."""
+    middleware = ThrottleMiddleware(
+        starlette_app(),
+        celery_app=celery_app(redis_server, **TIERED),
+        limits=["requests", "per_agent"],
+        agent_header="X-Agent-ID",
+    )
+    store = middleware._store.store
+    packs: list[object] = []
+    pack = store.pack
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        packs.append(args[1])
+        return pack(*args, **kwargs)
+
+    store.pack = counted  # type: ignore[method-assign]
+    who = [
+        {b"x-api-key": KEY, b"x-agent-id": "a"},
+        {b"x-api-key": KEY, b"x-agent-id": "b"},
+        {b"x-api-key": KEY},
+        {b"x-api-key": "gold", b"x-agent-id": "a"},
+        {},  # per client IP
+    ]
+
+    async def run(rounds: int) -> list[list[int]]:
+        return [[await _status(middleware, h) for h in who] for _ in range(rounds)]
+
+    first = asyncio.run(run(2))
+    asked = len(packs)
+    later = asyncio.run(run(2))
+    assert len(packs) == asked  # nothing packed again
+    # per_agent (2/h) binds each agent after two; the key's 5/h binds its fifth request.
+    statuses = [*first, *later]
+    assert [row[:3] for row in statuses] == [[200] * 3, [200, 200, 429], [429] * 3, [429] * 3]
+    # gold's 8/h is not reached: its agent's 2/h binds, as the anonymous agent's does per IP.
+    assert [row[3:] for row in statuses] == [[200, 200]] * 2 + [[429, 429]] * 2
+    assert set(middleware._packed or ()) == {
+        ("default", KEY, "a"),
+        ("default", KEY, "b"),
+        ("default", KEY, None),
+        ("gold", "gold", "a"),
+    }
+    monkeypatch.setattr(throttle.asgi, "_PACKED", 2)
+    assert middleware._packed is not None
+    middleware._packed.clear()
+    asyncio.run(run(1))  # four identities packed again, at most two kept
+    assert 0 < len(middleware._packed or ()) <= 2
+    priced = ThrottleMiddleware(
+        starlette_app(), celery_app=celery_app(redis_server), limits=["requests"], cost=lambda s: 1
+    )
+    assert asyncio.run(_status(priced, {b"x-api-key": "other"})) == 200
+    assert priced._packed is None
 
 
 def test_denial_is_429_with_exact_body(redis_server: RedisServer) -> None:
@@ -289,15 +362,7 @@ def test_edge_charges_the_tasks_buckets(redis_server: RedisServer) -> None:
 def test_agents_and_tiers(redis_server: RedisServer) -> None:
     """The agent header keys per-agent limits within the API key; the tier resolver's tier
     gives a key its tier's limits."""
-    conf = {
-        "throttle_limits": {
-            "requests": {"rate": "5/h"},
-            "per_agent": {"rate": "2/h", "per": ["api_key", "agent_id"]},
-        },
-        "throttle_tiers": {"gold": {"requests": {"rate": "8/h"}}},
-        "throttle_tier_resolver": lambda ident: "gold" if ident["api_key"] == "gold" else None,
-    }
-    app = edge(redis_server, conf, limits=["requests", "per_agent"], agent_header="X-Agent-ID")
+    app = edge(redis_server, TIERED, limits=["requests", "per_agent"], agent_header="X-Agent-ID")
     with serve(app) as url, httpx.Client(base_url=url) as client:
 
         def get(key: str, agent: str) -> int:
@@ -661,7 +726,8 @@ def test_client_backs_off_exactly_as_the_edge_says(redis_server: RedisServer) ->
 @pytest.mark.usefixtures("cluster_client")  # every master emptied
 def test_on_redis_cluster_and_in_process(redis_server: RedisServer, redis_cluster: Any) -> None:
     """On Redis Cluster (admissions go through the cluster client, in a thread) and with the
-    in-process store, the edge admits exactly the burst."""
+    in-process store, the edge admits exactly the burst; neither store packs admissions to
+    keep (see :meth:`BaseStore.pack <throttle.store.BaseStore.pack>`)."""
     cluster = celery_app(
         redis_server, throttle_redis_url=redis_cluster.url, throttle_redis_cluster=True
     )
@@ -669,6 +735,7 @@ def test_on_redis_cluster_and_in_process(redis_server: RedisServer, redis_cluste
     throttle.Throttle(local, store=MemoryStore(Keyspace(SECRET)))
     for app in (cluster, local):
         web = starlette_app()
+        assert ThrottleMiddleware(web, celery_app=app, limits=["requests"])._packed is None
         web.add_middleware(ThrottleMiddleware, celery_app=app, limits=["requests"])
         with serve(web) as url, httpx.Client(base_url=url) as client:
             codes = [client.get("/", headers={"X-API-Key": KEY}).status_code for _ in range(6)]

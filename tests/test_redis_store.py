@@ -23,7 +23,16 @@ from redis.exceptions import NoScriptError
 import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
-from throttle import Keyspace, Limit, Outcome, RedisStore, StoreError, StoreUnavailable
+from throttle import (
+    CostError,
+    Keyspace,
+    Limit,
+    MemoryStore,
+    Outcome,
+    RedisStore,
+    StoreError,
+    StoreUnavailable,
+)
 from throttle.identity import Fingerprint, total_key
 from throttle.store.base import Guard, Prepared
 
@@ -557,6 +566,50 @@ def test_an_admission_not_remembered_is_packed_as_a_remembered_one(
     assert len(kept._plans) == 1
     assert len(_templates(kept, remembered=True)) == 1
     assert len({p.nonce for p in made}) == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "how", [{}, {"peek": True}, {"adaptive": True}], ids=["plain", "peek", "adaptive"]
+)
+def test_a_packed_admission_fills_in_as_prepare_packs_it(
+    redis_client: redis.Redis, keyspace: Keyspace, how: dict[str, Any]
+) -> None:
+    """``pack()`` gives an identity's admission packed but for its nonce, and each ``fill()``
+    of it is what ``prepare()`` gives, with a nonce of its own, and runs as that does. None
+    where the store keeps no such packing: limits on first sight, identities whose plans are
+    not remembered now, a value that is not a short string, a sharded store."""
+    limits = [Limit("key", "3/h", burst=3), Limit("agent", "2/h", per=("api_key", "agent_id"))]
+    who = {"api_key": "tenant-{1}%s", "agent_id": "agent"}
+    store = RedisStore(redis_client, keyspace)
+    assert store.pack(limits, who, **how) is None  # validated by this first call
+    packed = store.pack(limits, who, **how)
+    assert packed is not None
+    filled = [store.fill(packed) for _ in range(3)]
+    prepared = store.prepare(limits, who, **how)
+    assert isinstance(prepared, Prepared)
+    assert [_spelt(p) for p in filled] == [_spelt(prepared)] * 3
+    assert len({p.nonce for p in [*filled, prepared]}) == 4
+    assert packed.argv[4] != filled[0].nonce  # (each fill copies the arguments)
+    pipeline = store.pipeline()
+    assert pipeline is not None
+    link, encode = pipeline
+    for p in filled:
+        link.send(encode(p))
+    finish = store.finish_peek if how.get("peek") else store.finish
+    outcomes = [finish(p, r).outcome for p, r in zip(filled, _replies(link, 3), strict=True)]
+    # The agent's limit (burst 2) binds the third: a peek charges nothing, so all pass.
+    assert outcomes == [Outcome.ADMITTED] * (3 if how.get("peek") else 2) + (
+        [] if how.get("peek") else [Outcome.DENIED]
+    )
+    link.close()
+    with pytest.raises(CostError):
+        store.pack(limits, who, cost=-1, **how)
+    assert store.pack(limits, {"api_key": "x" * 257}, **how) is None
+    assert store.pack(limits, {"api_key": 7}, **how) is None
+    assert _store(redis_client, keyspace, remembered=False).pack(limits, who, **how) is None
+    memory = MemoryStore(keyspace)
+    memory.admit(limits, who)  # (its limits validated)
+    assert memory.pack(limits, who, **how) is None
 
 
 def test_a_plan_pause_counted_below_zero_is_over(

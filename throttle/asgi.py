@@ -60,9 +60,9 @@ from throttle.celeryext.settings import DEFAULT_TIER, LimitPolicy, ThrottleSetti
 from throttle.errors import ConfigurationError, CostError, StoreError, StoreUnavailable
 from throttle.identity import Fingerprint
 from throttle.limits import Limit, check_cost
-from throttle.store import Decision, MemoryStore
+from throttle.store import Decision, MemoryStore, RedisStore
 from throttle.store.aio import AsyncStore
-from throttle.store.base import short_reply
+from throttle.store.base import Packed, Prepared, short_reply
 
 __all__ = ["ThrottleMiddleware"]
 
@@ -79,6 +79,8 @@ Mode = Literal["charge", "check_only"]
 _US: Final = 1_000_000
 _MODES: Final = ("charge", "check_only")
 _JSON: Final = (b"content-type", b"application/json")
+#: At most this many identities' admissions are kept packed (see ThrottleMiddleware._send).
+_PACKED: Final = 4096
 _ceil: Final = math.ceil
 
 
@@ -163,6 +165,13 @@ class ThrottleMiddleware:
         self._check = self._store.peek if self._peek else self._store.admit
         store = self._store.store
         self._finish = store.finish_peek if self._peek else store.finish
+        #: (tier, API key, agent) -> its admission, packed but for the nonce (see _send);
+        #: None when the cost is the request's (a callable's), or the store packs none.
+        self._packed: dict[tuple[str, str, str | None], Packed] | None = (
+            {}
+            if self._cost is None and isinstance(store, RedisStore) and not store.sharded
+            else None
+        )
         self._local = MemoryStore(ext.keyspace, clock=ext.clock)
         self._down_until = 0
         self._adaptive = settings.adaptive.enabled
@@ -179,7 +188,7 @@ class ThrottleMiddleware:
         if scope["type"] != "http" or (self._exclude and self._excluded(scope.get("path", ""))):
             await self.app(scope, receive, send)
             return
-        checked, identity = self._who(scope)
+        checked, identity, memo = self._who(scope)
         if not checked.shared.limits:
             await self.app(scope, receive, send)
             return
@@ -191,9 +200,7 @@ class ThrottleMiddleware:
             try:
                 # Nearly always sent at once on the loop's connection, and an admission's
                 # reply read here straight into the fields: no Decision is made for it.
-                sent = self._store.send(
-                    shared.limits, identity, cost=cost, adaptive=self._adaptive, peek=self._peek
-                )
+                sent = self._send(shared.limits, identity, memo, cost)
                 if sent is None:
                     decision = await self._check(
                         shared.limits, identity, cost=cost, adaptive=self._adaptive
@@ -237,7 +244,12 @@ class ThrottleMiddleware:
     def _excluded(self, path: str) -> bool:
         return path in self._exclude or path.startswith(self._under)
 
-    def _who(self, scope: Scope) -> tuple[_Checked, dict[str, object]]:
+    def _who(
+        self, scope: Scope
+    ) -> tuple[_Checked, dict[str, object], tuple[str, str, str | None] | None]:
+        """The limits a request is checked against, who it is (the identity), and a key for
+        that identity and its limits that is a plain tuple of strings (None for a request
+        charged per client IP)."""
         agent = None
         if self._both is not None:
             key, agent = self._both(scope)
@@ -248,19 +260,52 @@ class ThrottleMiddleware:
             host = _network(str(client[0])) if client else "unknown"
             # A fingerprint under a dimension of its own: no API key can name these buckets.
             tag = Fingerprint(self.ext.keyspace.fingerprint("client_ip", host))
-            return self._ip, {"api_key": tag, "tier": DEFAULT_TIER}
+            return self._ip, {"api_key": tag, "tier": DEFAULT_TIER}, None
         identity: dict[str, object] = {"api_key": key}
         if self._agent_header is not None:
             if self._both is None:
                 agent = self._agent_header(scope)
             if agent:
                 identity["agent_id"] = agent
+            else:
+                agent = None
         if self.settings.tier_resolver is None:
             identity["tier"] = DEFAULT_TIER
-            return self._default, identity
+            return self._default, identity, (DEFAULT_TIER, key, agent)
         tier = self.ext.gate.tier_of(identity)
         identity["tier"] = tier
-        return self._tiers.get(tier, self._default), identity
+        return self._tiers.get(tier, self._default), identity, (tier, key, agent)
+
+    def _send(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        memo: tuple[str, str, str | None] | None,
+        cost: Cost,
+    ) -> tuple[Prepared, Awaitable[Any]] | None:
+        """:meth:`AsyncStore.send <throttle.store.aio.AsyncStore.send>` the request's
+        admission. An API key (and agent) that comes again has its admission packed once, kept
+        under ``memo`` and filled in with a nonce each time: a few microseconds less of work on
+        every request, where the store would look its plan up and assemble it each time."""
+        packs = self._packed
+        if packs is not None and memo is not None:
+            store = self._store.store
+            packed = packs.get(memo)
+            if packed is None:
+                packed = store.pack(
+                    limits, identity, cost=cost, adaptive=self._adaptive, peek=self._peek
+                )
+                if packed is not None:
+                    if len(packs) >= _PACKED:
+                        packs.clear()
+                    packs[memo] = packed
+            if packed is not None:
+                prepared = store.fill(packed)
+                reply = self._store.submit(prepared)
+                return None if reply is None else (prepared, reply)
+        return self._store.send(
+            limits, identity, cost=cost, adaptive=self._adaptive, peek=self._peek
+        )
 
     # -- the decision --------------------------------------------------------------------------
 

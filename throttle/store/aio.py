@@ -108,6 +108,25 @@ class AsyncStore:
         sent, when it cannot go so (not connected yet, not one Redis server, a connection that
         cannot be read without blocking, no loop running): :meth:`admit` then does the rest.
         Bad input raises here when it would be sent."""
+        pipe = self._open_pipe()
+        if pipe is None:
+            return None
+        prepared = self.store._prepare(
+            limits, identity, cost, False, None, None, None, adaptive, None, peek
+        )
+        if type(prepared) is not Prepared:  # (a pipe is one Redis server's: never so)
+            return None
+        return prepared, pipe.submit(prepared)
+
+    def submit(self, prepared: Prepared) -> asyncio.Future[Any] | None:
+        """:meth:`send` for an admission the store prepared already (its ``prepare``, or
+        ``fill``): the future of the script's reply, or None, and nothing sent, when it cannot
+        go so."""
+        pipe = self._open_pipe()
+        return None if pipe is None else pipe.submit(prepared)
+
+    def _open_pipe(self) -> _Pipe | None:
+        """The running loop's connection when it is open and read directly, else None."""
         pipe = self._last
         try:
             if pipe is None or pipe.loop is not asyncio.get_running_loop():
@@ -116,12 +135,7 @@ class AsyncStore:
             return None
         if pipe is None or pipe.fd is None or not pipe.direct:
             return None
-        prepared = self.store._prepare(
-            limits, identity, cost, False, None, None, None, adaptive, None, peek
-        )
-        if type(prepared) is not Prepared:  # (a pipe is one Redis server's: never so)
-            return None
-        return prepared, pipe.submit(prepared)
+        return pipe
 
     async def aclose(self) -> None:
         """Close this loop's connection (requests still waiting on it get

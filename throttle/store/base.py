@@ -34,6 +34,7 @@ __all__ = [
     "LimitState",
     "LoadFactor",
     "Outcome",
+    "Packed",
     "Prepared",
     "Receipt",
     "Store",
@@ -207,6 +208,19 @@ class Prepared(NamedTuple):
     nonce: str
     #: The whole script call as the store sends it, when the store encodes it ahead.
     frame: bytes | None = None
+
+
+class Packed(NamedTuple):
+    """A plain admission (or peek) packed whole but for its nonce, made by
+    :meth:`BaseStore.pack`; :meth:`BaseStore.fill` makes each admission of it."""
+
+    charges: tuple[Charge, ...]
+    anchor: str  # the hash tag of its buckets' slot
+    keys: list[str]  # shared by every admission of it: never to be changed
+    argv: list[str]  # copied for each admission, with its own nonce (argv[4])
+    before: bytes  # the frame is ``before`` + ``mid`` + the nonce + ``after``
+    mid: bytes
+    after: bytes
 
 
 class Receipt(NamedTuple):
@@ -658,6 +672,42 @@ class BaseStore(Store):
             limits, identity, cost, reserve, booking, horizon, guard, adaptive, now_us, peek
         )
 
+    def pack(
+        self,
+        limits: Sequence[Limit],
+        identity: Mapping[str, object],
+        *,
+        cost: float | Mapping[str, float] = 1,
+        adaptive: bool = False,
+        peek: bool = False,
+    ) -> Packed | None:
+        """A plain admission (a peek with ``peek``) of ``limits`` for ``identity``, packed whole
+        but for its nonce, for a caller that admits the same identity again and again and keeps
+        it: each :meth:`fill` of it is then what :meth:`prepare` would give, for a fraction of
+        the work. Validated as :meth:`prepare` validates. None when the store keeps no such
+        packing for it now: on first sight of these limits, for an identity whose values are
+        not all strings of at most 256 characters, while too many identities recur too seldom
+        for plans to be remembered, in a sharded store, and in a store that sends no packed
+        frames (:class:`~throttle.store.MemoryStore`). :meth:`prepare` then."""
+        if self.sharded or self._plan_pause > 0:
+            return None
+        mode = (peek, adaptive, False, None)
+        plan = self._plan(limits, identity, cost, mode)
+        if type(plan) is not _Plan or plan.sent is None or plan.wire is None:
+            return None  # (no wire: a store that packs no frames, as MemoryStore)
+        t = plan.sent.get(mode)
+        if t is None:  # packed by a first admission, which is not sent
+            self._prepare(limits, identity, cost, False, None, None, None, adaptive, None, peek)
+            t = plan.sent.get(mode)
+            if t is None:
+                return None
+        return Packed(plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after)
+
+    def fill(self, packed: Packed) -> Prepared:
+        """An admission of ``packed`` (see :meth:`pack`) with a nonce of its own, to send as
+        :meth:`prepare`'s."""
+        return self._fill(*packed)
+
     def _prepare(
         self,
         limits: Sequence[Limit],
@@ -841,7 +891,7 @@ class BaseStore(Store):
         before: bytes,
         mid: bytes,
         after: bytes,
-        reserve: bool,
+        reserve: bool = False,
     ) -> Prepared:
         """A plain admission packed ahead (by its plan's template or its shape's parts) with a
         nonce of its own: ``before``, then the booking key when it ``reserve``s (named by a new
