@@ -31,6 +31,7 @@ from throttle import Keyspace, Limit, MemoryStore, RedisStore
 from throttle.asgi import ThrottleMiddleware, _decided_fields, _limits, _network, _short_fields
 from throttle.client import Backoff, arequest, request
 from throttle.errors import ConfigurationError, StoreError
+from throttle.identity import Fingerprint
 from throttle.store import Decision, LimitState, Outcome
 from throttle.store.aio import AsyncStore
 from throttle.store.base import short_reply
@@ -247,6 +248,12 @@ def test_an_admitted_request_makes_no_decision(redis_server: RedisServer) -> Non
 
 async def _status(middleware: Any, headers: dict[bytes, str]) -> int:
     """The status of a GET / with ``headers``, through ``middleware`` called in-process."""
+    return int((await _answer(middleware, headers))["status"])
+
+
+async def _answer(middleware: Any, headers: dict[bytes, str]) -> dict[str, Any]:
+    """The ``http.response.start`` message of a GET / with ``headers``, through
+    ``middleware`` called in-process."""
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -265,51 +272,61 @@ async def _status(middleware: Any, headers: dict[bytes, str]) -> int:
         "root_path": "",
     }
     await middleware(scope, receive, send)
-    return int(sent[0]["status"])
+    return dict(sent[0])
 
 
-def test_an_identity_that_comes_again_is_packed_once(
+def _counting_packs(middleware: ThrottleMiddleware) -> list[object]:
+    """The API keys the middleware asks its store for a packed admission of, from now on."""
+    store = middleware._store.store
+    asked: list[object] = []
+    pack = store.pack
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args[1]["api_key"])
+        return pack(*args, **kwargs)
+
+    store.pack = counted  # type: ignore[method-assign]
+    return asked
+
+
+def test_an_identity_that_comes_again_is_kept_packed(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The admission of an API key, agent and tier that comes again is packed once and kept:
-    later requests of it ask the store for no packing, and are charged as exactly. At most
-    ``_PACKED`` identities are kept; none for requests charged per client IP, nor when the
-    cost is the request's own."""
+    """The admission of an API key, agent and tier that comes again is kept as the store
+    packed it: once it is, later requests of it ask the store for nothing but its run, and
+    are charged as exactly. An empty agent header is no agent. At most ``_PACKED`` are kept;
+    none for an API key the store keeps no packing for (over 256 characters), for requests
+    charged per client IP, nor when the cost is the request's own."""
     middleware = ThrottleMiddleware(
         starlette_app(),
         celery_app=celery_app(redis_server, **TIERED),
         limits=["requests", "per_agent"],
         agent_header="X-Agent-ID",
     )
-    store = middleware._store.store
-    packs: list[object] = []
-    pack = store.pack
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        packs.append(args[1])
-        return pack(*args, **kwargs)
-
-    store.pack = counted  # type: ignore[method-assign]
+    asked = _counting_packs(middleware)
+    long_key = "k" * 300
     who = [
         {b"x-api-key": KEY, b"x-agent-id": "a"},
         {b"x-api-key": KEY, b"x-agent-id": "b"},
         {b"x-api-key": KEY},
+        {b"x-api-key": KEY, b"x-agent-id": ""},
         {b"x-api-key": "gold", b"x-agent-id": "a"},
+        {b"x-api-key": long_key},
         {},  # per client IP
     ]
 
     async def run(rounds: int) -> list[list[int]]:
         return [[await _status(middleware, h) for h in who] for _ in range(rounds)]
 
-    first = asyncio.run(run(2))
-    asked = len(packs)
-    later = asyncio.run(run(2))
-    assert len(packs) == asked  # nothing packed again
-    # per_agent (2/h) binds each agent after two; the key's 5/h binds its fifth request.
-    statuses = [*first, *later]
-    assert [row[:3] for row in statuses] == [[200] * 3, [200, 200, 429], [429] * 3, [429] * 3]
-    # gold's 8/h is not reached: its agent's 2/h binds, as the anonymous agent's does per IP.
-    assert [row[3:] for row in statuses] == [[200, 200]] * 2 + [[429, 429]] * 2
+    statuses = asyncio.run(run(3))  # packed by the store from the second round on
+    asked.clear()
+    statuses += asyncio.run(run(2))
+    assert set(asked) == {long_key}  # the others were found kept
+    # KEY's four (its 5/h shared; 2/h per agent, the anonymous one's shared by the last two):
+    assert [row[:4] for row in statuses] == [[200] * 4, [200] + [429] * 3] + [[429] * 4] * 3
+    # gold's 8/h is not reached: its agent's 2/h binds, as the anonymous agent's does for
+    # the long key and per IP.
+    assert [row[4:] for row in statuses] == [[200] * 3] * 2 + [[429] * 3] * 3
     assert set(middleware._packed or ()) == {
         ("default", KEY, "a"),
         ("default", KEY, "b"),
@@ -319,13 +336,79 @@ def test_an_identity_that_comes_again_is_packed_once(
     monkeypatch.setattr(throttle.asgi, "_PACKED", 2)
     assert middleware._packed is not None
     middleware._packed.clear()
-    asyncio.run(run(1))  # four identities packed again, at most two kept
-    assert 0 < len(middleware._packed or ()) <= 2
+    asyncio.run(run(1))  # four identities kept again, at most two at a time
+    assert 0 < len(middleware._packed) <= 2
+
     priced = ThrottleMiddleware(
         starlette_app(), celery_app=celery_app(redis_server), limits=["requests"], cost=lambda s: 1
     )
-    assert asyncio.run(_status(priced, {b"x-api-key": "other"})) == 200
+    assert [asyncio.run(_status(priced, {b"x-api-key": "priced"})) for _ in range(3)] == [200] * 3
     assert priced._packed is None
+
+
+def test_a_key_that_is_a_subclass_of_str_is_not_kept_for_a_string_it_equals(
+    redis_server: RedisServer,
+) -> None:
+    """A ``Fingerprint`` equals the string it is spelt as, but names other buckets (it is
+    used as is, not fingerprinted again): a key kept packed for the string is not used for
+    it, and each is charged to its own buckets."""
+    spelt = Keyspace(SECRET).fingerprint("api_key", "someone")
+    keys = iter([spelt] * 3 + [Fingerprint(spelt)] * 3)
+    middleware = ThrottleMiddleware(
+        starlette_app(),
+        celery_app=celery_app(redis_server),
+        limits=["requests"],
+        api_key_header=lambda scope: next(keys),
+    )
+
+    async def run() -> list[int]:  # (on one loop: its connection opened by the first)
+        return [await _status(middleware, {}) for _ in range(6)]
+
+    assert asyncio.run(run()) == [200] * 6  # 5/h each
+    assert set(middleware._packed or ()) == {("default", spelt, None)}
+
+
+def test_a_key_whose_tier_changes_is_checked_against_its_new_tier(
+    redis_server: RedisServer,
+) -> None:
+    """The tier is resolved for each request, and a key kept packed is kept per tier: a key
+    moved up to gold (8/h) gets gold's limit at once."""
+    tiers: dict[str, str] = {}
+    conf = {**TIERED, "throttle_tier_resolver": lambda ident: tiers.get(ident["api_key"])}
+    middleware = ThrottleMiddleware(
+        starlette_app(), celery_app=celery_app(redis_server, **conf), limits=["requests"]
+    )
+
+    async def run(n: int) -> list[int]:
+        return [await _status(middleware, {b"x-api-key": KEY}) for _ in range(n)]
+
+    # Three of 5/h spent (kept packed by the third): 2,160 s of its 3,600 s burst.
+    assert asyncio.run(run(3)) == [200] * 3
+    tiers[KEY] = "gold"
+    # Gold's 450 s a request fits three more in the 3,600 s; the default's 720 s, two.
+    assert asyncio.run(run(4)) == [200] * 3 + [429]
+    assert set(middleware._packed or ()) == {("default", KEY, None), ("gold", KEY, None)}
+
+
+def test_admissions_kept_packed_follow_the_load_factor(redis_server: RedisServer) -> None:
+    """A cluster-wide load factor of 0.5 halves every admission's burst and refill, those
+    sent as kept packed too: at 60/h, 30 left at most, and 120 s more until full per
+    request."""
+    conf = {"throttle_limits": {"requests": {"rate": "60/h"}}}
+    middleware = ThrottleMiddleware(
+        starlette_app(), celery_app=celery_app(redis_server, **conf), limits=["requests"]
+    )
+    store_for(redis_server).override_load_factor(0.5)
+
+    async def run() -> list[tuple[int, int]]:
+        seen = []
+        for _ in range(4):
+            fields = dict((await _answer(middleware, {b"x-api-key": KEY}))["headers"])
+            seen.append((int(fields[b"x-ratelimit-remaining"]), int(fields[b"x-ratelimit-reset"])))
+        return seen
+
+    assert asyncio.run(run()) == [(29, 120), (28, 240), (27, 360), (26, 480)]
+    assert set(middleware._packed or ()) == {("default", KEY, None)}  # the last two's
 
 
 def test_denial_is_429_with_exact_body(redis_server: RedisServer) -> None:

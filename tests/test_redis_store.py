@@ -24,7 +24,6 @@ import throttle.store.redis
 from tests.conftest import SECRET, T0
 from tests.redis_servers import RedisServer
 from throttle import (
-    CostError,
     Keyspace,
     Limit,
     MemoryStore,
@@ -574,22 +573,28 @@ def test_an_admission_not_remembered_is_packed_as_a_remembered_one(
 def test_a_packed_admission_fills_in_as_prepare_packs_it(
     redis_client: redis.Redis, keyspace: Keyspace, how: dict[str, Any]
 ) -> None:
-    """``pack()`` gives an identity's admission packed but for its nonce, and each ``fill()``
-    of it is what ``prepare()`` gives, with a nonce of its own, and runs as that does. None
-    where the store keeps no such packing: limits on first sight, identities whose plans are
-    not remembered now, a value that is not a short string, a sharded store."""
+    """``pack()`` finds an identity's admission packed but for its nonce once ``prepare()``
+    has remembered and packed it, and each ``fill()`` of it is what ``prepare()`` gives, with
+    a nonce and arguments of its own, and runs as that does. None before, and where the store
+    keeps no such packing: a value that is not a short string, identities whose plans are
+    not remembered now, the in-process store."""
     limits = [Limit("key", "3/h", burst=3), Limit("agent", "2/h", per=("api_key", "agent_id"))]
     who = {"api_key": "tenant-{1}%s", "agent_id": "agent"}
     store = RedisStore(redis_client, keyspace)
-    assert store.pack(limits, who, **how) is None  # validated by this first call
+    store.load_scripts()
+    for _ in range(2):  # the limits validated, then the plan remembered and packed
+        assert store.pack(limits, who, **how) is None
+        store.prepare(limits, who, **how)
     packed = store.pack(limits, who, **how)
     assert packed is not None
+    assert store.pack(limits, who, cost=2, **how) is None  # (another admission)
     filled = [store.fill(packed) for _ in range(3)]
     prepared = store.prepare(limits, who, **how)
     assert isinstance(prepared, Prepared)
     assert [_spelt(p) for p in filled] == [_spelt(prepared)] * 3
     assert len({p.nonce for p in [*filled, prepared]}) == 4
-    assert packed.argv[4] != filled[0].nonce  # (each fill copies the arguments)
+    assert all(p.argv[4] == p.nonce for p in filled)
+    assert len({id(p.argv) for p in [*filled, packed]}) == 4
     pipeline = store.pipeline()
     assert pipeline is not None
     link, encode = pipeline
@@ -602,14 +607,43 @@ def test_a_packed_admission_fills_in_as_prepare_packs_it(
         [] if how.get("peek") else [Outcome.DENIED]
     )
     link.close()
-    with pytest.raises(CostError):
-        store.pack(limits, who, cost=-1, **how)
-    assert store.pack(limits, {"api_key": "x" * 257}, **how) is None
-    assert store.pack(limits, {"api_key": 7}, **how) is None
-    assert _store(redis_client, keyspace, remembered=False).pack(limits, who, **how) is None
+    for other in ({"api_key": "x" * 257}, {"api_key": 7}):
+        for _ in range(2):
+            store.prepare(limits, other, **how)
+        assert store.pack(limits, other, **how) is None
+    fresh = _store(redis_client, keyspace, remembered=False)
     memory = MemoryStore(keyspace)
-    memory.admit(limits, who)  # (its limits validated)
-    assert memory.pack(limits, who, **how) is None
+    for store in (fresh, memory):
+        for _ in range(2):
+            store.prepare(limits, who, **how)
+        assert store.pack(limits, who, **how) is None
+
+
+def test_identities_found_packed_do_not_keep_plans_remembered(
+    redis_client: redis.Redis, keyspace: Keyspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked for first (as the ASGI middleware does), ``pack()`` neither remembers a plan nor
+    counts a use of one it does not find: identities that never come back still pause the
+    remembering of plans, and identities that do are found packed, counted as plans used."""
+    monkeypatch.setattr(throttle.store.base, "_PLANS", 8)
+    limits = [Limit("req", "10/s")]
+    store = RedisStore(redis_client, keyspace)
+    store.prepare(limits, KEY)  # (its limits validated)
+    for i in range(12):
+        who = {"api_key": f"once-{i}"}
+        assert store.pack(limits, who) is None
+        store.prepare(limits, who)
+    assert store._plan_pause > 0
+    store._plan_pause = 0
+    store._plans.clear()
+    store._plan_hits = 0
+    for i in range(12):  # four identities, three times each
+        who = {"api_key": f"again-{i % 4}"}
+        if store.pack(limits, who) is None:
+            store.prepare(limits, who)
+    assert store._plan_pause == 0
+    assert len(store._plans) == 4
+    assert store._plan_hits == 8  # each found packed after its first admission
 
 
 def test_a_plan_pause_counted_below_zero_is_over(

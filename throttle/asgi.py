@@ -248,8 +248,9 @@ class ThrottleMiddleware:
         self, scope: Scope
     ) -> tuple[_Checked, dict[str, object], tuple[str, str, str | None] | None]:
         """The limits a request is checked against, who it is (the identity), and a key for
-        that identity and its limits that is a plain tuple of strings (None for a request
-        charged per client IP)."""
+        both (tier, API key, agent or None) when the API key and agent are plain strings (a
+        subclass may compare equal to a string it is not keyed as, as a ``Fingerprint``
+        does); None for those, and for a request charged per client IP."""
         agent = None
         if self._both is not None:
             key, agent = self._both(scope)
@@ -269,12 +270,13 @@ class ThrottleMiddleware:
                 identity["agent_id"] = agent
             else:
                 agent = None
+        plain = type(key) is str and (agent is None or type(agent) is str)
         if self.settings.tier_resolver is None:
             identity["tier"] = DEFAULT_TIER
-            return self._default, identity, (DEFAULT_TIER, key, agent)
+            return self._default, identity, (DEFAULT_TIER, key, agent) if plain else None
         tier = self.ext.gate.tier_of(identity)
         identity["tier"] = tier
-        return self._tiers.get(tier, self._default), identity, (tier, key, agent)
+        return self._tiers.get(tier, self._default), identity, (tier, key, agent) if plain else None
 
     def _send(
         self,
@@ -284,15 +286,15 @@ class ThrottleMiddleware:
         cost: Cost,
     ) -> tuple[Prepared, Awaitable[Any]] | None:
         """:meth:`AsyncStore.send <throttle.store.aio.AsyncStore.send>` the request's
-        admission. An API key (and agent) that comes again has its admission packed once, kept
-        under ``memo`` and filled in with a nonce each time: a few microseconds less of work on
-        every request, where the store would look its plan up and assemble it each time."""
+        admission. An API key (and agent) that comes again has its admission as the store
+        packed it kept under ``memo``, and filled in with a nonce each time: a few
+        microseconds less of work on every request, where the store would look its plan up
+        and assemble it each time."""
         packs = self._packed
         if packs is not None and memo is not None:
-            store = self._store.store
             packed = packs.get(memo)
-            if packed is None:
-                packed = store.pack(
+            if packed is None:  # (found once the store has packed one admission of it)
+                packed = self._store.store.pack(
                     limits, identity, cost=cost, adaptive=self._adaptive, peek=self._peek
                 )
                 if packed is not None:
@@ -300,9 +302,7 @@ class ThrottleMiddleware:
                         packs.clear()
                     packs[memo] = packed
             if packed is not None:
-                prepared = store.fill(packed)
-                reply = self._store.submit(prepared)
-                return None if reply is None else (prepared, reply)
+                return self._store.send_packed(packed)
         return self._store.send(
             limits, identity, cost=cost, adaptive=self._adaptive, peek=self._peek
         )

@@ -34,7 +34,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from throttle.errors import ConfigurationError, StoreError, StoreUnavailable
 from throttle.limits import Limit
-from throttle.store.base import BaseStore, Decision, Prepared, _new
+from throttle.store.base import BaseStore, Decision, Packed, Prepared, _new
 from throttle.store.memory import MemoryStore
 from throttle.store.redis import _UNAVAILABLE, RedisStore, readable
 
@@ -118,12 +118,15 @@ class AsyncStore:
             return None
         return prepared, pipe.submit(prepared)
 
-    def submit(self, prepared: Prepared) -> asyncio.Future[Any] | None:
-        """:meth:`send` for an admission the store prepared already (its ``prepare``, or
-        ``fill``): the future of the script's reply, or None, and nothing sent, when it cannot
-        go so."""
+    def send_packed(self, packed: Packed) -> tuple[Prepared, asyncio.Future[Any]] | None:
+        """:meth:`send` for an admission the store packed ahead (see :meth:`BaseStore.pack
+        <throttle.store.BaseStore.pack>`), filled in with a nonce of its own; None, and
+        nothing filled or sent, when it cannot go so."""
         pipe = self._open_pipe()
-        return None if pipe is None else pipe.submit(prepared)
+        if pipe is None:
+            return None
+        prepared = self.store.fill(packed)
+        return prepared, pipe.submit(prepared)
 
     def _open_pipe(self) -> _Pipe | None:
         """The running loop's connection when it is open and read directly, else None."""

@@ -215,9 +215,11 @@ class Packed(NamedTuple):
     :meth:`BaseStore.pack`; :meth:`BaseStore.fill` makes each admission of it."""
 
     charges: tuple[Charge, ...]
-    anchor: str  # the hash tag of its buckets' slot
+    anchor: str  # the hash tag of its booking and guard keys (as _Plan's)
     keys: list[str]  # shared by every admission of it: never to be changed
-    argv: list[str]  # copied for each admission, with its own nonce (argv[4])
+    #: Copied for each admission, which puts its own nonce in argv[4] (this one holds the
+    #: nonce of the admission it was packed with).
+    argv: list[str]
     before: bytes  # the frame is ``before`` + ``mid`` + the nonce + ``after``
     mid: bytes
     after: bytes
@@ -684,23 +686,23 @@ class BaseStore(Store):
         """A plain admission (a peek with ``peek``) of ``limits`` for ``identity``, packed whole
         but for its nonce, for a caller that admits the same identity again and again and keeps
         it: each :meth:`fill` of it is then what :meth:`prepare` would give, for a fraction of
-        the work. Validated as :meth:`prepare` validates. None when the store keeps no such
-        packing for it now: on first sight of these limits, for an identity whose values are
-        not all strings of at most 256 characters, while too many identities recur too seldom
-        for plans to be remembered, in a sharded store, and in a store that sends no packed
-        frames (:class:`~throttle.store.MemoryStore`). :meth:`prepare` then."""
-        if self.sharded or self._plan_pause > 0:
+        the work. Only a lookup: it is found once :meth:`prepare` (or :meth:`admit`) has
+        remembered this admission's plan and packed it, from the second admission of an
+        identity on; nothing is validated here, as only what was validated is found. None
+        otherwise, and for an identity whose values are not all strings of at most 256
+        characters, while too many identities recur too seldom for plans to be remembered, in
+        a sharded store, and in a store that sends no packed frames
+        (:class:`~throttle.store.MemoryStore`): :meth:`prepare` then."""
+        if self._plan_pause > 0:
             return None
-        mode = (peek, adaptive, False, None)
-        plan = self._plan(limits, identity, cost, mode)
-        if type(plan) is not _Plan or plan.sent is None or plan.wire is None:
-            return None  # (no wire: a store that packs no frames, as MemoryStore)
-        t = plan.sent.get(mode)
-        if t is None:  # packed by a first admission, which is not sent
-            self._prepare(limits, identity, cost, False, None, None, None, adaptive, None, peek)
-            t = plan.sent.get(mode)
-            if t is None:
-                return None
+        memo = self._plan_key(limits, identity, cost)
+        plan = None if memo is None else self._plans.get(memo)
+        if plan is None or not plan.sent:
+            return None
+        t = plan.sent.get((peek, adaptive, False, None))
+        if t is None:
+            return None
+        self._plan_hits += 1  # (the plan was used again, as by a prepare())
         return Packed(plan.charges, plan.anchor, t.keys, t.argv, t.before, t.mid, t.after)
 
     def fill(self, packed: Packed) -> Prepared:
